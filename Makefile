@@ -1,0 +1,40 @@
+# seekflow: one command to a trained, registered model.
+#   make run [PROFILE=tiny] [STEPS=N]   start MLflow + Airflow locally, trigger the pipeline, follow it
+#   make status | make stop | make clean
+#   make test [PYTEST_ARGS='-m "not slow"']
+# Ports: SEEKFLOW_MLFLOW_PORT (default 5000), SEEKFLOW_AIRFLOW_PORT (default 8080).
+
+PYTHON3 ?= python3.11
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.seekflow-installed
+
+PROFILE ?= tiny
+STEPS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv run stop status test clean
+
+venv: $(STAMP)
+
+# Re-installs only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install -U pip
+	$(PY) -m pip install -e '.[all]'
+	touch $@
+
+run: venv
+	$(PY) scripts/local_platform.py run --profile $(PROFILE) $(if $(STEPS),--steps $(STEPS))
+
+stop:
+	@python3 scripts/local_platform.py stop
+
+status:
+	@python3 scripts/local_platform.py status
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean: stop
+	rm -rf .seekflow

@@ -1,0 +1,124 @@
+"""Resolve a stage config from a preset, a YAML file and `--set a.b=c` overrides, and explain validation errors.
+
+Order (later wins): the preset's pipeline document (viewed for one stage) → the `--config` YAML (stage-shaped)
+→ `--set` overrides. Validation happens once, at the end, so an invalid value fails before anything runs.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from training.config.models import SHARED_KEYS, STAGES, PipelineConfig, StageConfig
+
+
+class ConfigError(ValueError):
+    """A config that does not validate. The message lists every bad field by its dotted path."""
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("training.config.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict:
+    if name not in list_presets():
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+    text = resources.files("training.config.presets").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def stage_view(pipeline_doc: dict, stage: str) -> dict:
+    """The stage-shaped document inside a pipeline document: shared keys plus the stage's own section."""
+    doc = {k: copy.deepcopy(pipeline_doc[k]) for k in SHARED_KEYS if k in pipeline_doc}
+    return deep_merge(doc, pipeline_doc.get(stage) or {})
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def apply_overrides(doc: dict, overrides: Iterable[str] | dict) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML, so `3`, `true`, `null`, `[1,2]` work) or a dict."""
+    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    for path, value in items:
+        node = doc
+        *parents, leaf = path.split(".")
+        for key in parents:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{path}: cannot set a sub-key, {key!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+    return doc
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    path, sep, value = text.partition("=")
+    if not sep or not path.strip():
+        raise ConfigError(f"override {text!r} is not of the form a.b.c=value")
+    return path.strip(), value
+
+
+def validate(model: type[BaseModel], doc: dict) -> BaseModel:
+    try:
+        return model.model_validate(doc)
+    except ValidationError as err:
+        raise ConfigError(explain(err)) from None
+
+
+def explain(err: ValidationError) -> str:
+    """One line per error: `dotted.path: reason (got value)`."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(config)"
+        got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
+        lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}{got}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def resolve_stage_config(stage: str, preset: str | None = None, config_path: str | Path | None = None,
+                         overrides: Iterable[str] | dict = ()) -> StageConfig:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
+    doc = stage_view(load_preset(preset), stage) if preset else {}
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: expected a mapping at the top level")
+        deep_merge(doc, loaded)
+    apply_overrides(doc, overrides)
+    return validate(STAGES[stage], doc)
+
+
+def resolve_pipeline_config(preset: str, overrides: dict | Iterable[str] = ()) -> PipelineConfig:
+    """The pipeline view used by the DAGs: overrides use pipeline paths such as `pretrain.train.steps`."""
+    doc = apply_overrides(load_preset(preset), overrides)
+    return validate(PipelineConfig, doc)
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_hash(cfg: BaseModel, exclude: set[str] = frozenset({"tracking"})) -> str:
+    """Hash of what determines a stage's outputs (tracking tags excluded: they name the run, not the result)."""
+    payload = json.dumps(cfg.model_dump(mode="json", exclude=set(exclude)), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,223 @@
+"""Stage configs: one pydantic model per stage, plus the pipeline that composes them.
+
+Pure Python on purpose: Airflow (operators/, dags/) imports this module to validate and render job configs, so it
+must never import torch, megatron or mlflow.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, so a typo in `--set` never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- model --
+class ModelConfig(Section):
+    """A DeepSeek-V3-shaped decoder. Defaults are the `tiny` CPU model; presets carry the papers' architectures."""
+
+    name: str = Field("tiny", description="Architecture name, recorded in MLflow and used for the registered model.")
+    num_layers: int = Field(3, ge=1, description="Transformer layers (excluding MTP modules).")
+    hidden_size: int = Field(64, ge=8)
+    num_attention_heads: int = Field(4, ge=1)
+    ffn_hidden_size: int = Field(192, ge=1, description="Intermediate size of the dense (non-MoE) FFN layers.")
+    vocab_size: int = Field(129280, ge=1, description="Embedding rows; DeepSeek-V3's 128K tokenizer padded to 129280.")
+    max_position_embeddings: int = Field(4096, ge=1)
+    rotary_base: float = Field(10000.0, gt=0)
+    norm_epsilon: float = Field(1e-6, gt=0)
+    init_method_std: float = Field(0.006, gt=0, description="DeepSeek-V3 §4.2: weights initialised with std 0.006.")
+    # Multi-head latent attention (DeepSeek-V2 §2.1): d_c, d'_c, d_h and d_h^R.
+    multi_latent_attention: bool = True
+    q_lora_rank: int | None = Field(32, ge=1, description="d'_c, the query compression dimension (None: no q LoRA).")
+    kv_lora_rank: int = Field(32, ge=1, description="d_c, the KV compression dimension.")
+    qk_head_dim: int = Field(16, ge=1, description="d_h, per-head non-rotary query/key dimension.")
+    qk_pos_emb_head_dim: int = Field(8, ge=1, description="d_h^R, per-head decoupled RoPE dimension.")
+    v_head_dim: int = Field(16, ge=1)
+    # Mixture of experts (DeepSeekMoE; DeepSeek-V3 §2.1.2).
+    num_experts: int | None = Field(8, ge=1, description="Routed experts per MoE layer (None: dense model).")
+    moe_router_topk: int = Field(2, ge=1, description="K_r, routed experts activated per token.")
+    moe_ffn_hidden_size: int = Field(64, ge=1, description="Intermediate size of one fine-grained expert.")
+    moe_shared_experts: int = Field(1, ge=0, description="N_s, shared experts (their sizes add up).")
+    first_k_dense_layers: int = Field(1, ge=0, description="Leading layers with a dense FFN instead of MoE.")
+    moe_router_score_function: Literal["sigmoid", "softmax"] = "sigmoid"
+    moe_router_enable_expert_bias: bool = Field(True, description="Aux-loss-free balancing (DeepSeek-V3 §2.1.2).")
+    moe_router_bias_update_rate: float = Field(1e-3, ge=0, description="γ, bias update speed (DeepSeek-V3 §4.2).")
+    moe_router_num_groups: int | None = Field(4, ge=1, description="Expert groups for node-limited routing.")
+    moe_router_group_topk: int | None = Field(2, ge=1, description="M, groups (nodes) each token may reach.")
+    moe_router_topk_scaling_factor: float | None = Field(None, gt=0, description="Routed scaling factor.")
+    moe_aux_loss_coeff: float = Field(1e-4, ge=0, description="α, sequence-wise balance loss (DeepSeek-V3 §4.2).")
+    # Multi-token prediction (DeepSeek-V3 §2.2).
+    mtp_num_layers: int = Field(1, ge=0, description="D, MTP depth.")
+    mtp_loss_scaling_factor: float = Field(0.3, ge=0, description="λ, MTP loss weight (DeepSeek-V3 §4.2: 0.3).")
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if not self.multi_latent_attention and self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_experts is not None:
+            if self.moe_router_topk > self.num_experts:
+                raise ValueError(f"moe_router_topk ({self.moe_router_topk}) exceeds num_experts ({self.num_experts})")
+            if self.first_k_dense_layers >= self.num_layers:
+                raise ValueError("first_k_dense_layers must leave at least one MoE layer")
+            groups = self.moe_router_num_groups
+            if groups is not None:
+                if self.num_experts % groups:
+                    raise ValueError(f"num_experts ({self.num_experts}) not divisible by moe_router_num_groups ({groups})")
+                if self.moe_router_group_topk is None or self.moe_router_group_topk > groups:
+                    raise ValueError("moe_router_group_topk must be set and at most moe_router_num_groups")
+        return self
+
+
+class ParallelConfig(Section):
+    """Model-parallel sizes; data parallelism is whatever world size is left over."""
+
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    pipeline_model_parallel_size: int = Field(1, ge=1)
+    expert_model_parallel_size: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+    decoder_first_pipeline_num_layers: int | None = Field(None, ge=1, description="Layers on the first stage.")
+    decoder_last_pipeline_num_layers: int | None = Field(None, ge=1, description="Layers on the last stage.")
+    use_distributed_optimizer: bool = True
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParallelConfig":
+        if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+            raise ValueError("tensor_model_parallel_size > 1 with MoE needs sequence_parallel: true")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- shared bits --
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else ./mlruns.")
+    experiment: str = "seekflow"
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags on every run (dag_run_id, pipeline_run).")
+
+
+class StageConfig(Section):
+    """Fields every stage shares. Each stage writes under `{run_root}/{stage}/` and ends with a manifest."""
+
+    profile: str = Field("tiny", description="Preset the run came from; names the registered model seekflow-<profile>.")
+    run_root: str = Field("runs/default", description="Local path or URI under which every stage writes.")
+    seed: int = 1234
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------- curate --
+class SampleCorpusSource(Section):
+    """Real text and code from this machine: installed packages' METADATA and their source trees."""
+
+    kind: Literal["package_metadata", "package_code"]
+    weight: float = Field(1.0, gt=0, description="Blend weight of this source in pretraining.")
+    max_documents: int = Field(2000, ge=1)
+    min_chars: int = Field(200, ge=0, description="Shorter documents are set aside as rejects.")
+    max_file_bytes: int = Field(200_000, ge=1, description="Larger source files are set aside as rejects.")
+
+
+class CurateConfig(StageConfig):
+    sources: list[SampleCorpusSource] = Field(
+        default_factory=lambda: [SampleCorpusSource(kind="package_metadata"), SampleCorpusSource(kind="package_code")]
+    )
+    max_reject_ratio: float = Field(0.9, ge=0, le=1, description="Fail the stage when a source rejects more.")
+
+
+# -------------------------------------------------------------------------------------------------------- pretrain --
+class OptimizerConfig(Section):
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    decay_style: Literal["cosine", "constant", "linear"] = "cosine"
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="DeepSeek-V3 §4.2: β1 = 0.9.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="DeepSeek-V3 §4.2: β2 = 0.95.")
+    weight_decay: float = Field(0.1, ge=0, description="DeepSeek-V3 §4.2: weight decay 0.1.")
+    clip_grad: float = Field(1.0, gt=0, description="DeepSeek-V3 §4.2: gradient clipping norm 1.0.")
+
+
+class TrainLoopConfig(Section):
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    seq_length: int = Field(128, ge=8)
+    micro_batch_size: int = Field(4, ge=1)
+    global_batch_size: int = Field(8, ge=1, description="Sequences per step across data-parallel ranks.")
+    log_interval: int = Field(10, ge=1, description="Steps between progress lines and MLflow metrics.")
+    save_interval: int = Field(100, ge=1, description="Steps between checkpoints (the last step always saves).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+
+
+class PretrainConfig(StageConfig):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    data_manifest: str | None = Field(None, description="Curate manifest to train on; default {run_root}/curate.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainConfig":
+        if self.optimizer.warmup_steps >= self.train.steps:
+            raise ValueError(f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be below train.steps "
+                             f"({self.train.steps})")
+        if self.train.seq_length > self.model.max_position_embeddings:
+            raise ValueError("train.seq_length exceeds model.max_position_embeddings")
+        par = self.parallel
+        layers, stages = self.model.num_layers, par.pipeline_model_parallel_size
+        for uneven in (par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers):
+            if uneven is not None:
+                layers, stages = layers - uneven, stages - 1
+        if stages < 0 or layers < 0 or (stages == 0 and layers) or (stages and layers % stages):
+            raise ValueError(f"model.num_layers ({self.model.num_layers}) cannot be split evenly over "
+                             f"{par.pipeline_model_parallel_size} pipeline stages (see parallel.decoder_*_num_layers)")
+        ep = self.parallel.expert_model_parallel_size
+        if self.model.num_experts is not None and self.model.num_experts % ep:
+            raise ValueError(f"model.num_experts ({self.model.num_experts}) not divisible by expert parallel size {ep}")
+        return self
+
+
+# -------------------------------------------------------------------------------------------------------- register --
+class RegisterConfig(StageConfig):
+    checkpoint: str | None = Field(None, description="Checkpoint to register; default the pretrain stage's final one.")
+    model_name: str | None = Field(None, description="Registered model name; default seekflow-<profile>.")
+    alias: str = Field("candidate", pattern=r"^[a-z][a-z0-9_-]*$")
+
+
+STAGES: dict[str, type[StageConfig]] = {
+    "curate": CurateConfig,
+    "pretrain": PretrainConfig,
+    "register": RegisterConfig,
+}
+SHARED_KEYS = tuple(StageConfig.model_fields)
+
+
+class PipelineConfig(Section):
+    """The whole run: shared fields once, then one section per stage. Presets are documents of this shape.
+
+    Shared fields (profile, run_root, seed, tracking) are copied into every stage section before validation, so
+    `pipeline.pretrain` is a complete `PretrainConfig`, exactly what `python -m training pretrain` receives.
+    """
+
+    profile: str = "tiny"
+    run_root: str = "runs/default"
+    seed: int = 1234
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        return {"curate": self.curate, "pretrain": self.pretrain, "register": self.register_stage}[name]
+
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    # `register` would shadow BaseModel.register (ABCMeta), so the attribute is `register_stage`.
+    register_stage: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _share_common_fields(cls, data):
+        if isinstance(data, dict):
+            data = dict(data)
+            shared = {k: data[k] for k in SHARED_KEYS if k in data}
+            for stage in STAGES:
+                section = data.get(stage) or {}   # `register` arrives by its alias
+                if isinstance(section, dict):
+                    data[stage] = {**shared, **section}
+        return data

@@ -1,0 +1,73 @@
+"""Pretraining batches from the curate stage's indexed datasets, through megatron-core's own dataset builders.
+
+`BlendedMegatronDatasetBuilder` blends the sources by the weights in the curate manifest and builds (and caches) the
+document/sample/shuffle indices; we only cut the resulting sample stream into per-rank micro-batches starting at
+`consumed_samples`, so a resumed run sees exactly the batches the interrupted run would have seen.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class TokenizerInfo:
+    """The few tokenizer facts megatron's GPTDataset needs (it never tokenizes: data is pre-tokenized)."""
+
+    vocab_size: int
+    eod: int
+    unique_identifiers: OrderedDict = field(default_factory=OrderedDict)
+
+    def __post_init__(self):
+        self.unique_identifiers = OrderedDict(vocab_size=self.vocab_size, eod=self.eod)
+
+
+def build_train_dataset(curate_manifest: dict, *, seq_length: int, num_samples: int, seed: int, cache_dir: Path):
+    """The blended training dataset, with at least `num_samples` sequences of `seq_length + 1` tokens."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    datasets = curate_manifest["outputs"]["datasets"]
+    if not datasets:
+        raise ValueError("the curate manifest lists no datasets: nothing to train on")
+    tokenizer = curate_manifest["outputs"]["tokenizer"]
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([d["prefix"] for d in datasets], [float(d["weight"]) for d in datasets]),
+        split="100,0,0",
+        path_to_cache=str(cache_dir),
+        tokenizer=TokenizerInfo(vocab_size=tokenizer["vocab_size"], eod=tokenizer["eod_id"]),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,   # causal masking happens inside attention
+        mid_level_dataset_surplus=0.005,
+    )
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
+    return train
+
+
+class MicroBatches:
+    """Yields this data-parallel rank's micro-batches, in global-batch order, from `consumed_samples` on."""
+
+    def __init__(self, dataset, *, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0):
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.consumed_samples = consumed_samples
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        # Each global step of dp_size micro-batches takes consecutive samples; rank r takes the r-th slice.
+        start = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        indices = [(start + i) % len(self.dataset) for i in range(self.micro_batch_size)]
+        self.consumed_samples += self.micro_batch_size * self.dp_size
+        samples = [self.dataset[i] for i in indices]
+        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+                for key in ("tokens", "labels", "loss_mask", "position_ids")}

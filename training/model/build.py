@@ -1,0 +1,104 @@
+"""Build a megatron-core GPTModel from `ModelConfig` + `ParallelConfig`. No process-group or hardware logic here."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from training.config import ModelConfig, ParallelConfig
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initialization: bool):
+    """Translate our config into megatron-core's (MLA)TransformerConfig."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+    moe = model.num_experts is not None
+    common = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        init_method_std=model.init_method_std,
+        add_bias_linear=False,          # required with MoE; DeepSeek uses no linear biases anyway
+        gated_linear_unit=True,         # SwiGLU
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bf16=False,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        use_cpu_initialization=use_cpu_initialization,
+        # These fusions need Transformer Engine or Apex; megatron-core falls back to plain torch with them off.
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+    )
+    if moe:
+        common.update(
+            num_moe_experts=model.num_experts,
+            moe_router_topk=model.moe_router_topk,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=(model.moe_shared_experts * model.moe_ffn_hidden_size) or None,
+            moe_layer_freq=[0] * model.first_k_dense_layers + [1] * (model.num_layers - model.first_k_dense_layers),
+            moe_router_score_function=model.moe_router_score_function,
+            moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=model.moe_router_bias_update_rate,
+            moe_router_num_groups=model.moe_router_num_groups,
+            moe_router_group_topk=model.moe_router_group_topk,
+            moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
+            moe_router_pre_softmax=model.moe_router_score_function == "softmax",
+            moe_router_dtype="fp32",
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="seq_aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+            moe_token_dispatcher_type=parallel.moe_token_dispatcher_type,
+            moe_grouped_gemm=False,     # grouped GEMM needs Transformer Engine; without it megatron uses SequentialMLP
+            moe_permute_fusion=False,
+        )
+    if model.mtp_num_layers:
+        common.update(mtp_num_layers=model.mtp_num_layers, mtp_loss_scaling_factor=model.mtp_loss_scaling_factor)
+    if not model.multi_latent_attention:
+        return TransformerConfig(**common)
+    return MLATransformerConfig(
+        **common,
+        q_lora_rank=model.q_lora_rank,
+        kv_lora_rank=model.kv_lora_rank,
+        qk_head_dim=model.qk_head_dim,
+        qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
+        v_head_dim=model.v_head_dim,
+        rope_type="rope",
+        rotary_base=model.rotary_base,
+    )
+
+
+def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initialization: bool = True):
+    """The GPTModel for this pipeline stage (pre/post process follow the pipeline rank)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    config = transformer_config(model, parallel, use_cpu_initialization=use_cpu_initialization)
+    use_te = False  # the "local" spec: pure megatron-core + torch (Transformer Engine is not installed here)
+    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+    mtp_spec = None
+    if model.mtp_num_layers:
+        mtp_spec = get_gpt_mtp_block_spec(config, block_spec.layer_specs[-1], use_transformer_engine=use_te)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,   # DeepSeek models keep a separate output head
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base),
+        mtp_block_spec=mtp_spec,
+    )
+    return gpt, config

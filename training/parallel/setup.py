@@ -1,0 +1,83 @@
+"""Process groups: torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's model-parallel groups."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from training.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def prepare_backend() -> str:
+    """Pick the collective backend; on a CPU-only machine install the megatron-core CPU shim first."""
+    if torch.cuda.is_available():
+        return "nccl"
+    from training.parallel import cpu_compat
+
+    cpu_compat.apply()
+    return "gloo"
+
+
+def init_distributed(parallel: ParallelConfig, seed: int) -> DistInfo:
+    """Initialise torch.distributed from torchrun's env (or a 1-process default) and megatron's parallel groups."""
+    backend = prepare_backend()
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        os.environ.setdefault(key, value)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    world = dist.get_world_size()
+    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ValueError(f"world size {world} is not divisible by tensor x pipeline parallel size {model_parallel}")
+    if (world // parallel.pipeline_model_parallel_size) % parallel.expert_model_parallel_size:
+        raise ValueError(f"world size {world} cannot host expert_model_parallel_size "
+                         f"{parallel.expert_model_parallel_size} per pipeline stage")
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=1,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    return DistInfo(rank=dist.get_rank(), world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        dist.barrier()
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
