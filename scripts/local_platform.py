@@ -84,9 +84,11 @@ def airflow_healthy():
 def mlflow_spec():
     db, artifacts = STATE / "mlflow" / "mlflow.db", STATE / "mlflow" / "artifacts"
     cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
-           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(MLFLOW_PORT)]
+           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(MLFLOW_PORT), "--workers", "1"]
+    # The job runner (huey consumers, GenAI scorers) adds ~7 processes and ~1.7 GB; training needs none of it.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return dict(name="mlflow", port=MLFLOW_PORT, port_var="SEEKFLOW_MLFLOW_PORT", url=MLFLOW_URL,
-                healthy=mlflow_healthy, cmd=cmd, env={}, wait_s=90)
+                healthy=mlflow_healthy, cmd=cmd, env=env, wait_s=180)
 
 
 def airflow_spec():
@@ -106,7 +108,7 @@ def airflow_spec():
         "PYTHONPATH": str(ROOT),
     }
     return dict(name="airflow", port=AIRFLOW_PORT, port_var="SEEKFLOW_AIRFLOW_PORT", url=AIRFLOW_URL,
-                healthy=airflow_healthy, cmd=[str(VENV_BIN / "airflow"), "standalone"], env=env, wait_s=240)
+                healthy=airflow_healthy, cmd=[str(VENV_BIN / "airflow"), "standalone"], env=env, wait_s=300)
 
 
 def pid_file(name):

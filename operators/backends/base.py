@@ -1,0 +1,44 @@
+"""What a job is, independent of where it runs: the seam between Airflow and the compute backends."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol
+
+RESULT_PREFIX = "SEEKFLOW_RESULT "   # the last line `python -m training` prints: the stage's result as JSON
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One stage run. `config_yaml` is the validated stage config, exactly what `python -m training` reads."""
+
+    stage: str
+    config_yaml: str
+    launcher: Literal["torchrun", "python"] = "python"
+    nodes: int = 1
+    procs_per_node: int = 1
+    gpus_per_node: int = 0
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    module: str = "training"     # the entry module; tests point it elsewhere
+
+    def training_args(self, config_path: str) -> list[str]:
+        return ["-m", self.module, self.stage, "--config", config_path]
+
+
+class JobFailed(RuntimeError):
+    """The job ran and failed; the message carries its exit status and last output lines."""
+
+
+class Backend(Protocol):
+    def run(self, spec: JobSpec, log: Callable[[str], None]) -> dict:
+        """Run the job to completion, streaming its output to `log`; return the stage's result dict."""
+
+    def kill(self) -> None:
+        """Stop everything this backend started for the running job."""
+
+
+def parse_result(line: str) -> dict | None:
+    if line.startswith(RESULT_PREFIX):
+        return json.loads(line[len(RESULT_PREFIX):])
+    return None

@@ -1,0 +1,115 @@
+"""Config: presets validate, overrides apply, and every error names the field."""
+import subprocess
+import sys
+
+import pytest
+
+from training.config import (
+    ConfigError,
+    PretrainConfig,
+    config_hash,
+    list_presets,
+    resolve_pipeline_config,
+    resolve_stage_config,
+)
+
+
+def test_presets_include_tiny_and_papers():
+    assert {"tiny", "deepseek-v3", "deepseek-v2-lite"} <= set(list_presets())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "deepseek-v3", "deepseek-v2-lite"])
+@pytest.mark.parametrize("stage", ["curate", "pretrain", "register"])
+def test_every_preset_validates_for_every_stage(preset, stage):
+    cfg = resolve_stage_config(stage, preset)
+    assert cfg.profile == preset
+
+
+def test_deepseek_v3_carries_the_papers_architecture():
+    m = resolve_stage_config("pretrain", "deepseek-v3").model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads) == (61, 7168, 128)
+    assert (m.kv_lora_rank, m.q_lora_rank, m.qk_head_dim, m.qk_pos_emb_head_dim) == (512, 1536, 128, 64)
+    assert (m.num_experts, m.moe_router_topk, m.moe_shared_experts, m.first_k_dense_layers) == (256, 8, 1, 3)
+    assert (m.moe_router_group_topk, m.mtp_num_layers, m.mtp_loss_scaling_factor) == (4, 1, 0.3)
+    assert m.moe_router_score_function == "sigmoid" and m.moe_router_enable_expert_bias
+
+
+def test_deepseek_v2_lite_uses_softmax_gating_without_q_compression():
+    m = resolve_stage_config("pretrain", "deepseek-v2-lite").model
+    assert m.q_lora_rank is None and m.moe_router_score_function == "softmax"
+    assert (m.num_experts, m.moe_router_topk, m.moe_shared_experts) == (64, 6, 2)
+
+
+def test_set_overrides_parse_yaml_values():
+    cfg = resolve_stage_config("pretrain", "tiny", overrides=["train.steps=7", "optimizer.warmup_steps=2", "model.q_lora_rank=null",
+                                                              "tracking.tags.dag_run_id=abc"])
+    assert cfg.train.steps == 7 and cfg.model.q_lora_rank is None and cfg.tracking.tags == {"dag_run_id": "abc"}
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.num_layers=-3", "model.num_layers"),
+    ("train.steps=zero", "train.steps"),
+    ("model.moe_router_score_function=relu", "model.moe_router_score_function"),
+    ("model.no_such_field=1", "model.no_such_field"),
+])
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        resolve_stage_config("pretrain", "tiny", overrides=[override])
+    assert f"  {field}:" in str(err.value)
+
+
+def test_cross_field_rules_explain_themselves():
+    with pytest.raises(ConfigError, match="sequence_parallel"):
+        resolve_stage_config("pretrain", "tiny", overrides=["parallel.tensor_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match="moe_router_topk"):
+        resolve_stage_config("pretrain", "tiny", overrides=["model.moe_router_topk=9"])
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        resolve_stage_config("pretrain", "tiny", overrides=["train.steps=5"])
+
+
+def test_pipeline_shares_common_fields_and_names_stage_paths():
+    p = resolve_pipeline_config("tiny", {"run_root": "/tmp/x", "pretrain.train.steps": "40"})
+    assert p.curate.run_root == p.pretrain.run_root == p.stage("register").run_root == "/tmp/x"
+    assert p.pretrain.train.steps == 40
+    with pytest.raises(ConfigError, match=r"pretrain\.model\.num_layers"):
+        resolve_pipeline_config("tiny", {"pretrain.model.num_layers": 0})
+
+
+def test_unknown_preset_and_malformed_override():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        resolve_stage_config("pretrain", "nope")
+    with pytest.raises(ConfigError, match="a.b.c=value"):
+        resolve_stage_config("pretrain", "tiny", overrides=["train.steps"])
+
+
+def test_config_hash_ignores_tracking_but_not_training_fields():
+    a = PretrainConfig()
+    assert config_hash(a) == config_hash(a.model_copy(update={"tracking": {"tags": {"x": "y"}}}))
+    b = resolve_stage_config("pretrain", None, overrides=["train.steps=301"])
+    assert config_hash(a) != config_hash(b)
+
+
+def test_config_file_is_applied_between_preset_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {steps: 50, log_interval: 5}\n")
+    cfg = resolve_stage_config("pretrain", "tiny", path, ["train.log_interval=2"])
+    assert (cfg.train.steps, cfg.train.log_interval, cfg.model.hidden_size) == (50, 2, 64)
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve_stage_config("pretrain", "tiny", path)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "training", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_dry_run_prints_resolved_config():
+    out = _cli("pretrain", "--preset", "tiny", "--set", "train.steps=11", "--set", "optimizer.warmup_steps=1", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "steps: 11" in out.stdout and "kv_lora_rank: 32" in out.stdout
+
+
+def test_cli_invalid_value_exits_nonzero_naming_the_field():
+    out = _cli("pretrain", "--preset", "tiny", "--set", "model.num_layers=-3")
+    assert out.returncode == 2
+    assert "model.num_layers" in out.stderr and "greater than or equal to 1" in out.stderr
