@@ -133,7 +133,7 @@ def our_pgid(name):
     A pid is not reused while its group has members; if the leader lives, its command line must
     name the server, which guards against a recycled pid."""
     try:
-        pgid = int(pid_file(name).read_text().strip())
+        pgid = int(pid_file(name).read_text().split()[0])
     except (OSError, ValueError):
         return None
     if not group_alive(pgid):
@@ -163,6 +163,9 @@ def start_server(spec):
     name, log = spec["name"], STATE / "logs" / f"{spec['name']}.log"
     pgid = our_pgid(name)
     if pgid:
+        old_port = pid_file(name).read_text().split()[1:2]
+        if old_port and int(old_port[0]) != spec["port"]:
+            sys.exit(f"error: our {name} already runs on port {old_port[0]}, not {spec['port']}; `make stop` first")
         say(f"{name}: already running (pgid {pgid}), reusing it")
         return
     pid_file(name).unlink(missing_ok=True)
@@ -175,19 +178,21 @@ def start_server(spec):
     with open(log, "ab") as out:
         proc = subprocess.Popen(spec["cmd"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    pid_file(name).write_text(f"{proc.pid}\n")  # new session: pid == pgid
+    pid_file(name).write_text(f"{proc.pid} {spec['port']}\n")  # new session: pid == pgid
     say(f"{name}: starting (pgid {proc.pid}, log {log.relative_to(ROOT)})")
 
 
 def wait_healthy(spec, since):
     name, log = spec["name"], STATE / "logs" / f"{spec['name']}.log"
+    dots = ""
     while not spec["healthy"]():
         if time.time() - since > spec["wait_s"] or not our_pgid(name):
             say(f"\n{name} did not become healthy at {spec['url']}; last lines of {log}:\n{tail(log)}")
             sys.exit(1)
+        dots = "\n"
         print(".", end="", flush=True)
         time.sleep(2)
-    say(f"{name} healthy after {time.time() - since:.0f}s: {spec['url']}")
+    say(f"{dots}{name} healthy after {time.time() - since:.0f}s: {spec['url']}")
 
 
 def airflow_password():
@@ -355,7 +360,7 @@ def cmd_run(args):
     conf = {"profile": args.profile, **({"steps": args.steps} if args.steps is not None else {})}
     status, body = api("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
     if status not in (200, 201) or not isinstance(body, dict):
-        sys.exit(f"error: trigger rejected (HTTP {status}): {json.dumps(body) if isinstance(body, dict) else body}")
+        sys.exit(f"error: trigger rejected (HTTP {status}): {body.get('detail', body) if isinstance(body, dict) else body}")
     run_id = body["dag_run_id"]
     say(f"triggered {DAG_ID} run {run_id} with conf {json.dumps(conf)}")
     run_state, tasks = follow(api, run_id, args.timeout_min * 60, args.verbose)

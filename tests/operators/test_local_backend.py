@@ -1,0 +1,143 @@
+"""LocalBackend: streams output, fails on non-zero exit, and leaves no process behind when killed."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from operators.backends import JobFailed, JobSpec
+from operators.backends.local import LocalBackend
+
+HERE = Path(__file__).parent
+
+
+def sleeper_spec(mode: str, launcher: str = "python", procs: int = 1) -> JobSpec:
+    return JobSpec(stage=mode, config_yaml="answer: 42\n", launcher=launcher, procs_per_node=procs,
+                   module="sleeper", env={"PYTHONPATH": str(HERE)})
+
+
+def test_streams_output_and_returns_the_result():
+    lines: list[str] = []
+    result = LocalBackend().run(sleeper_spec("ok"), log=lines.append)
+    assert result["final_loss"] == 1.5 and result["config_seen"] == "answer: 42\n"
+    assert any("started" in line for line in lines)
+
+
+def test_torchrun_launcher_runs_every_rank():
+    lines: list[str] = []
+    LocalBackend().run(sleeper_spec("ok", "torchrun", procs=2), log=lines.append)
+    assert {line.split()[1] for line in lines if line.startswith("rank ")} == {"0", "1"}
+
+
+def test_non_zero_exit_fails_with_the_last_lines():
+    with pytest.raises(JobFailed, match="exit status 3") as err:
+        LocalBackend().run(sleeper_spec("fail"), log=lambda line: None)
+    assert "boom" in str(err.value)
+
+
+def test_multi_node_is_refused_locally():
+    spec = JobSpec(stage="pretrain", config_yaml="", launcher="torchrun", nodes=2)
+    with pytest.raises(ValueError, match="2 nodes"):
+        LocalBackend().command(spec, "x.yaml")
+
+
+def _wait_for(predicate, timeout=60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_kill_stops_torchrun_and_every_descendant():
+    backend = LocalBackend(kill_grace_s=5)
+    lines: list[str] = []
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            backend.run(sleeper_spec("sleep", "torchrun", procs=2), log=lines.append)
+        except BaseException as exc:   # noqa: BLE001 - we assert on it below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    assert _wait_for(lambda: sum(line.startswith("ready") for line in lines) == 2), lines
+    root = psutil.Process(backend.pid)
+    tree = [root, *root.children(recursive=True)]
+    assert len(tree) >= 5   # torchrun + 2 workers + their 2 children
+
+    backend.kill()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert errors and isinstance(errors[0], JobFailed) and "killed" in str(errors[0])
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, f"survivors: {alive}"
+
+
+@pytest.mark.slow
+def test_job_dies_with_a_hard_killed_task_process(tmp_path):
+    """If the Airflow task process is SIGKILLed (no on_kill), the kernel's parent-death signal stops the job."""
+    script = tmp_path / "task.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(HERE.parents[1])!r})
+        from operators.backends.base import JobSpec
+        from operators.backends.local import LocalBackend
+        spec = JobSpec(stage="sleep", config_yaml="", launcher="torchrun", procs_per_node=2, module="sleeper",
+                       env={{"PYTHONPATH": {str(HERE)!r}}})
+        LocalBackend().run(spec, log=lambda line: print(line, flush=True))
+    """))
+    task = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    ready = 0
+    for line in task.stdout:
+        ready += line.startswith("ready")
+        if ready == 2:
+            break
+    descendants = psutil.Process(task.pid).children(recursive=True)
+    assert len(descendants) >= 5
+    os.kill(task.pid, signal.SIGKILL)
+    task.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=20)
+    assert not alive, f"survivors: {alive}"
+
+
+@pytest.mark.slow
+def test_operator_on_kill_leaves_no_process(airflow_db):
+    """What Airflow does when a running task is killed: on_kill() while execute() is blocked in the job."""
+    from operators.job import TrainingJobOperator
+
+    class SleepingJob(TrainingJobOperator):
+        def build_spec(self):
+            return sleeper_spec("sleep", "torchrun", procs=2)
+
+    op = SleepingJob(task_id="pretrain", stage="pretrain", pipeline={"preset": "tiny"})
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(errors, op.execute, {}))
+    thread.start()
+    assert _wait_for(lambda: op._backend is not None and op._backend.pid is not None)
+    root = psutil.Process(op._backend.pid)
+    assert _wait_for(lambda: len(root.children(recursive=True)) >= 4)
+    tree = [root, *root.children(recursive=True)]
+    op.on_kill()
+    thread.join(30)
+    assert errors and "killed" in str(errors[0])
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, f"survivors: {alive}"
+
+
+def _capture(errors, fn, *args):
+    try:
+        fn(*args)
+    except BaseException as exc:   # noqa: BLE001
+        errors.append(exc)
