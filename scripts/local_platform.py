@@ -84,7 +84,8 @@ def airflow_healthy():
 def mlflow_spec():
     db, artifacts = STATE / "mlflow" / "mlflow.db", STATE / "mlflow" / "artifacts"
     cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
-           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(MLFLOW_PORT), "--workers", "1"]
+           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(MLFLOW_PORT),
+           "--workers", "1"]
     # The job runner (huey consumers, GenAI scorers) adds ~7 processes and ~1.7 GB; training needs none of it.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return dict(name="mlflow", port=MLFLOW_PORT, port_var="SEEKFLOW_MLFLOW_PORT", url=MLFLOW_URL,
@@ -256,9 +257,6 @@ class Airflow:
                 entries.append((key, lines))
         return entries
 
-    def log_lines(self, run_id, task_id, try_number):
-        return [line for _, lines in self.log_entries(run_id, task_id, try_number) for line in lines]
-
     def xcom(self, run_id, task_id):
         status, body = self("GET", f"{self.run_path(run_id)}/taskInstances/{task_id}/xcomEntries/return_value")
         value = body.get("value") if status == 200 and isinstance(body, dict) else None
@@ -272,7 +270,10 @@ class Airflow:
 
 def wait_for_dag(api):
     deadline = time.time() + 60
-    while api("GET", f"/dags/{DAG_ID}")[0] != 200:
+    while True:
+        status, dag = api("GET", f"/dags/{DAG_ID}")
+        if status == 200 and not dag.get("is_stale"):  # a DAG that left the dags folder stays in the DB as stale
+            return
         if time.time() > deadline:
             _, body = api("GET", "/importErrors")
             errors = (body or {}).get("import_errors", []) if isinstance(body, dict) else []
@@ -331,7 +332,8 @@ def summary(api, run_id, run_state, tasks, elapsed):
         confirmed = f"MLflow confirms version {mv['version']}" if status == 200 and mv else \
             f"NOT found in MLflow (HTTP {status})"
         say(f"registered model: {reg['model_name']} v{reg.get('version')} @{reg.get('alias')} ({confirmed})")
-        say(f"  {MLFLOW_URL}/#/models/{urllib.parse.quote(reg['model_name'])}/versions/{mv.get('version', reg.get('version'))}")
+        version = mv.get("version", reg.get("version"))
+        say(f"  {MLFLOW_URL}/#/models/{urllib.parse.quote(reg['model_name'])}/versions/{version}")
     say(f"Airflow UI:       {AIRFLOW_URL}/dags/{DAG_ID}/runs/{urllib.parse.quote(run_id, safe='')}")
     say(f"MLflow UI:        {MLFLOW_URL}")
     say(f"Airflow login:    admin / {airflow_password()}")
@@ -339,7 +341,8 @@ def summary(api, run_id, run_state, tasks, elapsed):
     say(bar)
     failed = [ti for ti in tasks if ti.get("state") in ("failed", "up_for_retry")]
     for ti in failed:
-        lines = api.log_lines(run_id, ti["task_id"], ti.get("try_number") or 1)
+        entries = api.log_entries(run_id, ti["task_id"], ti.get("try_number") or 1)
+        lines = [line for _, entry_lines in entries for line in entry_lines]
         say(f"\n--- {ti['task_id']} failed; last log lines:\n" + "\n".join(lines[-40:]))
 
 
@@ -360,7 +363,8 @@ def cmd_run(args):
     conf = {"profile": args.profile, **({"steps": args.steps} if args.steps is not None else {})}
     status, body = api("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
     if status not in (200, 201) or not isinstance(body, dict):
-        sys.exit(f"error: trigger rejected (HTTP {status}): {body.get('detail', body) if isinstance(body, dict) else body}")
+        detail = body.get("detail", body) if isinstance(body, dict) else body
+        sys.exit(f"error: trigger rejected (HTTP {status}): {detail}")
     run_id = body["dag_run_id"]
     say(f"triggered {DAG_ID} run {run_id} with conf {json.dumps(conf)}")
     run_state, tasks = follow(api, run_id, args.timeout_min * 60, args.verbose)
@@ -390,16 +394,14 @@ def cmd_stop(_args):
 
 
 def cmd_status(_args):
-    up = True
     for spec in (mlflow_spec(), airflow_spec()):
         pgid, healthy = our_pgid(spec["name"]), spec["healthy"]()
         state = "up" if healthy else "starting/unhealthy" if pgid else "down"
         owner = f" (pgid {pgid})" if pgid else " (not started by seekflow)" if healthy else ""
         say(f"{spec['name']:<8} {state}{owner}  {spec['url']}")
-        up = up and healthy
-    if airflow_password():
+    if our_pgid("airflow") and airflow_password():
         say(f"airflow login: admin / {airflow_password()}")
-    return 0 if up else 1
+    return 0
 
 
 def main(argv=None):
@@ -413,7 +415,11 @@ def main(argv=None):
     sub.add_parser("stop", help="stop the servers started by `run`")
     sub.add_parser("status", help="show whether the servers are up")
     args = parser.parse_args(argv)
-    return {"run": cmd_run, "stop": cmd_stop, "status": cmd_status}[args.command](args)
+    try:
+        return {"run": cmd_run, "stop": cmd_stop, "status": cmd_status}[args.command](args)
+    except KeyboardInterrupt:
+        say("\ninterrupted: a triggered run keeps going in Airflow; servers stay up (`make stop`)")
+        return 130
 
 
 if __name__ == "__main__":

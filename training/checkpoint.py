@@ -84,6 +84,13 @@ def load(root: Path, model, optimizer, scheduler) -> dict | None:
     step = latest_step(root)
     if step is None:
         return None
+    # A fresh optimizer has no state yet (no Adam moments, no step) to load into: create it, as megatron-LM does.
+    # megatron-core 0.16's init_state_fn omits torch Adam's `step`, which the distributed optimizer's state_dict reads
+    # when Transformer Engine / Apex are absent: add it (it is overwritten by the loaded value).
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner.init_state_fn(inner.optimizer, inner.config)
+        for state in inner.optimizer.state.values():
+            state.setdefault("step", torch.tensor(0.0))
     template = _full_state_dict(model, optimizer, scheduler, {}, loading=True)
     template.pop("scheduler")
     loaded = dist_checkpointing.load(template, str(step_dir(root, step)))

@@ -3,7 +3,7 @@
 Two sources, both read from site-packages directories (by default the running interpreter's):
 - `package_metadata`: the long description (usually the README) in each distribution's METADATA, one document per
   distribution, id `name==version`. Real prose with real mess: duplicates, e-mail addresses, URLs, markup.
-- `package_code`: the source files each distribution installed (from its RECORD, else the dirs in top_level.txt),
+- `package_code`: the source files each distribution installed (its RECORD, else the dirs in top_level.txt),
   one document per file, id `name/relative/path`. Distributions are interleaved round-robin so that a cap of a few
   thousand files samples many projects instead of the first few alphabetically.
 
@@ -13,6 +13,7 @@ name, then path. `fingerprint()` identifies the inputs for the stage manifest.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.metadata
 import itertools
@@ -144,11 +145,14 @@ def _source_files(pkg: Package) -> list[tuple[str, Path]]:
 
 
 def _record_paths(pkg: Package) -> list[str] | None:
-    files = pkg.dist.files   # RECORD (or installed-files.txt / SOURCES.txt); None when there is none
-    if files is None:
+    """Code paths listed in the distribution's RECORD (None when it has none). Parsed directly: `dist.files`
+    builds a path object per entry and is 10x slower over a few hundred distributions."""
+    record = pkg.dist.read_text("RECORD")
+    if record is None:
         return None
+    paths = (row[0] for row in csv.reader(record.splitlines()) if row)
     # Entries like ../../bin/tool live outside site-packages: not part of the package's source tree.
-    return [f.as_posix() for f in files if f.suffix in CODE_SUFFIXES and not f.as_posix().startswith("..")]
+    return [p for p in paths if os.path.splitext(p)[1] in CODE_SUFFIXES and not p.startswith(("..", "/"))]
 
 
 def _top_level_paths(pkg: Package) -> list[str]:

@@ -108,6 +108,9 @@ class _SourceWriter:
         self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
         self.builder = builder_cls(str(self.prefix) + ".bin", dtype=dtype)
         self.eod = tokenizer.eod_id()
+        # encode_batch_fast (tokenizers >= 0.21) gives the same ids without character offsets, which we never use:
+        # ~1.5x less CPU on code than encode_batch.
+        self.encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
         # Lookup table: is this token id a control token? (one numpy gather per document instead of a set scan)
         self.is_control = np.zeros(tok.get_vocab_size(), dtype=bool)
         self.is_control[list(tokenizer.control_token_ids())] = True
@@ -159,7 +162,7 @@ class _SourceWriter:
         if not batch:
             return
         # No special tokens from the tokenizer (DeepSeek's adds none anyway); EOD is appended explicitly.
-        encodings = self.tok.encode_batch([doc.text for doc in batch], add_special_tokens=False)
+        encodings = self.encode_batch([doc.text for doc in batch], add_special_tokens=False)
         for doc, encoding in zip(batch, encodings):
             ids = np.asarray(encoding.ids, dtype=self.dtype)
             if self.is_control[ids].any():
