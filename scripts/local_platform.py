@@ -38,7 +38,8 @@ AIRFLOW_URL = f"http://127.0.0.1:{AIRFLOW_PORT}"
 AIRFLOW_HOME = STATE / "airflow"
 PASSWORD_FILE = AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated"
 # Task log lines worth echoing while following a run (everything is shown with --verbose).
-PROGRESS = re.compile(r"step|loss|\bETA\b|error|docs|tokens|checkpoint|regist", re.IGNORECASE)
+PROGRESS = re.compile(r"step|loss|\bETA\b|error|doc(ument)?s\b|tokens|checkpoint|regist", re.IGNORECASE)
+CONFIG_LINE = re.compile(r"\s+[\w.-]+: ")  # indented "key: value" lines of a config dump
 TERMINAL = {"success", "failed", "skipped", "upstream_failed", "removed"}
 
 
@@ -286,9 +287,13 @@ def wait_for_dag(api):
 
 def follow(api, run_id, timeout_s, verbose):
     """Print task state changes and task log lines until the run ends; return (run state, tasks)."""
-    start, states, seen = time.time(), {}, {}
+    start, states, seen, misses = time.time(), {}, {}, 0
     while True:
         status, run = api("GET", api.run_path(run_id))
+        misses = misses + 1 if status == 0 else 0
+        if misses >= 10:
+            say("error: Airflow stopped answering (was it stopped?); see .seekflow/logs/airflow.log")
+            return "unreachable", []
         _, body = api("GET", f"{api.run_path(run_id)}/taskInstances")
         tasks = (body or {}).get("task_instances", []) if isinstance(body, dict) else []
         for ti in sorted(tasks, key=lambda t: t.get("start_date") or "~"):
@@ -304,7 +309,7 @@ def follow(api, run_id, timeout_s, verbose):
                     if entry_key not in shown:
                         shown.add(entry_key)
                         for line in lines:
-                            if verbose or PROGRESS.search(line):
+                            if verbose or (PROGRESS.search(line) and not CONFIG_LINE.match(line)):
                                 say(f"    {key} | {line}")
         run_state = run.get("state") if status == 200 and isinstance(run, dict) else None
         if run_state in ("success", "failed"):
@@ -368,6 +373,8 @@ def cmd_run(args):
     run_id = body["dag_run_id"]
     say(f"triggered {DAG_ID} run {run_id} with conf {json.dumps(conf)}")
     run_state, tasks = follow(api, run_id, args.timeout_min * 60, args.verbose)
+    if run_state == "unreachable":
+        return 1
     summary(api, run_id, run_state, tasks, time.time() - t0)
     return 0 if run_state == "success" else 1
 

@@ -40,7 +40,8 @@ def finished(run_root: str, stage: str, config_hash: str, inputs: dict) -> dict 
 
 
 def write_manifest(run_root: str, stage: str, *, config_hash: str, inputs: dict, outputs: dict,
-                   metrics: dict, started: float) -> dict:
+                   metrics: dict, started: float, result: dict | None = None) -> dict:
+    """Write the manifest last. `result` is the compact summary the orchestrator passes on (Airflow XCom)."""
     manifest = {
         "stage": stage,
         "config_hash": config_hash,
@@ -49,6 +50,7 @@ def write_manifest(run_root: str, stage: str, *, config_hash: str, inputs: dict,
         "metrics": metrics,
         "started_at": started,
         "finished_at": time.time(),
+        "result": result or {},
     }
     write_json_atomic(manifest_path(run_root, stage), manifest)
     return manifest

@@ -132,8 +132,8 @@ def test_datasets_read_back_with_megatron(curated):
         assert all(int(dataset[i][-1]) == eod for i in range(len(dataset)))
         # The first stored document is exactly the tokenizer's encoding of the first document that passes the
         # filters, followed by EOD.
-        first = next(i for i in sc.read_source(source.kind, sc.installed_packages(), max_file_bytes=source.max_file_bytes)
-                     if isinstance(i, sc.Document) and len(i.text.strip()) >= source.min_chars)
+        items = sc.read_source(source.kind, sc.installed_packages(), max_file_bytes=source.max_file_bytes)
+        first = next(i for i in items if isinstance(i, sc.Document) and len(i.text.strip()) >= source.min_chars)
         assert dataset[0].tolist() == tok.encode(first.text, add_special_tokens=False).ids + [eod]
     assert manifest["outputs"]["tokenizer"] == {"name": "deepseek-v3", "vocab_size": tok.get_vocab_size(),
                                                 "eod_id": eod}

@@ -21,4 +21,22 @@ from training.config.models import (
     StageConfig,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "config_hash",
+    "list_presets",
+    "load_preset",
+    "resolve_pipeline_config",
+    "resolve_stage_config",
+    "stage_view",
+    "to_yaml",
+    "STAGES",
+    "CurateConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "PipelineConfig",
+    "PretrainConfig",
+    "RegisterConfig",
+    "StageConfig",
+]

@@ -124,6 +124,13 @@ class CurateConfig(StageConfig):
     )
     max_reject_ratio: float = Field(0.9, ge=0, le=1, description="Fail the stage when a source rejects more.")
 
+    @model_validator(mode="after")
+    def _unique_kinds(self) -> "CurateConfig":
+        kinds = [s.kind for s in self.sources]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"sources: each kind may appear once (outputs are named by kind), got {kinds}")
+        return self
+
 
 # -------------------------------------------------------------------------------------------------------- pretrain --
 class OptimizerConfig(Section):

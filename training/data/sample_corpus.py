@@ -133,7 +133,8 @@ def read_source_file(doc_id: str, path: Path, max_file_bytes: int) -> Item:
     try:
         return Document(doc_id, data.decode("utf-8"))
     except UnicodeDecodeError as err:
-        return Reject(doc_id, "invalid_utf8", f"{err.reason} at byte {err.start}: {data[max(err.start - 40, 0):err.start + 8]!r}")
+        context = data[max(err.start - 40, 0):err.start + 8]
+        return Reject(doc_id, "invalid_utf8", f"{err.reason} at byte {err.start}: {context!r}")
 
 
 def _source_files(pkg: Package) -> list[tuple[str, Path]]:
@@ -161,7 +162,8 @@ def _top_level_paths(pkg: Package) -> list[str]:
     for name in names:
         top = pkg.root / name
         if top.is_dir():
-            rels += [p.relative_to(pkg.root).as_posix() for p in top.rglob("*") if p.suffix in CODE_SUFFIXES and p.is_file()]
+            rels += [p.relative_to(pkg.root).as_posix() for p in top.rglob("*")
+                     if p.suffix in CODE_SUFFIXES and p.is_file()]
         elif (single := top.with_suffix(".py")).is_file():   # a single-module distribution
             rels.append(single.relative_to(pkg.root).as_posix())
     return rels

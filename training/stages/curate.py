@@ -25,7 +25,7 @@ from training import tracking
 from training.config import CurateConfig, config_hash
 from training.data import sample_corpus, tokenizer
 from training.data.sample_corpus import Document, Reject
-from training.storage import sha256_file, stage_dir, write_json_atomic
+from training.storage import sha256_file, stage_dir
 
 STAGE = "curate"
 BATCH_DOCS = 256          # documents per encode_batch call: enough to keep the Rust thread pool busy
@@ -71,6 +71,7 @@ def run(cfg: CurateConfig) -> dict:
             print(f"curate {source.kind}: kept {stats['documents']} documents, {stats['tokens']:,} tokens; "
                   f"rejected {stats['rejected_total']} {stats['rejected']}; {stats['duplicates']} duplicates; "
                   f"{stats['seconds']:.1f} s", flush=True)
+            _log_metrics(mlflow_run, source.kind, stats)   # before the ratio check: a failed run shows why
             ratio = stats["rejected_total"] / max(stats["seen"], 1)
             if ratio > cfg.max_reject_ratio:
                 raise CurateError(f"source {source.kind}: rejected {stats['rejected_total']} of {stats['seen']} "
@@ -79,14 +80,15 @@ def run(cfg: CurateConfig) -> dict:
             datasets.append({"kind": source.kind, "prefix": str(writer.prefix), "weight": source.weight,
                              "documents": stats["documents"], "tokens": stats["tokens"],
                              "bin_sha256": sha256_file(writer.prefix.with_suffix(".bin"))})
-            _log_metrics(mlflow_run, source.kind, stats)
 
         documents, tokens = sum(d["documents"] for d in datasets), sum(d["tokens"] for d in datasets)
         metrics.update(documents=documents, tokens=tokens, seconds=round(time.time() - started, 2))
-        outputs = {"datasets": datasets,
-                   "tokenizer": {"name": tokenizer.NAME, "vocab_size": tok.get_vocab_size(), "eod_id": tokenizer.eod_id()}}
-        manifest = _write_manifest(cfg, chash, inputs, outputs, metrics, started,
-                                   result={"documents": documents, "tokens": tokens})
+        vocab = {"name": tokenizer.NAME, "vocab_size": tok.get_vocab_size(), "eod_id": tokenizer.eod_id()}
+        outputs = {"datasets": datasets, "tokenizer": vocab}
+        manifest = manifests.write_manifest(
+            cfg.run_root, STAGE, config_hash=chash, inputs=inputs, outputs=outputs, metrics=metrics, started=started,
+            result={"manifest": str(manifests.manifest_path(cfg.run_root, STAGE)), "documents": documents,
+                    "tokens": tokens})
         if mlflow_run is not None:
             import mlflow
 
@@ -212,17 +214,3 @@ def _log_metrics(mlflow_run, kind: str, stats: dict) -> None:
     mlflow.log_metrics({f"{kind}.documents_kept": stats["documents"], f"{kind}.rejected": stats["rejected_total"],
                         f"{kind}.duplicates": stats["duplicates"], f"{kind}.tokens": stats["tokens"],
                         f"{kind}.seen": stats["seen"]})
-
-
-def _write_manifest(cfg: CurateConfig, chash: str, inputs: dict, outputs: dict, metrics: dict, started: float,
-                    result: dict) -> dict:
-    """`manifest.write_manifest` plus the top-level `result` summary that Airflow pushes to XCom.
-
-    write_manifest has no slot for extra keys, so the result is added and the file rewritten atomically at once.
-    """
-    manifest = manifests.write_manifest(cfg.run_root, STAGE, config_hash=chash, inputs=inputs, outputs=outputs,
-                                        metrics=metrics, started=started)
-    path = manifests.manifest_path(cfg.run_root, STAGE)
-    manifest["result"] = {"manifest": str(path), **result}
-    write_json_atomic(path, manifest)
-    return manifest

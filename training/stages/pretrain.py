@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,11 +39,10 @@ def run(cfg: PretrainConfig) -> dict:
                        "mlflow_run_id": mlflow_run.info.run_id if mlflow_run else None}
             manifest = None
             if info.is_main:
+                result = {"final_loss": metrics["final_loss"], "steps": metrics["steps"],
+                          "release_checkpoint": outputs["release_checkpoint"], "mlflow_run_id": outputs["mlflow_run_id"]}
                 manifest = write_manifest(cfg.run_root, STAGE, config_hash=chash, inputs=inputs, outputs=outputs,
-                                          metrics=metrics, started=started)
-                manifest["result"] = {"final_loss": metrics["final_loss"], "steps": metrics["steps"],
-                                      "release_checkpoint": outputs["release_checkpoint"],
-                                      "mlflow_run_id": outputs["mlflow_run_id"]}
+                                          metrics=metrics, started=started, result=result)
         return manifest
     finally:
         shutdown()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from training.config import RegisterConfig, config_hash
-from training.manifest import finished, manifest_hash, read_manifest, write_manifest
+from training.manifest import manifest_hash, read_manifest, write_manifest
 from training.storage import stage_dir
 from training.tracking import stage_run
 
@@ -68,10 +68,8 @@ def run(cfg: RegisterConfig) -> dict:
         print(f"register: alias {cfg.alias!r} -> {name} v{version}", flush=True)
         outputs = {"model_name": name, "version": str(version), "alias": cfg.alias, "lineage_key": lineage_key,
                    "mlflow_run_id": run_.info.run_id}
-    manifest = write_manifest(cfg.run_root, STAGE, config_hash=chash, inputs=inputs, outputs=outputs, metrics={},
-                              started=started)
-    manifest["result"] = {k: outputs[k] for k in ("model_name", "version", "alias")}
-    return manifest
+    return write_manifest(cfg.run_root, STAGE, config_hash=chash, inputs=inputs, outputs=outputs, metrics={},
+                          started=started, result={k: outputs[k] for k in ("model_name", "version", "alias")})
 
 
 def _existing_version(client, name: str, lineage_key: str) -> str | None:

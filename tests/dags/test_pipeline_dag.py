@@ -1,0 +1,88 @@
+"""The pipeline DAG: parses light, validates before compute, and runs end to end through `dag.test()` with the local
+backend against a real MLflow server on loopback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+SMALL_RUN = {
+    "pretrain.optimizer.warmup_steps": 2,
+    "pretrain.train.save_interval": 5,
+    "pretrain.train.log_interval": 5,
+    "curate.sources": [{"kind": "package_metadata", "max_documents": 40}, {"kind": "package_code", "max_documents": 40}],
+}
+
+
+def test_dag_file_imports_no_torch_megatron_or_mlflow():
+    code = ("import sys, runpy; runpy.run_path('dags/seekflow_pipeline.py'); "
+            "print(sorted(m for m in ('torch', 'megatron', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.get_dag("seekflow_pipeline")
+
+
+def test_trigger_form_params(airflow_db):
+    dag = _dag()
+    assert dag.task_ids == ["validate_config", "curate", "pretrain", "register"] or set(dag.task_ids) == {
+        "validate_config", "curate", "pretrain", "register"}
+    params = dag.params.dump()
+    assert params["profile"] == "tiny" and params["backend"] == "local" and params["steps"] is None
+    schema = dag.params.get_param("profile").schema
+    assert {"tiny", "deepseek-v3", "deepseek-v2-lite"} <= set(schema["enum"])
+
+
+def _states(dagrun) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
+
+
+@pytest.mark.slow
+def test_invalid_override_fails_before_any_compute(airflow_db, mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    dagrun = _dag().test(run_conf={"overrides": {"pretrain.model.num_layers": -3}, "run_root": str(tmp_path)})
+    states = _states(dagrun)
+    assert states["validate_config"].endswith("failed")
+    assert all(states[t].endswith("upstream_failed") for t in ("curate", "pretrain", "register")), states
+    assert not (tmp_path / "curate").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end_and_registers_a_candidate(airflow_db, mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    dagrun = _dag().test(run_conf={"profile": "tiny", "steps": 10, "overrides": SMALL_RUN,
+                                   "run_root": str(tmp_path)})
+    assert _states(dagrun) == {t: "success" for t in ("validate_config", "curate", "pretrain", "register")}, \
+        _states(dagrun)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    version = client.get_model_version_by_alias("seekflow-tiny", "candidate")
+    tags = version.tags
+    assert tags["seekflow.dag_run_id"] == dagrun.run_id
+    assert len(tags["seekflow.data_manifest_hash"]) == 16 and len(tags["seekflow.config_hash"]) == 16
+    assert float(tags["seekflow.final_loss"]) > 0
+
+    experiment = client.get_experiment_by_name("seekflow")
+    runs = client.search_runs([experiment.experiment_id], f"tags.dag_run_id = '{dagrun.run_id}'")
+    assert sorted(r.data.tags["seekflow.stage"] for r in runs) == ["curate", "pretrain", "register"]
+    pretrain_run = next(r for r in runs if r.data.tags["seekflow.stage"] == "pretrain")
+    assert [m.step for m in client.get_metric_history(pretrain_run.info.run_id, "lm_loss")] == [5, 10]
+    assert version.run_id == next(r for r in runs if r.data.tags["seekflow.stage"] == "register").info.run_id
+
+    from mlflow.artifacts import download_artifacts
+
+    local = download_artifacts(f"runs:/{version.run_id}/checkpoint/metadata.json", tracking_uri=mlflow_server)
+    assert os.path.getsize(local) > 0
