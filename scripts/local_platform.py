@@ -38,7 +38,7 @@ AIRFLOW_URL = f"http://127.0.0.1:{AIRFLOW_PORT}"
 AIRFLOW_HOME = STATE / "airflow"
 PASSWORD_FILE = AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated"
 # Task log lines worth echoing while following a run (everything is shown with --verbose).
-PROGRESS = re.compile(r"step|loss|\bETA\b|error|doc(ument)?s\b|tokens|checkpoint|regist", re.IGNORECASE)
+PROGRESS = re.compile(r"step|loss|\bETA\b|error|doc(ument)?s\b|tokens|checkpoint|registered|alias|created", re.IGNORECASE)
 CONFIG_LINE = re.compile(r"\s+[\w.-]+: ")  # indented "key: value" lines of a config dump
 TERMINAL = {"success", "failed", "skipped", "upstream_failed", "removed"}
 

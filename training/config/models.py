@@ -145,10 +145,10 @@ class OptimizerConfig(Section):
 
 
 class TrainLoopConfig(Section):
-    steps: int = Field(300, ge=1, description="Optimizer steps.")
-    seq_length: int = Field(128, ge=8)
-    micro_batch_size: int = Field(4, ge=1)
-    global_batch_size: int = Field(8, ge=1, description="Sequences per step across data-parallel ranks.")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    seq_length: int = Field(64, ge=8)
+    micro_batch_size: int = Field(2, ge=1)
+    global_batch_size: int = Field(2, ge=1, description="Sequences per step across data-parallel ranks.")
     log_interval: int = Field(10, ge=1, description="Steps between progress lines and MLflow metrics.")
     save_interval: int = Field(100, ge=1, description="Steps between checkpoints (the last step always saves).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")

@@ -133,38 +133,40 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def fit(self, mlflow_run) -> dict:
+        """Train to `train.steps`; every `log_interval` steps print progress and log window-averaged metrics."""
         train = self.cfg.train
         tokens_per_step = train.global_batch_size * train.seq_length
-        history, last, window_start, window_steps = [], {}, time.time(), 0
-        first_step = self.step
+        first_step, window, window_start, logged = self.step, [], time.time(), {}
         while self.step < train.steps:
-            last = self.train_step()
-            window_steps += 1
-            if not math.isfinite(last["lm_loss"]):
-                raise FloatingPointError(f"loss is {last['lm_loss']} at step {self.step}; stopping")
-            history.append(last["lm_loss"])
+            metrics = self.train_step()
+            if not math.isfinite(metrics["lm_loss"]):
+                raise FloatingPointError(f"loss is {metrics['lm_loss']} at step {self.step}; stopping")
+            window.append(metrics)
             if self.step % train.log_interval == 0 or self.step == train.steps:
-                elapsed = time.time() - window_start
-                steps_per_s = window_steps / max(elapsed, 1e-9)
-                last["steps_per_s"], last["tokens_per_s"] = steps_per_s, steps_per_s * tokens_per_step
+                steps_per_s = len(window) / max(time.time() - window_start, 1e-9)
+                logged = {key: sum(m.get(key, math.nan) for m in window) / len(window) for key in window[-1]}
+                logged.update(lr=metrics["lr"], steps_per_s=steps_per_s, tokens_per_s=steps_per_s * tokens_per_step)
                 if self.info.is_main:
-                    eta = (train.steps - self.step) / steps_per_s
-                    print(f"pretrain: step {self.step}/{train.steps} loss {last['lm_loss']:.4f} "
-                          f"mtp {last.get('mtp_loss', float('nan')):.4f} lr {last['lr']:.2e} "
-                          f"gnorm {last['grad_norm']:.3f} {steps_per_s:.2f} steps/s "
-                          f"{last['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s", flush=True)
-                    if mlflow_run:
-                        import mlflow
-
-                        mlflow.log_metrics({k: v for k, v in last.items() if math.isfinite(v)}, step=self.step)
-                window_start, window_steps = time.time(), 0
+                    self._report(logged, steps_per_s, mlflow_run)
+                window, window_start = [], time.time()
             if self.step % train.save_interval == 0 or self.step == train.steps:
                 self._save()
         release = checkpoint.save_release(stage_dir(self.cfg.run_root, STAGE) / "release", self.gpt)
         if self.info.is_main:
             print(f"pretrain: release checkpoint at {release}", flush=True)
-        return {"final_loss": last.get("lm_loss", float("nan")), "steps": self.step,
+        return {"final_loss": logged.get("lm_loss", math.nan), "steps": self.step,
                 "steps_this_run": self.step - first_step, "tokens": self.step * tokens_per_step}
+
+    def _report(self, logged: dict, steps_per_s: float, mlflow_run) -> None:
+        steps = self.cfg.train.steps
+        eta = (steps - self.step) / steps_per_s
+        print(f"pretrain: step {self.step}/{steps} loss {logged['lm_loss']:.4f} "
+              f"mtp {logged.get('mtp_loss', math.nan):.4f} lr {logged['lr']:.2e} gnorm {logged['grad_norm']:.3f} "
+              f"{steps_per_s:.2f} steps/s {logged['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s", flush=True)
+        if mlflow_run:
+            import mlflow
+
+            mlflow.log_metrics({k: v for k, v in logged.items() if math.isfinite(v)}, step=self.step)
 
     def _save(self):
         started = time.time()
