@@ -192,7 +192,9 @@ def test_too_many_rejects_fails_naming_the_source(tmp_path, mlflow_db):
     assert '"reason": "too_large"' in (tmp_path / "curate/rejects/package_code.jsonl").read_text()
 
 
-def test_duplicate_source_kinds_are_refused(tmp_path, mlflow_db):
-    cfg = _config(tmp_path, mlflow_db, sources=[{"kind": "package_code"}, {"kind": "package_code"}])
-    with pytest.raises(curate.CurateError, match="each kind may appear once"):
-        curate.run(cfg)
+def test_duplicate_source_kinds_are_refused_by_the_config(tmp_path, mlflow_db):
+    from training.config import ConfigError, resolve_stage_config
+
+    with pytest.raises(ConfigError, match="each kind may appear once"):
+        resolve_stage_config("curate", "tiny", overrides={"sources": [{"kind": "package_code"},
+                                                                      {"kind": "package_code"}]})

@@ -39,12 +39,9 @@ class CurateError(RuntimeError):
 
 def run(cfg: CurateConfig) -> dict:
     started = time.time()
-    kinds = [source.kind for source in cfg.sources]
-    if len(set(kinds)) != len(kinds):
-        raise CurateError(f"sources: each kind may appear once (got {kinds}); outputs are named by kind")
     packages = sample_corpus.installed_packages()
     corpus_fp = sample_corpus.fingerprint(packages)
-    inputs = {**{kind: corpus_fp for kind in kinds}, "tokenizer": tokenizer.tokenizer_fingerprint()}
+    inputs = {**{source.kind: corpus_fp for source in cfg.sources}, "tokenizer": tokenizer.tokenizer_fingerprint()}
     chash = config_hash(cfg)
 
     done = manifests.finished(cfg.run_root, STAGE, chash, inputs)
