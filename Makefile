@@ -13,16 +13,21 @@ PROFILE ?= tiny
 STEPS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv run stop status test clean
+.PHONY: venv run stop status test clean constraints
 
 venv: $(STAMP)
 
 # Re-installs only when pyproject.toml is newer than the stamp.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -U pip
-	$(PY) -m pip install -e '.[all]'
+	$(PY) -m pip install -c constraints.txt -e '.[all]'
 	touch $@
+
+# Refreeze constraints.txt from the current .venv (after changing a pin in pyproject.toml).
+constraints: venv
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -vi '^seekflow' | sed 's/+cpu$$//'; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 run: venv
 	$(PY) scripts/local_platform.py run --profile $(PROFILE) $(if $(STEPS),--steps $(STEPS))

@@ -39,7 +39,8 @@ AIRFLOW_HOME = STATE / "airflow"
 PASSWORD_FILE = AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated"
 # Task log lines worth echoing while following a run (everything is shown with --verbose).
 PROGRESS = re.compile(r"step|loss|\bETA\b|error|doc(ument)?s\b|tokens|checkpoint|registered|alias|created", re.IGNORECASE)
-CONFIG_LINE = re.compile(r"\s+[\w.-]+: ")  # indented "key: value" lines of a config dump
+# "key: value" lines of a config dump: indented, or top-level with a one-word value ("alias: candidate").
+CONFIG_LINE = re.compile(r"\s+[\w.-]+: |[\w.-]+: \S*$")
 TERMINAL = {"success", "failed", "skipped", "upstream_failed", "removed"}
 
 
@@ -320,6 +321,20 @@ def follow(api, run_id, timeout_s, verbose):
         time.sleep(3)
 
 
+def loss_trend(mlflow_run_id):
+    """' (first 10% of logged steps 11.6 -> last 10% 8.0, -31%)' from the pretrain run's MLflow history."""
+    if not mlflow_run_id:
+        return ""
+    query = urllib.parse.urlencode({"run_id": mlflow_run_id, "metric_key": "lm_loss", "max_results": 10000})
+    status, body = http("GET", f"{MLFLOW_URL}/api/2.0/mlflow/metrics/get-history?{query}")
+    points = sorted((m["step"], m["value"]) for m in (body or {}).get("metrics", [])) if status == 200 else []
+    if len(points) < 2:
+        return ""
+    n = max(1, len(points) // 10)
+    first, last = (sum(v for _, v in part) / n for part in (points[:n], points[-n:]))
+    return f"  (MLflow lm_loss: first 10% of steps {first:.2f} -> last 10% {last:.2f}, {last / first - 1:+.0%})"
+
+
 def summary(api, run_id, run_state, tasks, elapsed):
     bar = "=" * 72
     say(f"\n{bar}\nseekflow pipeline run {run_id}: {run_state.upper()} in {elapsed:.0f}s")
@@ -328,7 +343,7 @@ def summary(api, run_id, run_state, tasks, elapsed):
         say(f"  {ti['task_id']:<24} {ti.get('state') or 'none':<16} {f'{dur:.1f}s' if dur else ''}")
     pretrain = api.xcom(run_id, "pretrain") or {}
     if "final_loss" in pretrain:
-        say(f"final loss:       {pretrain['final_loss']}")
+        say(f"final loss:       {pretrain['final_loss']:.4f}{loss_trend(pretrain.get('mlflow_run_id'))}")
     reg = api.xcom(run_id, "register") or {}
     if reg.get("model_name"):
         query = urllib.parse.urlencode({"name": reg["model_name"], "alias": reg.get("alias", "")})
