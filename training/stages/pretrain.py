@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from training import checkpoint
 from training.config import PretrainConfig, config_hash
-from training.manifest import finished, manifest_hash, read_manifest, write_manifest
+from training.manifest import finished, manifest_hash, manifest_path, read_manifest, write_manifest
 from training.parallel.setup import init_distributed, shutdown
 from training.storage import stage_dir
 from training.tracking import stage_run
@@ -31,6 +31,8 @@ def run(cfg: PretrainConfig) -> dict:
         print(f"pretrain: already finished with config {chash}; skipping", flush=True)
         return done
     info = init_distributed(cfg.parallel, cfg.seed)
+    if info.is_main:   # an old manifest must not vouch for checkpoints this run is about to replace
+        manifest_path(cfg.run_root, STAGE).unlink(missing_ok=True)
     try:
         with stage_run(cfg, STAGE, chash, enabled=info.is_main) as mlflow_run:
             metrics = Trainer(cfg, curate, info).fit(mlflow_run)
