@@ -19,7 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=sorted(STAGES), help="stage to run")
     parser.add_argument("--preset", help=f"named preset ({', '.join(list_presets())})")
-    parser.add_argument("--config", help="stage config YAML (applied over the preset)")
+    parser.add_argument("--config", help="stage config YAML file, or env:VAR to read it from an environment variable "
+                                         "(applied over the preset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=c",
                         help="override one field; the value is parsed as YAML (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and exit")

@@ -20,6 +20,8 @@ class JobSpec:
     gpus_per_node: int = 0
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)   # who the job belongs to: dag, task, run, try
+    shards: int = 1              # CPU data stages: parallel shards (a Kubernetes Indexed Job's completions)
     module: str = "training"     # the entry module; tests point it elsewhere
 
     def training_args(self, config_path: str) -> list[str]:

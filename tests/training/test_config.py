@@ -113,3 +113,10 @@ def test_cli_invalid_value_exits_nonzero_naming_the_field():
     out = _cli("pretrain", "--preset", "tiny", "--set", "model.num_layers=-3")
     assert out.returncode == 2
     assert "model.num_layers" in out.stderr and "greater than or equal to 1" in out.stderr
+
+
+def test_config_can_come_from_an_environment_variable(monkeypatch):
+    monkeypatch.setenv("SEEKFLOW_STAGE_CONFIG", "train: {steps: 33}\n")
+    assert resolve_stage_config("pretrain", "tiny", "env:SEEKFLOW_STAGE_CONFIG").train.steps == 33
+    with pytest.raises(ConfigError, match="NOT_SET is not set"):
+        resolve_stage_config("pretrain", "tiny", "env:NOT_SET")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -94,18 +95,30 @@ def resolve_stage_config(stage: str, preset: str | None = None, config_path: str
         raise ConfigError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
     doc = stage_view(load_preset(preset), stage) if preset else {}
     if config_path:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path}: expected a mapping at the top level")
-        deep_merge(doc, loaded)
+        deep_merge(doc, _read_config(str(config_path)))
     apply_overrides(doc, overrides)
     return validate(STAGES[stage], doc)
+
+
+def _read_config(source: str) -> dict:
+    """A stage config from a YAML file, or from an environment variable with `env:NAME` (how Kubernetes jobs get it)."""
+    if source.startswith("env:"):
+        name = source[len("env:"):]
+        if name not in os.environ:
+            raise ConfigError(f"--config {source}: environment variable {name} is not set")
+        text = os.environ[name]
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        text = path.read_text()
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {source}: not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {source}: expected a mapping at the top level")
+    return loaded
 
 
 def resolve_pipeline_config(preset: str, overrides: dict | Iterable[str] = ()) -> PipelineConfig:
