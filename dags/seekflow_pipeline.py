@@ -1,17 +1,26 @@
 """seekflow_pipeline: the whole run, end to end — curate → pretrain → register.
 
-Wiring only. The first task validates the full pipeline config from the trigger form's Params, so a bad value fails
-before any compute starts; every stage then runs `python -m training <stage>` through the chosen backend and passes
-its result on through XCom. Parsing this file imports no torch, megatron or mlflow.
+Wiring only. The trigger form is generated from the stage config schemas (`operators/params.py`): a value the config
+would reject is rejected by the form before a run exists. The first task resolves the preset plus the form into the
+full pipeline config and validates every stage, so cross-field mistakes (warm-up ≥ steps...) fail before any compute
+starts; every stage then runs `python -m training <stage>` through the chosen backend and passes its result on through
+XCom. Form fields left at the `tiny` preset's value take the chosen profile's value. Parsing this file imports no
+torch, megatron or mlflow.
 """
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import DAG, Param, task
+from airflow.sdk import DAG
 
-from operators.backends import BACKENDS
-from operators.job import TrainingJobOperator, pipeline_overrides
-from training.config import list_presets
+from operators.job import TrainingJobOperator
+from operators.params import (CURATE_FIELDS, PRETRAIN_FIELDS, REGISTER_FIELDS, SHARED_FIELDS, config_param,
+                              form_params, validate_config)
+
+STAGES = ("curate", "pretrain", "register")
+# Pretraining steps keep their short key `steps` here (README, `make run STEPS=N`, REST {"steps": N}); empty means
+# the profile's value, so pretrain.train.steps is not a second field.
+FIELDS = SHARED_FIELDS + CURATE_FIELDS + tuple(f for f in PRETRAIN_FIELDS if f != "pretrain.train.steps") + \
+    REGISTER_FIELDS
 
 with DAG(
     dag_id="seekflow_pipeline",
@@ -21,31 +30,11 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     render_template_as_native_obj=True,
-    tags=["seekflow"],
-    params={
-        "profile": Param("tiny", enum=list_presets(), description="Preset: model architecture and stage settings."),
-        "steps": Param(None, type=["null", "integer"], minimum=1,
-                       description="Pretraining steps (empty: the preset's default)."),
-        "backend": Param("local", enum=list(BACKENDS), description="Where the jobs run."),
-        "overrides": Param({}, type="object",
-                           description='Advanced: pipeline config overrides by dotted path, '
-                                       'e.g. {"pretrain.optimizer.lr": 0.001}.'),
-    },
+    tags=["seekflow", "pipeline"],
+    params=form_params(FIELDS, extra={"steps": config_param("pretrain.train.steps", optional=True, section=None)}),
     doc_md=__doc__,
 ) as dag:
-
-    @task
-    def validate_config(**context) -> dict:
-        """Resolve and validate every stage's config; fails naming the field before anything runs."""
-        from training.config import resolve_pipeline_config
-
-        params = context["params"]
-        overrides = pipeline_overrides(params, context["dag"].dag_id, context["run_id"])
-        pipeline = resolve_pipeline_config(params["profile"], overrides)
-        print(f"run root: {pipeline.run_root}")
-        return {"preset": params["profile"], "overrides": overrides}
-
-    pipeline = validate_config()
+    pipeline = validate_config(FIELDS, STAGES)
     curate = TrainingJobOperator(task_id="curate", stage="curate", pipeline=pipeline,
                                  backend="{{ params.backend }}")
     pretrain = TrainingJobOperator(task_id="pretrain", stage="pretrain", pipeline=pipeline,

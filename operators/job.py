@@ -2,11 +2,18 @@
 
 The operator validates the stage config (pure Python: `training.config`), renders it to YAML, hands a JobSpec to the
 backend and returns the stage's result (pushed to XCom). It never imports torch, megatron or mlflow.
+
+On the Kubernetes backend the task is deferrable: it submits (or reattaches to) the job, then defers to
+`JobCompletionTrigger`, freeing its worker slot; `execute_complete` copies the pod logs into the task log, applies
+`on_finish_action` and returns the result. The job's labels carry dag/task/run/try, so a restarted worker of the same
+try computes the same job name and waits for that job instead of submitting a second one.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,18 +51,21 @@ def pipeline_overrides(params: dict[str, Any], dag_id: str, run_id: str) -> dict
 class TrainingJobOperator(BaseOperator):
     """Run `python -m training <stage>` with a validated config on a backend (default: this machine)."""
 
-    template_fields: Sequence[str] = ("pipeline", "backend_name")
+    template_fields: Sequence[str] = ("pipeline", "backend_name", "kubernetes")
     ui_color = "#d7e8fc"
 
     def __init__(self, *, stage: str, pipeline: dict | Any, backend: str = "local", procs_per_node: int = 1,
-                 nodes: int = 1, **kwargs):
+                 nodes: int = 1, kubernetes: dict | None = None, deferrable: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.stage = stage
         self.pipeline = pipeline   # {"preset": name, "overrides": {...}}, usually the validate task's XCom
         self.backend_name = backend
         self.procs_per_node = procs_per_node
         self.nodes = nodes
+        self.kubernetes = kubernetes   # KubernetesSettings overrides over $SEEKFLOW_K8S_SETTINGS
+        self.deferrable = deferrable   # kubernetes backend only: wait in the triggerer, not in a worker slot
         self._backend = None
+        self._handle = None
 
     def build_spec(self) -> JobSpec:
         from training.config import resolve_pipeline_config, to_yaml
@@ -67,14 +77,74 @@ class TrainingJobOperator(BaseOperator):
                        nodes=self.nodes, procs_per_node=self.procs_per_node)
 
     def execute(self, context) -> dict:
+        if self.backend_name == "kubernetes":
+            return self._execute_kubernetes(context)
         spec = self.build_spec()
         self.log.info("stage %s config:\n%s", self.stage, spec.config_yaml)
         self._backend = get_backend(self.backend_name)
-        result = self._backend.run(spec, log=self.log.info)
+        result = self._backend.run(spec, log=self._log_line)
         self.log.info("stage %s result: %s", self.stage, result)
         return result
+
+    # ---- kubernetes --------------------------------------------------------------------------------------------
+    def kubernetes_settings(self):
+        from operators.backends.k8s_settings import KubernetesSettings
+
+        base = KubernetesSettings.from_env()
+        return KubernetesSettings.model_validate({**base.model_dump(), **(self.kubernetes or {})})
+
+    @staticmethod
+    def context_labels(context) -> dict[str, str]:
+        """Who the job belongs to. The try number changes on retry, not when a worker restarts mid-try."""
+        ti = context["ti"]
+        labels = {"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id, "try_number": str(ti.try_number)}
+        if getattr(ti, "map_index", -1) >= 0:
+            labels["map_index"] = str(ti.map_index)
+        return labels
+
+    def _kubernetes_backend(self):
+        return get_backend("kubernetes", settings=self.kubernetes_settings())
+
+    def _execute_kubernetes(self, context) -> dict:
+        backend = self._kubernetes_backend()   # settings and stage config are validated before any API request
+        spec = self.build_spec()
+        spec = dataclasses.replace(spec, labels={**spec.labels, **self.context_labels(context)})
+        self.log.info("stage %s config:\n%s", self.stage, spec.config_yaml)
+        self._backend = backend
+        if not self.deferrable:
+            result = backend.run(spec, log=self._log_line)
+            self.log.info("stage %s result: %s", self.stage, result)
+            return result
+        self._handle = handle = backend.submit(spec)
+        self.log.info("stage %s runs as %s %s/%s; deferring until it finishes", self.stage, handle.kind,
+                      handle.namespace, handle.name)
+        from operators.triggers import JobCompletionTrigger
+
+        self.defer(trigger=JobCompletionTrigger(name=handle.name, namespace=handle.namespace, kind=handle.kind,
+                                                settings=backend.settings.model_dump(mode="json"),
+                                                started_at=time.time()),
+                   method_name="execute_complete")
+
+    def execute_complete(self, context, event: dict) -> dict:
+        """Back from the trigger: pod logs into the task log (before any deletion), cleanup, result or failure."""
+        from operators.backends.kubernetes import JobHandle, KubernetesApiError
+
+        self._backend = backend = self._kubernetes_backend()
+        self._handle = handle = JobHandle(event["name"], event["namespace"], event["kind"])
+        if event["status"] == "error":   # we lost track of it; the job is left alone and a retry reattaches to it
+            raise KubernetesApiError(f"waiting for {handle.kind} {handle.namespace}/{handle.name} failed: "
+                                     f"{event['reason']}: {event['message']}")
+        result = backend.finish(handle, event, log=self._log_line)
+        self.log.info("stage %s result: %s", self.stage, result)
+        return result
+
+    def _log_line(self, line: str) -> None:
+        self.log.info("%s", line)   # pod output may contain % or {}: never a format string
 
     def on_kill(self) -> None:
         if self._backend is not None:
             self.log.info("killing stage %s", self.stage)
-            self._backend.kill()
+            if self._handle is not None:
+                self._backend.kill(self._handle)
+            else:
+                self._backend.kill()

@@ -22,6 +22,10 @@ os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
 os.environ.setdefault("SEEKFLOW_HOME", tempfile.mkdtemp(prefix="seekflow-test-home-"))
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# `kubernetes` reads $KUBECONFIG once, at import: point it at a closed loopback port so that no test can reach a real
+# cluster through ~/.kube/config. Tests that need an API server start tests/operators/fake_kube.py and select it
+# through the `kubernetes_default` Airflow connection.
+os.environ["KUBECONFIG"] = str(REPO / "tests" / "fixtures" / "kubeconfig-unreachable.yaml")
 
 import pytest  # noqa: E402
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import glob
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Callable
 
 from operators.backends.base import JobFailed, JobSpec, parse_result
@@ -62,8 +64,7 @@ class LocalBackend:
         cmd = self.command(spec, config_path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
         log(f"local backend: {' '.join(cmd)}")
-        result: dict = {}
-        tail: collections.deque[str] = collections.deque(maxlen=self.tail_lines)
+        output = _OutputPump(log, self.tail_lines)
         try:
             with self._lock:
                 if self._killed:
@@ -71,20 +72,20 @@ class LocalBackend:
                 self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                               bufsize=1, cwd=self.workdir, env=env, start_new_session=True,
                                               preexec_fn=_die_with_parent)
-            for line in self._proc.stdout:
-                line = line.rstrip("\n")
-                log(line)
-                tail.append(line)
-                result = parse_result(line) or result
+            output.start(self._proc.stdout)
             returncode = self._proc.wait()
+            # Processes the job left behind (say, children of a worker that crashed) still hold the output pipe
+            # open and would run on unsupervised: they end with the job.
+            _end_group(self._proc.pid, grace_s=2.0)
+            output.join(timeout=30)
         finally:
             os.unlink(config_path)
         if self._killed:
             raise JobFailed(f"{spec.stage}: killed (exit status {returncode})")
         if returncode != 0:
-            last = "\n".join(tail)
+            last = "\n".join(output.tail)
             raise JobFailed(f"{spec.stage} failed with exit status {returncode}; last output:\n{last}")
-        return result
+        return output.result
 
     @property
     def pid(self) -> int | None:
@@ -97,18 +98,61 @@ class LocalBackend:
             proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        pgid = proc.pid   # start_new_session: the job leads its own group
-        _signal_group(pgid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=self.kill_grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        _signal_group(pgid, signal.SIGKILL)   # stragglers in the group (workers that ignored SIGTERM)
+        _end_group(proc.pid, grace_s=self.kill_grace_s)   # start_new_session: the job leads its own group
         proc.wait()
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def _end_group(pgid: int, grace_s: float) -> None:
+    """SIGTERM every process in the group, then SIGKILL whatever is still there after `grace_s`."""
+    if not _signal_group(pgid, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
     try:
         os.killpg(pgid, sig)
+        return True
     except ProcessLookupError:
-        pass
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any live (non-zombie) process left in the group? killpg(pgid, 0) would also count zombies."""
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                state, _ppid, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
+
+
+class _OutputPump:
+    """Streams the job's output into the task log on a thread; keeps the last lines and the stage's result."""
+
+    def __init__(self, log: Callable[[str], None], tail_lines: int):
+        self.log = log
+        self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self.result: dict = {}
+        self._thread: threading.Thread | None = None
+
+    def start(self, stream) -> None:
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            self.log(line)
+            self.tail.append(line)
+            self.result = parse_result(line) or self.result
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)

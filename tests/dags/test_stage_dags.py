@@ -1,0 +1,59 @@
+"""The stage DAGs on their own: seekflow_curate builds a corpus, seekflow_pretrain trains on it, both through
+`dag.test()` with the local backend; bad input stops at the form or at validate_config, before any job."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import REPO
+
+SMALL_SOURCES = [{"kind": "package_metadata", "max_documents": 40}, {"kind": "package_code", "max_documents": 40}]
+
+
+@pytest.fixture(scope="module")
+def dags():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.dags
+
+
+def _states(dagrun) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
+
+
+def test_a_conf_outside_the_schema_starts_no_run(airflow_db, dags):
+    from airflow.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match=r"pretrain\.train\.steps: 0 is less than the minimum of 1"):
+        dags["seekflow_pretrain"].test(run_conf={"pretrain.train.steps": 0})
+
+
+@pytest.mark.slow
+def test_pretrain_without_a_corpus_fails_in_validate_config(airflow_db, dags, tmp_path, capfd):
+    dagrun = dags["seekflow_pretrain"].test(run_conf={"run_root": str(tmp_path)})
+    assert _states(dagrun) == {"validate_config": "failed", "pretrain": "upstream_failed"}, _states(dagrun)
+    out, err = capfd.readouterr()
+    assert "pretrain.data_manifest: no curate manifest at" in out + err
+
+
+@pytest.mark.slow
+def test_curate_then_pretrain_as_separate_dags(airflow_db, mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    from airflow.dag_processing.dagbag import DagBag
+
+    dags = DagBag(dag_folder=str(REPO / "dags")).dags
+    curated = dags["seekflow_curate"].test(run_conf={"curate.sources": SMALL_SOURCES,
+                                                     "run_root": str(tmp_path / "curate_run")})
+    assert _states(curated) == {"validate_config": "success", "curate": "success"}, _states(curated)
+    manifest = tmp_path / "curate_run" / "curate" / "manifest.json"
+    assert json.loads(manifest.read_text())["stage"] == "curate"
+
+    trained = dags["seekflow_pretrain"].test(run_conf={
+        "pretrain.data_manifest": str(manifest), "pretrain.train.steps": 6, "pretrain.optimizer.warmup_steps": 1,
+        "pretrain.train.log_interval": 3, "pretrain.train.save_interval": 3, "run_root": str(tmp_path / "train_run")})
+    assert _states(trained) == {"validate_config": "success", "pretrain": "success"}, _states(trained)
+    result = json.loads((tmp_path / "train_run" / "pretrain" / "manifest.json").read_text())
+    assert result["inputs"]["data_manifest_hash"] and result["result"]["final_loss"] > 0
