@@ -104,4 +104,4 @@ def test_placeholder_dag_fails_with_not_implemented(airflow_db, bag, capfd, dag_
     assert states == {f"{stage}_not_implemented": "failed"}, states
     assert str(dagrun.state) == "failed"
     out, err = capfd.readouterr()
-    assert f"not implemented yet: {stage} (see issue " in out + err
+    assert f"not implemented yet: {stage} (see " in out + err
