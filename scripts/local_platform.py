@@ -28,6 +28,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # for operators.backends.local: stdlib only, so `stop` still needs no virtualenv
+from operators.backends.local import group_alive  # noqa: E402  (one /proc scan for live process-group members)
 STATE = ROOT / ".seekflow"
 VENV_BIN = ROOT / ".venv" / "bin"
 DAG_ID = "seekflow_pipeline"
@@ -116,18 +118,6 @@ def airflow_spec():
 
 def pid_file(name):
     return STATE / "pids" / f"{name}.pid"
-
-
-def group_alive(pgid):
-    """True while any non-zombie process is in the group (killpg(pgid, 0) also counts zombies)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError, IndexError):
-            continue
-        if int(pgrp) == pgid and state != "Z":
-            return True
-    return False
 
 
 def our_pgid(name):

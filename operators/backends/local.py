@@ -107,7 +107,7 @@ def _end_group(pgid: int, grace_s: float) -> None:
     if not _signal_group(pgid, signal.SIGTERM):
         return
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _group_alive(pgid):
+    while time.monotonic() < deadline and group_alive(pgid):
         time.sleep(0.1)
     _signal_group(pgid, signal.SIGKILL)
 
@@ -120,7 +120,7 @@ def _signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """Any live (non-zombie) process left in the group? killpg(pgid, 0) would also count zombies."""
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
