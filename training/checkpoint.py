@@ -5,16 +5,28 @@ Layout under the stage directory:
     checkpoints/latest          the step of the newest *complete* save; written atomically after every rank finished
     release/                    model weights only, for registration and evaluation
 A save that dies half-way never becomes `latest`, so a torn checkpoint is never loaded.
+
+With an `s3://` run root, `root` is the local mirror and `remote` its URI: after a save completes, each node's local
+rank 0 uploads the files its ranks wrote, and only then does rank 0 upload the `latest` marker. Resuming on a fresh
+machine downloads the checkpoint the remote marker names.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from training import storage
+
 LATEST = "latest"
+
+
+def _node_leader() -> bool:
+    """Local rank 0: uploads and downloads for the ranks of its node (they share its local disk)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -55,7 +67,8 @@ def _full_state_dict(model, optimizer, scheduler, common: dict, loading: bool) -
     return state
 
 
-def save(root: Path, step: int, model, optimizer, scheduler, common: dict, keep_last: int) -> Path:
+def save(root: Path, step: int, model, optimizer, scheduler, common: dict, keep_last: int,
+         remote: str | None = None) -> Path:
     """Save a full training checkpoint for `step`, then mark it latest and prune older ones (keep `keep_last`)."""
     from megatron.core import dist_checkpointing
 
@@ -66,21 +79,30 @@ def save(root: Path, step: int, model, optimizer, scheduler, common: dict, keep_
     dist.barrier()
     dist_checkpointing.save(_full_state_dict(model, optimizer, scheduler, common, loading=False), str(target))
     dist.barrier()
+    if remote and _node_leader():
+        storage.publish(target)
+    dist.barrier()
     if dist.get_rank() == 0:
-        tmp = root / (LATEST + ".tmp")
-        tmp.write_text(str(step))
-        tmp.replace(root / LATEST)
+        if remote:
+            storage.write_text(storage.join(remote, LATEST), str(step))
+        storage.write_text(str(root / LATEST), str(step))
+    if _node_leader():
         saved = sorted(p for p in root.glob("iter_*") if p.is_dir())
         for old in saved[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+    if remote and dist.get_rank() == 0:   # the object store also holds saves of earlier pods
+        for old in [name for name in storage.children(remote) if name.startswith("iter_")][:-keep_last]:
+            storage.delete(storage.join(remote, old))
     dist.barrier()
     return target
 
 
-def load(root: Path, model, optimizer, scheduler) -> dict | None:
+def load(root: Path, model, optimizer, scheduler, remote: str | None = None) -> dict | None:
     """Restore the latest complete checkpoint into model/optimizer/scheduler/RNG; returns its common state."""
     from megatron.core import dist_checkpointing
 
+    if remote:
+        _fetch_latest(root, remote)
     step = latest_step(root)
     if step is None:
         return None
@@ -101,6 +123,17 @@ def load(root: Path, model, optimizer, scheduler) -> dict | None:
     rng = loaded["rng_state"]
     torch.set_rng_state(rng["torch"])
     return {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "rng_state")}
+
+
+def _fetch_latest(root: Path, remote: str) -> None:
+    """Bring the checkpoint the remote `latest` marker names into the local mirror (every node needs all files)."""
+    if _node_leader():
+        marker = storage.read_text(storage.join(remote, LATEST))
+        if marker is not None:
+            step = int(marker.strip())
+            storage.fetch(storage.join(remote, step_dir(root, step).name))
+            storage.write_text(str(root / LATEST), str(step))
+    dist.barrier()
 
 
 def save_release(target: Path, model) -> Path:

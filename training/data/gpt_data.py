@@ -25,10 +25,21 @@ class TokenizerInfo:
         self.unique_identifiers = OrderedDict(vocab_size=self.vocab_size, eod=self.eod)
 
 
+def fetch_datasets(curate_manifest: dict) -> None:
+    """Download the curated datasets of an s3 run root into the local mirror (local paths: nothing to do)."""
+    from training import storage
+
+    for entry in curate_manifest["outputs"]["datasets"]:
+        for suffix in (".bin", ".idx"):
+            storage.fetch(entry["prefix"] + suffix)
+
+
 def build_train_dataset(curate_manifest: dict, *, seq_length: int, num_samples: int, seed: int, cache_dir: Path):
     """The blended training dataset, with at least `num_samples` sequences of `seq_length + 1` tokens."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from training import storage
 
     datasets = curate_manifest["outputs"]["datasets"]
     if not datasets:
@@ -37,7 +48,8 @@ def build_train_dataset(curate_manifest: dict, *, seq_length: int, num_samples: 
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=([d["prefix"] for d in datasets], [float(d["weight"]) for d in datasets]),
+        blend=([str(storage.local_dir(d["prefix"], create=False)) for d in datasets],
+               [float(d["weight"]) for d in datasets]),
         split="100,0,0",
         path_to_cache=str(cache_dir),
         tokenizer=TokenizerInfo(vocab_size=tokenizer["vocab_size"], eod=tokenizer["eod_id"]),
