@@ -11,6 +11,7 @@ from training.config import CurateConfig
 from training.data import sample_corpus as sc
 from training.data import tokenizer as T
 from training.manifest import manifest_path, read_manifest
+from training.data.shards import REJECT_SAMPLES
 from training.stages import curate
 from training.storage import sha256_file
 
@@ -146,12 +147,12 @@ def test_manifest_counts_rejects_and_result(curated):
     for kind in ("package_metadata", "package_code"):
         m = manifest["metrics"][kind]
         # Every item read is accounted for exactly once.
-        assert m["seen"] == m["documents"] + m["rejected_total"] + m["duplicates"]
+        assert m["seen"] == m["documents"] + m["rejected_total"] + m["duplicates"] + m["surplus"]
         assert m["rejected_total"] == sum(m["rejected"].values())
     code = manifest["metrics"]["package_code"]
     assert code["rejected_total"] > 0   # real packages have empty __init__.py files
     rejects = (manifest_path(cfg.run_root, "curate").parent / "rejects/package_code.jsonl").read_text().splitlines()
-    assert len(rejects) == min(code["rejected_total"], curate.REJECT_SAMPLES)
+    assert len(rejects) == min(code["rejected_total"], REJECT_SAMPLES)
     assert {json.loads(r)["reason"] for r in rejects} <= set(code["rejected"])
     total = sum(d["tokens"] for d in manifest["outputs"]["datasets"])
     assert manifest["result"] == {"manifest": str(manifest_path(cfg.run_root, "curate")), "documents": 100,

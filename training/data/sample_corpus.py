@@ -77,9 +77,13 @@ def installed_packages(site_dirs: Iterable[str | os.PathLike] | None = None) -> 
     for site in site_dirs if site_dirs is not None else default_site_dirs():
         site = Path(site)
         # Parse each METADATA once; sort so that even a stale duplicate dist-info resolves the same way every time.
+        # The stdlib's PathDistribution directly, not distributions(): once some library imports the
+        # `importlib_metadata` backport, its finder answers distributions() and parses METADATA bodies differently
+        # (continuation lines), which would make the corpus depend on what was imported before.
+        dists = [importlib.metadata.PathDistribution(path)
+                 for path in sorted(site.glob("*.dist-info")) + sorted(site.glob("*.egg-info")) if path.is_dir()]
         listed = [(canonical_name(meta["Name"] or ""), meta["Version"] or "", meta["Name"] or "", dist)
-                  for dist in importlib.metadata.distributions(path=[str(site)])
-                  if (meta := dist.metadata) is not None]
+                  for dist in dists if (meta := dist.metadata) is not None]
         listed.sort(key=lambda row: row[:3])
         for key, version, name, dist in listed:
             if not name or key in OWN_DISTRIBUTIONS or key in found:

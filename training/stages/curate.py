@@ -2,35 +2,37 @@
 
 For each configured source: read items from the machine's installed packages (`training.data.sample_corpus`), set
 aside documents that are whitespace-only or shorter than `min_chars`, drop exact duplicates (sha256 of the
-whitespace-normalised text, across all sources), tokenize in batches with DeepSeek's tokenizer and append EOD, and
-write `{stage_dir}/data/{kind}_text_document.{bin,idx}` with megatron-core's `IndexedDatasetBuilder`.
+whitespace-normalised text, across all sources), tokenize with DeepSeek's tokenizer and append EOD, and write
+`{stage_dir}/data/{kind}_text_document.{bin,idx}` with megatron-core's `IndexedDatasetBuilder`.
 
-Rejects are counted per reason and the first 100 per source are sampled into `{stage_dir}/rejects/{kind}.jsonl`; a
+Scale-out: the work runs as `shards` shards and one merge (`training.data.shards`): a Kubernetes Indexed Job (or the
+local backend's processes) runs `python -m training curate` with `SEEKFLOW_NUM_SHARDS=N` and `JOB_COMPLETION_INDEX=i`
+set, one shard per process; then one plain run merges. A plain run also does any shard not done yet, so on a laptop
+one command does everything. Any N keeps the same documents.
+
+Every item a shard read is accounted for once: seen = documents + rejected + duplicates + surplus (candidates that
+shards read beyond the cap). Rejects are counted per reason and the first 100 per source are sampled into `{stage_dir}/rejects/{kind}.jsonl`; a
 source rejecting more than `max_reject_ratio` of what it read fails the stage. The manifest is written last; a rerun
 with the same config, packages and tokenizer is skipped. MinHash, quality filters and PII come later (datatrove).
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import time
 import warnings
 from collections import Counter
-from pathlib import Path
-
-import numpy as np
 
 from training import manifest as manifests
-from training import tracking
+from training import storage, tracking
 from training.config import CurateConfig, config_hash
 from training.data import sample_corpus, tokenizer
-from training.data.sample_corpus import Document, Reject
+from training.data.shards import SHARD_MARKER, Merger, ShardWriter, shard_dir
 from training.storage import sha256_file, stage_dir
 
 STAGE = "curate"
-BATCH_DOCS = 256          # documents per encode_batch call: enough to keep the Rust thread pool busy
-REJECT_SAMPLES = 100      # reject records kept per source in the rejects file
-PROGRESS_SECONDS = 5.0
+SHARDS_ENV = "SEEKFLOW_NUM_SHARDS"       # set on shard jobs only (operators.backends.k8s_render sets the same name)
+INDEX_ENV = "JOB_COMPLETION_INDEX"       # a Kubernetes Indexed Job's completion index
 
 
 class CurateError(RuntimeError):
@@ -40,51 +42,107 @@ class CurateError(RuntimeError):
 def run(cfg: CurateConfig) -> dict:
     started = time.time()
     packages = sample_corpus.installed_packages()
-    corpus_fp = sample_corpus.fingerprint(packages)
-    inputs = {**{source.kind: corpus_fp for source in cfg.sources}, "tokenizer": tokenizer.tokenizer_fingerprint()}
+    inputs = {**{source.kind: sample_corpus.fingerprint(packages) for source in cfg.sources},
+              "tokenizer": tokenizer.tokenizer_fingerprint()}
     chash = config_hash(cfg)
+    if os.environ.get(SHARDS_ENV):
+        return run_shard(cfg, _shard_index(cfg), packages, chash, inputs)
 
     done = manifests.finished(cfg.run_root, STAGE, chash, inputs)
     if done is not None and _outputs_exist(done):
-        print(f"curate: already done ({manifests.manifest_path(cfg.run_root, STAGE)}), skipping", flush=True)
+        print(f"curate: already done ({manifests.manifest_uri(cfg.run_root, STAGE)}), skipping", flush=True)
         return done
-    # A manifest must describe the files beside it: remove an old one before overwriting them, so a crash in this
-    # run can never leave an old manifest vouching for half-written data.
-    manifests.manifest_path(cfg.run_root, STAGE).unlink(missing_ok=True)
+    manifests.invalidate(cfg.run_root, STAGE)   # an old manifest must never vouch for the files rewritten below
+    for index in range(cfg.shards):
+        run_shard(cfg, index, packages, chash, inputs)
+    return merge(cfg, chash, inputs, started)
 
-    out = stage_dir(cfg.run_root, STAGE)
-    IndexedDatasetBuilder, dtype = _megatron_builder()
+
+def _shard_index(cfg: CurateConfig) -> int:
+    count, index = int(os.environ[SHARDS_ENV]), os.environ.get(INDEX_ENV)
+    if count != cfg.shards:
+        raise CurateError(f"{SHARDS_ENV}={count} but the config says shards: {cfg.shards}")
+    if index is None or not index.isdigit() or int(index) >= count:
+        raise CurateError(f"{SHARDS_ENV} is set, so {INDEX_ENV} must be a shard index below {count} (got {index!r})")
+    return int(index)
+
+
+def run_shard(cfg: CurateConfig, index: int, packages, chash: str, inputs: dict) -> dict:
+    """Shard `index` of `cfg.shards`: every source's candidates, then `shard.json` (skipped when already done)."""
+    label = f"shard {index + 1}/{cfg.shards}"
+    out = shard_dir(stage_dir(cfg.run_root, STAGE), index, cfg.shards)
+    marker_uri = storage.uri_of(out / SHARD_MARKER, cfg.run_root)
+    old = storage.read_text(marker_uri)
+    if old and json.loads(old).get("config_hash") == chash and json.loads(old).get("inputs") == inputs:
+        print(f"curate {label}: already done, skipping", flush=True)
+        return json.loads(old)
+    (out / SHARD_MARKER).unlink(missing_ok=True)
+    builder_cls, dtype = _megatron_builder()
     tok = tokenizer.load_tokenizer()
-    seen_hashes: set[bytes] = set()   # shared by all sources: a README vendored as code is still a duplicate
+    sources = {}
+    for source in cfg.sources:
+        writer = ShardWriter(source, out, tok, builder_cls, dtype, f"{source.kind} {label}")
+        writer.consume(sample_corpus.read_source(source.kind, packages, max_file_bytes=source.max_file_bytes),
+                       index, cfg.shards)
+        sources[source.kind] = writer.stats()
+        print(f"curate {source.kind} {label}: {writer.candidates} candidates, {writer.tokens:,} tokens; rejected "
+              f"{dict(writer.rejected)}; {writer.duplicates} duplicates", flush=True)
+    marker = {"shard": index, "shards": cfg.shards, "config_hash": chash, "inputs": inputs, "sources": sources}
+    storage.publish(out, exclude=(SHARD_MARKER,))
+    (out / SHARD_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
+    storage.publish(out / SHARD_MARKER)   # last: the marker vouches for the files above
+    return {**marker, "result": {"shard": index, "shards": cfg.shards}}
+
+
+def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> dict:
+    """Merge every shard into the final datasets, check reject ratios, write the manifest last."""
+    out = stage_dir(cfg.run_root, STAGE)
+    dirs = [shard_dir(out, i, cfg.shards) for i in range(cfg.shards)]
+    markers = []
+    for directory in dirs:
+        marker = json.loads(storage.read_text(storage.uri_of(directory / SHARD_MARKER, cfg.run_root)) or "{}")
+        if marker.get("config_hash") != chash or marker.get("inputs") != inputs:
+            raise CurateError(f"shard {directory.name} is missing or from another config: rerun the shards")
+        storage.fetch(storage.uri_of(directory, cfg.run_root))   # an s3 run root: the shard pods' files
+        markers.append(marker)
+    builder_cls, dtype = _megatron_builder()
+    seen_keys: set[str] = set()
     datasets, metrics = [], {}
     with tracking.stage_run(cfg, STAGE, chash) as mlflow_run:
         for source in cfg.sources:
-            print(f"curate {source.kind}: reading up to {source.max_documents} documents from "
-                  f"{len(packages)} installed distributions", flush=True)
-            writer = _SourceWriter(source, out, tok, IndexedDatasetBuilder, dtype, seen_hashes)
-            writer.consume(sample_corpus.read_source(source.kind, packages, max_file_bytes=source.max_file_bytes))
-            stats = writer.stats()
+            merger = Merger(source, dirs, out / "data" / f"{source.kind}_text_document", builder_cls, dtype, seen_keys)
+            stats = _sum_shard_stats(m["sources"][source.kind] for m in markers)
+            merged = merger.merge()
+            merger.rejects(out / "rejects" / f"{source.kind}.jsonl")
+            stats.update(documents=merged["documents"], tokens=merged["tokens"], surplus=merged["surplus"],
+                         duplicates=stats["duplicates"] + merged["duplicates_across_shards"]
+                         + merged["duplicates_across_sources"])
             metrics[source.kind] = stats
             print(f"curate {source.kind}: kept {stats['documents']} documents, {stats['tokens']:,} tokens; "
-                  f"rejected {stats['rejected_total']} {stats['rejected']}; {stats['duplicates']} duplicates; "
-                  f"{stats['seconds']:.1f} s", flush=True)
+                  f"rejected {stats['rejected_total']} {stats['rejected']}; {stats['duplicates']} duplicates "
+                  f"({cfg.shards} shard{'s' * (cfg.shards > 1)})", flush=True)
             _log_metrics(mlflow_run, source.kind, stats)   # before the ratio check: a failed run shows why
             ratio = stats["rejected_total"] / max(stats["seen"], 1)
             if ratio > cfg.max_reject_ratio:
                 raise CurateError(f"source {source.kind}: rejected {stats['rejected_total']} of {stats['seen']} "
                                   f"items ({ratio:.1%}) > max_reject_ratio {cfg.max_reject_ratio:.1%}; "
-                                  f"see {writer.rejects_path}")
-            datasets.append({"kind": source.kind, "prefix": str(writer.prefix), "weight": source.weight,
-                             "documents": stats["documents"], "tokens": stats["tokens"],
-                             "bin_sha256": sha256_file(writer.prefix.with_suffix(".bin"))})
+                                  f"see {out / 'rejects' / (source.kind + '.jsonl')}")
+            prefix = merger.prefix
+            datasets.append({"kind": source.kind, "prefix": storage.uri_of(prefix, cfg.run_root),
+                             "weight": source.weight, "documents": stats["documents"], "tokens": stats["tokens"],
+                             "bin_sha256": sha256_file(prefix.with_suffix(".bin"))})
 
         documents, tokens = sum(d["documents"] for d in datasets), sum(d["tokens"] for d in datasets)
-        metrics.update(documents=documents, tokens=tokens, seconds=round(time.time() - started, 2))
+        metrics.update(documents=documents, tokens=tokens, shards=cfg.shards,
+                       seconds=round(time.time() - started, 2))
+        tok = tokenizer.load_tokenizer()
         vocab = {"name": tokenizer.NAME, "vocab_size": tok.get_vocab_size(), "eod_id": tokenizer.eod_id()}
         outputs = {"datasets": datasets, "tokenizer": vocab}
+        storage.publish(out / "data")
+        storage.publish(out / "rejects")
         manifest = manifests.write_manifest(
             cfg.run_root, STAGE, config_hash=chash, inputs=inputs, outputs=outputs, metrics=metrics, started=started,
-            result={"manifest": str(manifests.manifest_path(cfg.run_root, STAGE)), "documents": documents,
+            result={"manifest": manifests.manifest_uri(cfg.run_root, STAGE), "documents": documents,
                     "tokens": tokens})
         if mlflow_run is not None:
             import mlflow
@@ -96,97 +154,15 @@ def run(cfg: CurateConfig) -> dict:
     return manifest
 
 
-class _SourceWriter:
-    """Filters, dedups, tokenizes and writes one source's documents into one indexed dataset."""
-
-    def __init__(self, source, out: Path, tok, builder_cls, dtype, seen_hashes: set[bytes]):
-        self.source, self.tok, self.dtype, self.seen_hashes = source, tok, dtype, seen_hashes
-        self.prefix = out / "data" / f"{source.kind}_text_document"
-        self.rejects_path = out / "rejects" / f"{source.kind}.jsonl"
-        self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
-        self.builder = builder_cls(str(self.prefix) + ".bin", dtype=dtype)
-        self.eod = tokenizer.eod_id()
-        # encode_batch_fast (tokenizers >= 0.21) gives the same ids without character offsets, which we never use:
-        # ~1.5x less CPU on code than encode_batch.
-        self.encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-        # Lookup table: is this token id a control token? (one numpy gather per document instead of a set scan)
-        self.is_control = np.zeros(tok.get_vocab_size(), dtype=bool)
-        self.is_control[list(tokenizer.control_token_ids())] = True
-        self.seen = self.documents = self.tokens = self.duplicates = 0
-        self.rejected: Counter[str] = Counter()
-        self.started = self.last_report = time.time()
-
-    def consume(self, items) -> None:
-        batch: list[Document] = []
-        with open(self.rejects_path, "w") as self.rejects_file:
-            for item in items:
-                self.seen += 1
-                document = self._screen(item)
-                if document is None:
-                    continue
-                batch.append(document)
-                # Flush early when the batch would reach the cap, so the cap is never overshot.
-                if len(batch) >= BATCH_DOCS or self.documents + len(batch) >= self.source.max_documents:
-                    self._write(batch)
-                    batch = []
-                    if self.documents >= self.source.max_documents:
-                        break
-            self._write(batch)
-        self.builder.finalize(str(self.prefix) + ".idx")
-
-    def _screen(self, item) -> Document | None:
-        """The document if it passes filters and dedup; otherwise count it (and sample it if rejected)."""
-        if isinstance(item, Reject):
-            return self._reject(item)
-        text = item.text
-        if not text.strip():
-            return self._reject(Reject(item.id, "empty"))
-        if len(text.strip()) < self.source.min_chars:
-            return self._reject(Reject(item.id, "too_short", text[:sample_corpus.SAMPLE_CHARS]))
-        key = hashlib.sha256(" ".join(text.split()).encode()).digest()
-        if key in self.seen_hashes:
-            self.duplicates += 1
-            return None
-        self.seen_hashes.add(key)
-        return item
-
-    def _reject(self, reject: Reject) -> None:
-        self.rejected[reject.reason] += 1
-        if sum(self.rejected.values()) <= REJECT_SAMPLES:
-            self.rejects_file.write(json.dumps(reject.record(), ensure_ascii=False) + "\n")
-        return None
-
-    def _write(self, batch: list[Document]) -> None:
-        if not batch:
-            return
-        # No special tokens from the tokenizer (DeepSeek's adds none anyway); EOD is appended explicitly.
-        encodings = self.encode_batch([doc.text for doc in batch], add_special_tokens=False)
-        for doc, encoding in zip(batch, encodings):
-            ids = np.asarray(encoding.ids, dtype=self.dtype)
-            if self.is_control[ids].any():
-                # Literal control-token text (e.g. a tokenizer's own source) would turn into an EOD or FIM marker
-                # mid-document and corrupt document boundaries: set it aside.
-                self._reject(Reject(doc.id, "control_token", doc.text[:sample_corpus.SAMPLE_CHARS]))
-                continue
-            self.builder.add_document(np.append(ids, np.asarray([self.eod], dtype=self.dtype)), [len(ids) + 1])
-            self.documents += 1
-            self.tokens += len(ids) + 1
-        self._progress()
-
-    def _progress(self) -> None:
-        now = time.time()
-        if now - self.last_report >= PROGRESS_SECONDS:
-            self.last_report = now
-            elapsed = now - self.started
-            print(f"curate {self.source.kind}: {self.documents} documents ({self.documents / elapsed:.0f}/s), "
-                  f"{self.tokens:,} tokens ({self.tokens / elapsed:,.0f}/s), {sum(self.rejected.values())} rejected",
-                  flush=True)
-
-    def stats(self) -> dict:
-        return {"seen": self.seen, "rejected": dict(sorted(self.rejected.items())),
-                "rejected_total": sum(self.rejected.values()), "duplicates": self.duplicates,
-                "documents": self.documents, "tokens": self.tokens, "seconds": round(time.time() - self.started, 2)}
+def _sum_shard_stats(per_shard) -> dict:
+    seen = duplicates = 0
+    rejected: Counter[str] = Counter()
+    for stats in per_shard:
+        seen += stats["seen"]
+        duplicates += stats["duplicates"]
+        rejected.update(stats["rejected"])
+    return {"seen": seen, "rejected": dict(sorted(rejected.items())), "rejected_total": sum(rejected.values()),
+            "duplicates": duplicates}
 
 
 def _megatron_builder():
@@ -200,7 +176,7 @@ def _megatron_builder():
 
 def _outputs_exist(manifest: dict) -> bool:
     datasets = manifest.get("outputs", {}).get("datasets", [])
-    return all(Path(d["prefix"] + suffix).is_file() for d in datasets for suffix in (".bin", ".idx"))
+    return all(storage.exists(d["prefix"] + suffix) for d in datasets for suffix in (".bin", ".idx"))
 
 
 def _log_metrics(mlflow_run, kind: str, stats: dict) -> None:
