@@ -1,9 +1,11 @@
-"""seekflow_curate: build the training corpus on its own — validate_config → curate.
+"""seekflow_curate: build the training corpus on its own — validate_config → curate_shards → curate.
 
 Wiring only. Curates the sample corpus (installed packages' METADATA and source trees; rejects counted and sampled,
 exact duplicates removed), tokenizes it with DeepSeek's tokenizer and writes megatron indexed datasets under
 `$SEEKFLOW_HOME/runs/seekflow_curate/<run_id>/curate/`. The `curate` task's XCom `manifest` is what
-`seekflow_pretrain` takes as `pretrain.data_manifest`. The trigger form is generated from `CurateConfig`.
+`seekflow_pretrain` takes as `pretrain.data_manifest`. `curate_shards` runs `curate.shards` shard processes (an
+Indexed Job on Kubernetes); `curate` merges them and writes the manifest. The trigger form is generated from
+`CurateConfig`.
 """
 from __future__ import annotations
 
@@ -28,4 +30,7 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
     config = validate_config(FIELDS, stages=("curate",))
-    TrainingJobOperator(task_id="curate", stage="curate", pipeline=config, backend="{{ params.backend }}")
+    shards = TrainingJobOperator(task_id="curate_shards", stage="curate", sharded=True, pipeline=config,
+                                 backend="{{ params.backend }}")
+    merge = TrainingJobOperator(task_id="curate", stage="curate", pipeline=config, backend="{{ params.backend }}")
+    config >> shards >> merge

@@ -1,25 +1,34 @@
-"""seekflow_evaluate: Evaluation — not implemented yet.
+"""seekflow_evaluate: score a checkpoint or a registered version — validate_config → evaluate.
 
-Will evaluate a checkpoint or a registered version (`models:/name@alias`): held-out perplexity, HumanEval pass@k, FIM
-exact match, passkey retrieval at several context lengths; metrics go to MLflow.
-
-Until the stage is built, this DAG's only task, `evaluate_not_implemented`, fails with "not implemented yet: evaluate"
-whenever the DAG is triggered: a placeholder never reports a success it did not earn. Tracked in issue 5.
+Wiring only. `evaluate.checkpoint` names what to score: a release directory or URI, or a registered version
+(`models:/seekflow-tiny@champion`, `models:/seekflow-tiny/3`). The stage runs HumanEval (completions executed in a
+sandboxed subprocess, pass@k), FIM exact match with DeepSeek's FIM tokens, passkey retrieval at the configured context
+lengths, generated arithmetic and held-out perplexity; it logs `eval/<suite>/<metric>` to MLflow with a per-item
+table, and a registered version gets `seekflow.eval.<suite>.<metric>` tags (what `seekflow_promote` gates on). The
+trigger form is generated from `EvaluateConfig`.
 """
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import DAG
 
-from operators.params import not_implemented
+from operators.job import TrainingJobOperator
+from operators.params import EVALUATE_FIELDS, SHARED_FIELDS, config_param, form_params, validate_config
+
+FIELDS = SHARED_FIELDS + EVALUATE_FIELDS
 
 with DAG(
     dag_id="seekflow_evaluate",
-    description="Evaluation (not implemented yet)",
+    description="Evaluate a checkpoint or registered version: HumanEval, FIM, passkey, arithmetic, perplexity",
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    tags=["seekflow", "stage", "evaluate", "not-implemented"],
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    tags=["seekflow", "stage", "evaluate"],
+    # What to evaluate leads the form's first section.
+    params=form_params(FIELDS, extra={"evaluate.checkpoint": config_param("evaluate.checkpoint", section=None)}),
     doc_md=__doc__,
 ) as dag:
-    not_implemented("evaluate", issue="issue 5")
+    config = validate_config(FIELDS, stages=("evaluate",))
+    TrainingJobOperator(task_id="evaluate", stage="evaluate", pipeline=config, backend="{{ params.backend }}")

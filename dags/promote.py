@@ -1,25 +1,33 @@
-"""seekflow_promote: Promotion — not implemented yet.
+"""seekflow_promote: eval-gated promotion in the MLflow registry — validate_config → promote.
 
-Will move a registered version's aliases (candidate → staging → champion) only when the configured evaluation
-thresholds hold.
-
-Until the stage is built, this DAG's only task, `promote_not_implemented`, fails with "not implemented yet: promote"
-whenever the DAG is triggered: a placeholder never reports a success it did not earn. Tracked in issue 5.
+Wiring only. Promotes `promote.version` (a version number or an alias; default `candidate`) of `promote.model_name`
+(default `seekflow-<profile>`): the version gets `staging` when every gated metric (`seekflow.eval.<metric>` tags,
+set by the evaluate stage) is within its bounds, and `champion` when none is worse than the current champion's by
+more than its `max_regression`. Otherwise it is refused with the reason. The decision and the compared numbers are
+recorded on the version (`seekflow.promotion.*` tags) and in the task's XCom. Aliases only: registry stages are
+deprecated in MLflow. The trigger form is generated from `PromoteConfig`.
 """
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import DAG
 
-from operators.params import not_implemented
+from operators.job import TrainingJobOperator
+from operators.params import PROMOTE_FIELDS, SHARED_FIELDS, form_params, validate_config
+
+FIELDS = SHARED_FIELDS + ("promote.model_name", "promote.version") + PROMOTE_FIELDS
 
 with DAG(
     dag_id="seekflow_promote",
-    description="Promotion (not implemented yet)",
+    description="Move registry aliases candidate → staging → champion when the evaluation allows",
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    tags=["seekflow", "stage", "promote", "not-implemented"],
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    tags=["seekflow", "stage", "promote"],
+    params=form_params(FIELDS),
     doc_md=__doc__,
 ) as dag:
-    not_implemented("promote", issue="issue 5")
+    config = validate_config(FIELDS, stages=("promote",))
+    TrainingJobOperator(task_id="promote", stage="promote", pipeline=config, backend="{{ params.backend }}")

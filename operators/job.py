@@ -21,17 +21,27 @@ from airflow.sdk import BaseOperator
 
 from operators.backends import JobSpec, get_backend
 
-# Stages that run distributed under torchrun; the rest are single-process CPU jobs.
-TORCHRUN_STAGES = {"pretrain"}
+# Stages that run under torchrun (GPU jobs: a JobSet on Kubernetes); the rest are single-process CPU jobs.
+TORCHRUN_STAGES = {"pretrain", "evaluate"}
+# GPU stages that run as one process (generation, sandboxed code execution): one GPU is enough.
+ONE_GPU_STAGES = {"evaluate"}
 
 
 def seekflow_home() -> Path:
     return Path(os.environ.get("SEEKFLOW_HOME", Path.home() / ".seekflow")).expanduser()
 
 
+RUN_ROOT_BASE_ENV = "SEEKFLOW_RUN_ROOT_BASE"   # e.g. s3://seekflow/runs on a cluster (k8s/platform/airflow)
+
+
 def default_run_root(dag_id: str, run_id: str) -> str:
-    """Every DAG run writes under its own folder, so reruns of a task reuse (and resume) its outputs."""
+    """Every DAG run writes under its own folder, so reruns of a task reuse (and resume) its outputs.
+
+    The base is $SEEKFLOW_RUN_ROOT_BASE (a URI such as s3://bucket/runs), else $SEEKFLOW_HOME/runs on this machine."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id)
+    base = os.environ.get(RUN_ROOT_BASE_ENV)
+    if base:
+        return f"{base.rstrip('/')}/{dag_id}/{safe}"
     return str(seekflow_home() / "runs" / dag_id / safe)
 
 
@@ -55,7 +65,8 @@ class TrainingJobOperator(BaseOperator):
     ui_color = "#d7e8fc"
 
     def __init__(self, *, stage: str, pipeline: dict | Any, backend: str = "local", procs_per_node: int = 1,
-                 nodes: int = 1, kubernetes: dict | None = None, deferrable: bool = True, **kwargs):
+                 nodes: int = 1, kubernetes: dict | None = None, deferrable: bool = True, sharded: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.stage = stage
         self.pipeline = pipeline   # {"preset": name, "overrides": {...}}, usually the validate task's XCom
@@ -64,6 +75,7 @@ class TrainingJobOperator(BaseOperator):
         self.nodes = nodes
         self.kubernetes = kubernetes   # KubernetesSettings overrides over $SEEKFLOW_K8S_SETTINGS
         self.deferrable = deferrable   # kubernetes backend only: wait in the triggerer, not in a worker slot
+        self.sharded = sharded         # the stage's shard phase: `shards` (from its config) parallel processes/pods
         self._backend = None
         self._handle = None
 
@@ -72,9 +84,15 @@ class TrainingJobOperator(BaseOperator):
 
         pipeline = resolve_pipeline_config(self.pipeline["preset"], self.pipeline.get("overrides") or {})
         cfg = pipeline.stage(self.stage)
+        shards = 1
+        if self.sharded:
+            if not hasattr(cfg, "shards"):
+                raise ValueError(f"stage {self.stage} has no shard phase (its config has no `shards`)")
+            shards = cfg.shards
         return JobSpec(stage=self.stage, config_yaml=to_yaml(cfg),
                        launcher="torchrun" if self.stage in TORCHRUN_STAGES else "python",
-                       nodes=self.nodes, procs_per_node=self.procs_per_node)
+                       nodes=self.nodes, procs_per_node=self.procs_per_node, shards=shards, sharded=self.sharded,
+                       gpus_per_node=1 if self.stage in ONE_GPU_STAGES else 0)
 
     def execute(self, context) -> dict:
         if self.backend_name == "kubernetes":
@@ -108,6 +126,7 @@ class TrainingJobOperator(BaseOperator):
     def _execute_kubernetes(self, context) -> dict:
         backend = self._kubernetes_backend()   # settings and stage config are validated before any API request
         spec = self.build_spec()
+        _require_shared_run_root(spec)
         spec = dataclasses.replace(spec, labels={**spec.labels, **self.context_labels(context)})
         self.log.info("stage %s config:\n%s", self.stage, spec.config_yaml)
         self._backend = backend
@@ -148,3 +167,13 @@ class TrainingJobOperator(BaseOperator):
                 self._backend.kill(self._handle)
             else:
                 self._backend.kill()
+
+
+def _require_shared_run_root(spec: JobSpec) -> None:
+    """Pods share no disk: a stage on the cluster must read and write an object-store run root."""
+    import yaml
+
+    run_root = str(yaml.safe_load(spec.config_yaml).get("run_root", ""))
+    if not run_root.startswith("s3://"):
+        raise ValueError(f"stage {spec.stage}: run_root {run_root!r} is not shared by the job's pods; on the "
+                         f"kubernetes backend use an s3:// run_root (Param run_root, or ${RUN_ROOT_BASE_ENV})")

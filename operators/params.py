@@ -32,6 +32,7 @@ DEFAULT_PROFILE = "tiny"
 CURATE_FIELDS = (
     "curate.sources",
     "curate.max_reject_ratio",
+    "curate.shards",
 )
 PRETRAIN_FIELDS = (
     "pretrain.train.steps",
@@ -59,12 +60,31 @@ REGISTER_FIELDS = (
     "register.model_name",
     "register.alias",
 )
+EVALUATE_FIELDS = (
+    "evaluate.checkpoint",
+    "evaluate.humaneval.enabled",
+    "evaluate.humaneval.max_problems",
+    "evaluate.fim.enabled",
+    "evaluate.fim.num_spans",
+    "evaluate.passkey.enabled",
+    "evaluate.passkey.context_lengths",
+    "evaluate.arith.enabled",
+    "evaluate.arith.num_problems",
+    "evaluate.perplexity.enabled",
+)
+PROMOTE_FIELDS = (
+    "promote.gates",
+    "promote.allow_first_champion",
+    "promote.fail_on_refusal",
+)
 SHARED_FIELDS = ("seed",)
 # Descriptions for fields whose config model has none.
 _NOTES = {
     "curate.sources": "Corpus sources, each {kind: package_metadata | package_code, weight, max_documents, "
                       "min_chars, max_file_bytes}; each kind at most once",
     "seed": "Random seed shared by every stage",
+    "promote.gates": "Gated metrics, each {metric (a seekflow.eval.<metric> version tag), higher_is_better, "
+                     "max_regression (absolute), min, max}",
 }
 
 # JSON-schema keywords that carry over to a Param (pydantic's `title` is dropped: the form labels fields by key).

@@ -22,6 +22,7 @@ class JobSpec:
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)   # who the job belongs to: dag, task, run, try
     shards: int = 1              # CPU data stages: parallel shards (a Kubernetes Indexed Job's completions)
+    sharded: bool = False        # run as `shards` shard processes, each told its index (the stage's shard phase)
     module: str = "training"     # the entry module; tests point it elsewhere
 
     def training_args(self, config_path: str) -> list[str]:

@@ -239,9 +239,11 @@ def _indexed_job(spec: JobSpec, settings: KubernetesSettings) -> dict:
         raise ValueError(f"{spec.stage}: a python stage scales with shards, not nodes (got nodes={spec.nodes})")
     if spec.shards < 1:
         raise ValueError(f"{spec.stage}: shards must be >= 1 (got {spec.shards})")
+    if spec.shards > 1 and not spec.sharded:
+        raise ValueError(f"{spec.stage}: {spec.shards} shards, but the spec is not a shard phase (sharded=False)")
     pod = _pod_spec(
         spec, settings, command=["python", *(_literal(a) for a in spec.training_args(f"env:{CONFIG_ENV}"))],
-        env_extra={SHARDS_ENV: str(spec.shards)},
+        env_extra={SHARDS_ENV: str(spec.shards)} if spec.sharded else {},
         resources=_resources(settings.shard_cpu_request, settings.shard_memory_request, settings.shard_memory_limit),
         gpu=False, node_selector=settings.shard_node_selector)
     job = {

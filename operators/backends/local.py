@@ -22,6 +22,8 @@ from typing import Callable
 from operators.backends.base import JobFailed, JobSpec, parse_result
 
 _PR_SET_PDEATHSIG = 1
+SHARD_INDEX_ENV = "JOB_COMPLETION_INDEX"    # the names a Kubernetes Indexed Job's pods see (k8s_render sets the
+SHARD_COUNT_ENV = "SEEKFLOW_NUM_SHARDS"     # count; Kubernetes sets the index)
 
 
 def _die_with_parent() -> None:   # runs in the child between fork and exec
@@ -44,7 +46,8 @@ class LocalBackend:
         self.workdir = workdir
         self.kill_grace_s = kill_grace_s
         self.tail_lines = tail_lines
-        self._proc: subprocess.Popen | None = None
+        self._procs: list[subprocess.Popen] = []
+        self.max_parallel_shards = os.cpu_count() or 1
         self._lock = threading.Lock()
         self._killed = False
 
@@ -63,43 +66,87 @@ class LocalBackend:
             config_path = f.name
         cmd = self.command(spec, config_path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
-        log(f"local backend: {' '.join(cmd)}")
-        output = _OutputPump(log, self.tail_lines)
         try:
-            with self._lock:
-                if self._killed:
-                    raise JobFailed(f"{spec.stage}: killed before it started")
-                self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                              bufsize=1, cwd=self.workdir, env=env, start_new_session=True,
-                                              preexec_fn=_die_with_parent)
-            output.start(self._proc.stdout)
-            returncode = self._proc.wait()
-            # Processes the job left behind (say, children of a worker that crashed) still hold the output pipe
-            # open and would run on unsupervised: they end with the job.
-            _end_group(self._proc.pid, grace_s=2.0)
-            output.join(timeout=30)
+            if spec.sharded:
+                return self._run_shards(spec, cmd, env, log)
+            log(f"local backend: {' '.join(cmd)}")
+            return self._run_process(spec.stage, cmd, env, log)
         finally:
             os.unlink(config_path)
+
+    def _run_shards(self, spec: JobSpec, cmd: list[str], env: dict, log: Callable[[str], None]) -> dict:
+        """Shards as concurrent processes, as an Indexed Job runs pods: each gets JOB_COMPLETION_INDEX and
+        SEEKFLOW_NUM_SHARDS; at most one per CPU core runs at a time. Any failed shard fails the job."""
+        parallelism = max(1, min(spec.shards, self.max_parallel_shards))
+        log(f"local backend: {spec.shards} shards, {parallelism} at a time: {' '.join(cmd)}")
+        pending = list(range(spec.shards))
+        results: dict[int, dict] = {}
+        errors: dict[int, JobFailed] = {}
+        lock = threading.Lock()
+
+        def worker():
+            while True:
+                with lock:
+                    if not pending or errors:
+                        return
+                    index = pending.pop(0)
+                shard_env = {**env, SHARD_INDEX_ENV: str(index), SHARD_COUNT_ENV: str(spec.shards)}
+                try:
+                    label = f"{spec.stage}: shard {index} of {spec.shards}"
+                    results[index] = self._run_process(label, cmd, shard_env,
+                                                       lambda line, i=index: log(f"[shard {i}] {line}"))
+                except JobFailed as err:
+                    with lock:
+                        errors[index] = err
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(parallelism)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[min(errors)]
+        return {"shards": spec.shards, "results": [results[i] for i in range(spec.shards)]}
+
+    def _run_process(self, label: str, cmd: list[str], env: dict, log: Callable[[str], None]) -> dict:
+        output = _OutputPump(log, self.tail_lines)
+        with self._lock:
+            if self._killed:
+                raise JobFailed(f"{label}: killed before it started")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                    cwd=self.workdir, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+            self._procs.append(proc)
+        output.start(proc.stdout)
+        returncode = proc.wait()
+        # Processes the job left behind (say, children of a worker that crashed) still hold the output pipe open
+        # and would run on unsupervised: they end with the job.
+        _end_group(proc.pid, grace_s=2.0)
+        output.join(timeout=30)
         if self._killed:
-            raise JobFailed(f"{spec.stage}: killed (exit status {returncode})")
+            raise JobFailed(f"{label}: killed (exit status {returncode})")
         if returncode != 0:
             last = "\n".join(output.tail)
-            raise JobFailed(f"{spec.stage} failed with exit status {returncode}; last output:\n{last}")
+            raise JobFailed(f"{label} failed with exit status {returncode}; last output:\n{last}")
         return output.result
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        """The most recently started process (the job's torchrun or python; the last shard started)."""
+        return self._procs[-1].pid if self._procs else None
 
     def kill(self) -> None:
-        """SIGTERM the job's process group, then SIGKILL whatever is left after the grace period."""
+        """SIGTERM every process group this job started, then SIGKILL whatever is left after the grace period."""
         with self._lock:
             self._killed = True
-            proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        _end_group(proc.pid, grace_s=self.kill_grace_s)   # start_new_session: the job leads its own group
-        proc.wait()
+            procs = list(self._procs)
+        live = [p for p in procs if p.poll() is None]
+        threads = [threading.Thread(target=_end_group, args=(p.pid, self.kill_grace_s)) for p in live]
+        for thread in threads:   # start_new_session: each process leads its own group; end them all at once
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for proc in live:
+            proc.wait()
 
 
 def _end_group(pgid: int, grace_s: float) -> None:

@@ -11,14 +11,14 @@ import pytest
 from tests.conftest import REPO
 
 EXPECTED = {
-    "seekflow_pipeline": ["validate_config", "curate", "pretrain", "register"],
-    "seekflow_curate": ["validate_config", "curate"],
+    "seekflow_pipeline": ["validate_config", "curate_shards", "curate", "pretrain", "evaluate", "register", "promote"],
+    "seekflow_curate": ["validate_config", "curate_shards", "curate"],
     "seekflow_pretrain": ["validate_config", "pretrain"],
     "seekflow_code_cpt": ["code_cpt_not_implemented"],
     "seekflow_long_context": ["long_context_not_implemented"],
     "seekflow_post_train": ["post_train_not_implemented"],
-    "seekflow_evaluate": ["evaluate_not_implemented"],
-    "seekflow_promote": ["promote_not_implemented"],
+    "seekflow_evaluate": ["validate_config", "evaluate"],
+    "seekflow_promote": ["validate_config", "promote"],
 }
 PLACEHOLDERS = [dag_id for dag_id, tasks in EXPECTED.items() if tasks[0].endswith("_not_implemented")]
 DAG_FILES = sorted(p.name for p in (REPO / "dags").glob("*.py"))

@@ -15,7 +15,12 @@ SMALL_RUN = {
     "pretrain.train.save_interval": 5,
     "pretrain.train.log_interval": 5,
     "curate.sources": [{"kind": "package_metadata", "max_documents": 40}, {"kind": "package_code", "max_documents": 40}],
+    "curate.shards": 2,
+    "evaluate.humaneval.max_problems": 2,
+    "evaluate.fim.num_spans": 4,
+    "evaluate.arith.num_problems": 4,
 }
+ALL_TASKS = ("validate_config", "curate_shards", "curate", "pretrain", "evaluate", "register", "promote")
 
 
 def test_dag_file_imports_no_torch_megatron_or_mlflow():
@@ -36,8 +41,7 @@ def _dag():
 
 def test_trigger_form_params(airflow_db):
     dag = _dag()
-    assert dag.task_ids == ["validate_config", "curate", "pretrain", "register"] or set(dag.task_ids) == {
-        "validate_config", "curate", "pretrain", "register"}
+    assert set(dag.task_ids) == set(ALL_TASKS)
     params = dag.params.dump()
     assert params["profile"] == "tiny" and params["backend"] == "local" and params["steps"] is None
     schema = dag.params.get_param("profile").schema
@@ -54,7 +58,7 @@ def test_invalid_override_fails_before_any_compute(airflow_db, mlflow_server, mo
     dagrun = _dag().test(run_conf={"overrides": {"pretrain.model.num_layers": -3}, "run_root": str(tmp_path)})
     states = _states(dagrun)
     assert states["validate_config"].endswith("failed")
-    assert all(states[t].endswith("upstream_failed") for t in ("curate", "pretrain", "register")), states
+    assert all(states[t].endswith("upstream_failed") for t in ALL_TASKS[1:]), states
     assert not (tmp_path / "curate").exists()
 
 
@@ -63,21 +67,28 @@ def test_pipeline_runs_end_to_end_and_registers_a_candidate(airflow_db, mlflow_s
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     dagrun = _dag().test(run_conf={"profile": "tiny", "steps": 10, "overrides": SMALL_RUN,
                                    "run_root": str(tmp_path)})
-    assert _states(dagrun) == {t: "success" for t in ("validate_config", "curate", "pretrain", "register")}, \
-        _states(dagrun)
+    assert _states(dagrun) == {t: "success" for t in ALL_TASKS}, _states(dagrun)
+    # curate ran as two shard processes, then the merge
+    assert sorted(p.name for p in (tmp_path / "curate/shards").iterdir()) == ["0000-of-0002", "0001-of-0002"]
 
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_server)
     version = client.get_model_version_by_alias("seekflow-tiny", "candidate")
     tags = version.tags
+    # evaluate's scores travel to the version; the first candidate within the gates' bounds becomes champion
+    assert float(tags["seekflow.eval.perplexity.stdlib_code"]) > 1 and "seekflow.eval.humaneval.pass_at_1" in tags
+    assert tags["seekflow.promotion.decision"] == "champion"
+    assert client.get_model_version_by_alias("seekflow-tiny", "champion").version == version.version
+    assert tags["seekflow.hf_export"].endswith("/hf") and tags["seekflow.git_commit"]
     assert tags["seekflow.dag_run_id"] == dagrun.run_id
     assert len(tags["seekflow.data_manifest_hash"]) == 16 and len(tags["seekflow.config_hash"]) == 16
     assert float(tags["seekflow.final_loss"]) > 0
 
     experiment = client.get_experiment_by_name("seekflow")
     runs = client.search_runs([experiment.experiment_id], f"tags.dag_run_id = '{dagrun.run_id}'")
-    assert sorted(r.data.tags["seekflow.stage"] for r in runs) == ["curate", "pretrain", "register"]
+    assert sorted(r.data.tags["seekflow.stage"] for r in runs) == ["curate", "evaluate", "pretrain", "promote",
+                                                                    "register"]
     pretrain_run = next(r for r in runs if r.data.tags["seekflow.stage"] == "pretrain")
     assert [m.step for m in client.get_metric_history(pretrain_run.info.run_id, "lm_loss")] == [5, 10]
     assert version.run_id == next(r for r in runs if r.data.tags["seekflow.stage"] == "register").info.run_id

@@ -47,7 +47,8 @@ def test_curate_then_pretrain_as_separate_dags(airflow_db, mlflow_server, monkey
     dags = DagBag(dag_folder=str(REPO / "dags")).dags
     curated = dags["seekflow_curate"].test(run_conf={"curate.sources": SMALL_SOURCES,
                                                      "run_root": str(tmp_path / "curate_run")})
-    assert _states(curated) == {"validate_config": "success", "curate": "success"}, _states(curated)
+    assert _states(curated) == {"validate_config": "success", "curate_shards": "success", "curate": "success"}, \
+        _states(curated)
     manifest = tmp_path / "curate_run" / "curate" / "manifest.json"
     assert json.loads(manifest.read_text())["stage"] == "curate"
 
@@ -57,3 +58,19 @@ def test_curate_then_pretrain_as_separate_dags(airflow_db, mlflow_server, monkey
     assert _states(trained) == {"validate_config": "success", "pretrain": "success"}, _states(trained)
     result = json.loads((tmp_path / "train_run" / "pretrain" / "manifest.json").read_text())
     assert result["inputs"]["data_manifest_hash"] and result["result"]["final_loss"] > 0
+
+    release = tmp_path / "train_run" / "pretrain" / "release"
+    evaluated = dags["seekflow_evaluate"].test(run_conf={
+        "evaluate.checkpoint": str(release), "evaluate.humaneval.max_problems": 2, "evaluate.fim.num_spans": 4,
+        "evaluate.arith.num_problems": 4, "run_root": str(tmp_path / "eval_run")})
+    assert _states(evaluated) == {"validate_config": "success", "evaluate": "success"}, _states(evaluated)
+    scores = json.loads((tmp_path / "eval_run" / "evaluate" / "manifest.json").read_text())["metrics"]
+    assert scores["perplexity.stdlib_code"] > 1 and 0 <= scores["humaneval.pass_at_1"] <= 1
+
+
+@pytest.mark.slow
+def test_promote_dag_refuses_a_model_that_does_not_exist(airflow_db, dags, mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    dagrun = dags["seekflow_promote"].test(run_conf={"promote.model_name": "seekflow-nothing",
+                                                      "run_root": str(tmp_path)})
+    assert _states(dagrun) == {"validate_config": "success", "promote": "failed"}, _states(dagrun)

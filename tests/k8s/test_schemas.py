@@ -33,7 +33,7 @@ SPECS = {
                             procs_per_node=8, gpus_per_node=8, labels={**OWNER, "task_id": "pretrain"}),
     "pretrain-64-nodes": JobSpec(stage="long_context", config_yaml="a: 1\n", launcher="torchrun", nodes=64,
                                  labels=OWNER, env={"EXTRA": "1"}),
-    "curate-16-shards": JobSpec(stage="curate", config_yaml="a: 1\n", shards=16, labels=OWNER),
+    "curate-16-shards": JobSpec(stage="curate", config_yaml="a: 1\n", shards=16, sharded=True, labels=OWNER),
     "register": JobSpec(stage="register", config_yaml="a: 1\n", labels=OWNER),
 }
 

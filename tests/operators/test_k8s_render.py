@@ -28,7 +28,7 @@ def pretrain_spec(**changes) -> JobSpec:
 
 
 def curate_spec(**changes) -> JobSpec:
-    fields = dict(stage="curate", config_yaml="max_reject_ratio: 0.5\n", launcher="python", shards=4,
+    fields = dict(stage="curate", config_yaml="max_reject_ratio: 0.5\n", launcher="python", shards=4, sharded=True,
                   labels={**OWNER, "task_id": "curate"})
     return JobSpec(**{**fields, **changes})
 
@@ -143,6 +143,14 @@ def test_curate_is_a_cpu_indexed_job_with_one_pod_per_shard():
     assert env["SEEKFLOW_NUM_SHARDS"] == "4" and env["SEEKFLOW_STAGE_CONFIG"] == curate_spec().config_yaml
     assert container["envFrom"] == [{"secretRef": {"name": "seekflow-env"}}]
     assert job["metadata"]["labels"] == pod_of_labels(job) == job_labels(curate_spec())
+
+
+def test_the_merge_after_the_shards_is_one_pod_without_a_shard_count():
+    job = render(curate_spec(shards=1, sharded=False), SETTINGS)
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (1, 1)
+    assert "SEEKFLOW_NUM_SHARDS" not in env_of(job)   # so the stage merges instead of running shard 0
+    with pytest.raises(ValueError, match="not a shard phase"):
+        render(curate_spec(sharded=False), SETTINGS)
 
 
 def pod_of_labels(job: dict) -> dict:

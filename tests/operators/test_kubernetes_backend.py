@@ -56,7 +56,8 @@ def context(task_id: str = "pretrain", try_number: int = 1) -> dict:
 def operator(stage: str = "pretrain", deferrable: bool = True, **settings):
     from operators.job import TrainingJobOperator
 
-    return TrainingJobOperator(task_id=stage, stage=stage, pipeline={"preset": "tiny"}, backend="kubernetes",
+    return TrainingJobOperator(task_id=stage, stage=stage, backend="kubernetes",
+                               pipeline={"preset": "tiny", "overrides": {"run_root": "s3://seekflow/runs/test"}},
                                nodes=2 if stage == "pretrain" else 1, deferrable=deferrable,
                                kubernetes={**FAST, **settings})
 
@@ -293,6 +294,24 @@ def test_invalid_config_never_reaches_the_api(fake):
     assert fake.requests == []
 
 
+def test_a_local_run_root_never_reaches_the_api(fake, tmp_path):
+    from operators.job import TrainingJobOperator
+
+    op = TrainingJobOperator(task_id="curate", stage="curate", backend="kubernetes", kubernetes=FAST,
+                             pipeline={"preset": "tiny", "overrides": {"run_root": str(tmp_path)}})
+    with pytest.raises(ValueError, match=r"not shared by the job's pods; on the kubernetes backend use an s3://"):
+        op.execute(context("curate"))
+    assert fake.requests == []
+
+
+def test_default_run_root_follows_the_cluster_base(monkeypatch):
+    from operators.job import default_run_root
+
+    monkeypatch.setenv("SEEKFLOW_RUN_ROOT_BASE", "s3://seekflow/runs/")
+    assert default_run_root("seekflow_pipeline", "manual__2026-01-01T00:00:00+00:00") == \
+        "s3://seekflow/runs/seekflow_pipeline/manual__2026-01-01T00_00_00_00_00"
+
+
 def test_get_backend_knows_kubernetes():
     assert isinstance(get_backend("kubernetes", settings=KubernetesSettings(**FAST)), KubernetesBackend)
 
@@ -321,10 +340,12 @@ def test_pipeline_dag_defers_and_resumes_through_airflow(fake, airflow_db, monke
     monkeypatch.setenv("SEEKFLOW_K8S_SETTINGS", str(settings))
     fake.outcome = Outcome.succeed([RESULT])
     dag = DagBag(dag_folder=str(REPO / "dags")).get_dag("seekflow_pipeline")
-    dagrun = dag.test(run_conf={"backend": "kubernetes", "run_root": str(tmp_path / "run")})
+    dagrun = dag.test(run_conf={"backend": "kubernetes", "run_root": "s3://seekflow/runs/dag-test"})
     states = {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
-    assert states == {t: "success" for t in ("validate_config", "curate", "pretrain", "register")}, states
-    assert fake.count("create", "jobs") == 2 and fake.count("create", "jobsets") == 1   # curate, register; pretrain
-    assert fake.count("delete", "jobs") == 2 and fake.count("delete", "jobsets") == 1 and not fake.objects
+    assert states == {t: "success" for t in ("validate_config", "curate_shards", "curate", "pretrain", "register")}, \
+        states
+    # curate shards, curate merge, register as Jobs; pretrain as a JobSet
+    assert fake.count("create", "jobs") == 3 and fake.count("create", "jobsets") == 1
+    assert fake.count("delete", "jobs") == 3 and fake.count("delete", "jobsets") == 1 and not fake.objects
     labels = fake.calls("create", "jobsets")[0].body["metadata"]["annotations"]
     assert labels["seekflow.io/run-id"] == dagrun.run_id and labels["seekflow.io/try-number"] == "1"

@@ -45,6 +45,19 @@ def test_non_zero_exit_fails_with_the_last_lines():
     assert "boom" in str(err.value)
 
 
+def test_shards_run_as_processes_told_their_index():
+    import dataclasses
+
+    lines: list[str] = []
+    spec = dataclasses.replace(sleeper_spec("shard"), shards=2, sharded=True)
+    result = LocalBackend().run(spec, log=lines.append)
+    assert result == {"shards": 2, "results": [{"shard": "0", "of": "2"}, {"shard": "1", "of": "2"}]}
+    assert any(line.startswith("[shard 1] ") for line in lines)
+
+    with pytest.raises(JobFailed, match=r"(?s)shard: shard 2 of 3 failed with exit status 4.*shard 2 is broken"):
+        LocalBackend().run(dataclasses.replace(spec, shards=3), log=lambda line: None)
+
+
 def test_multi_node_is_refused_locally():
     spec = JobSpec(stage="pretrain", config_yaml="", launcher="torchrun", nodes=2)
     with pytest.raises(ValueError, match="2 nodes"):
