@@ -74,6 +74,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_
         qk_head_dim=model.qk_head_dim,
         qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
         v_head_dim=model.v_head_dim,
+        # RMSNorm on the compressed q and kv latents (DeepSeek-V2 §2.1; HF's q_a_layernorm / kv_a_layernorm).
+        qk_layernorm=True,
         rope_type="rope",
         rotary_base=model.rotary_base,
     )

@@ -1,0 +1,285 @@
+"""Hugging Face export/import: megatron-core forward vs transformers' DeepseekV3ForCausalLM on the same tokens.
+
+The tiny preset is trained 3 steps (small vocabulary, synthetic data) once per module; every megatron-core run
+(training, export, import, forward) is its own process, since the CPU shim patches process-global state.
+transformers runs here, offline, from the exported directory only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, run_training
+from training.config import resolve_stage_config
+from training.export.convert import ExportError, hf_config, model_config_from_hf
+
+os.environ["HF_HUB_OFFLINE"] = "1"   # before transformers is imported: nothing may come from a hub
+HERE = Path(__file__).resolve().parent
+VOCAB = 512
+TOL = 1e-4
+
+
+def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "ignore", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def export(checkpoint: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run("-m", "training.export", "hf", "--checkpoint", str(checkpoint), "--out", str(out), *extra)
+
+
+def megatron_logits(release: Path, tokens_file: Path, out: Path) -> dict:
+    ok(run(str(HERE / "export_megatron.py"), "logits", str(release), str(tokens_file), str(out)))
+    return torch.load(out)
+
+
+def hf_model(path: Path):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    model, info = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                     output_loading_info=True)
+    return model.eval(), info
+
+
+def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def synthetic_curate(run_root: Path) -> None:
+    """A curate manifest over a small indexed dataset of patterned token streams (vocabulary 512)."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    data = run_root / "curate" / "data"
+    data.mkdir(parents=True)
+    prefix = str(data / "synthetic_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(VOCAB))
+    rng = np.random.default_rng(0)
+    for _ in range(64):
+        doc = np.tile(rng.integers(2, VOCAB, size=16), 8)
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(prefix + ".idx")
+    manifest = {"stage": "curate", "config_hash": "synthetic", "inputs": {}, "metrics": {},
+                "outputs": {"datasets": [{"prefix": prefix, "weight": 1.0}],
+                            "tokenizer": {"vocab_size": VOCAB, "eod_id": 1}}}
+    (run_root / "curate" / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny preset trained 3 steps, its release exported to HF, and megatron-core's logits on fixed tokens."""
+    root = tmp_path_factory.mktemp("export")
+    synthetic_curate(root / "run")
+    ok(run_training("pretrain", "--preset", "tiny", "--set", f"run_root={root / 'run'}",
+                    "--set", f"model.vocab_size={VOCAB}", "--set", "train.steps=3", "--set", "optimizer.warmup_steps=1",
+                    "--set", "train.seq_length=32", "--set", "train.global_batch_size=2",
+                    "--set", "train.save_interval=100", "--set", f"tracking.uri=sqlite:///{root}/mlflow.db"))
+    release = root / "run" / "pretrain" / "release"
+    exported = ok(export(release, root / "hf"))
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, root / "tokens.pt")
+    return {"root": root, "release": release, "hf": root / "hf", "tokens": tokens, "export_stdout": exported.stdout,
+            "megatron": megatron_logits(release, root / "tokens.pt", root / "megatron.pt")}
+
+
+@pytest.fixture(scope="module")
+def sharpened(trained):
+    """The trained weights plus noise (std 0.1), so that attention, RoPE and routing shape the logits (after 3 steps
+    from std 0.006 they barely do): written as HF, imported to megatron-core, exported back (sharded)."""
+    from safetensors.torch import load_file, save_file
+
+    root = trained["root"]
+    src, dst = trained["hf"], root / "hf_sharp"
+    shutil.copytree(src, dst)
+    gen = torch.Generator().manual_seed(1)
+    noisy = {}
+    for name, tensor in load_file(src / "model.safetensors").items():
+        std = 0.05 if name.endswith("e_score_correction_bias") else 0.2 if tensor.dim() == 1 else 0.1
+        noisy[name] = tensor + std * torch.randn(tensor.shape, generator=gen)
+    save_file(noisy, dst / "model.safetensors", metadata={"format": "pt"})
+    imported = ok(run("-m", "training.export", "import-hf", "--hf", str(dst), "--out", str(root / "release_sharp")))
+    ok(export(root / "release_sharp", root / "hf_sharp_again", "--max-shard-size", "300KB"))
+    return {"hf": dst, "release": root / "release_sharp", "again": root / "hf_sharp_again", "weights": noisy,
+            "import_stdout": imported.stdout,
+            "megatron": megatron_logits(root / "release_sharp", root / "tokens.pt", root / "megatron_sharp.pt")}
+
+
+# ------------------------------------------------------------------------------------------------- logit parity --
+def test_trained_tiny_model_logits_match_transformers(trained):
+    model, info = hf_model(trained["hf"])
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    # Only the MTP module (decoder layer index num_layers, DeepSeek's layout) is left for MtpModel to load.
+    assert info["unexpected_keys"] and all(k.startswith("model.layers.3.") for k in info["unexpected_keys"])
+    ref = trained["megatron"]["logits"]
+    assert ref.shape == (2, 24, VOCAB)
+    diff = (hf_logits(model, trained["tokens"]) - ref).abs().max().item()
+    print(f"trained tiny: max |logit diff| = {diff:.2e} (logits up to {ref.abs().max():.3f})")
+    assert diff < TOL
+    assert "export: wrote" in trained["export_stdout"] and "cannot be fed to this model" in trained["export_stdout"]
+
+
+def test_imported_weights_match_with_sharp_logits_and_mtp(sharpened, trained):
+    """Import direction, at a logit scale where a wrong RoPE layout, routing or norm is obvious."""
+    from transformers.masking_utils import create_causal_mask
+    from transformers.modeling_layers import MtpModel
+
+    tokens, ref = trained["tokens"], sharpened["megatron"]["logits"]
+    model, _ = hf_model(sharpened["again"])   # the sharded re-export of the imported checkpoint
+    out = hf_logits(model, tokens)
+    diff = (out - ref).abs().max().item()
+    print(f"sharpened: max |logit diff| = {diff:.2e} (logit std {ref.std():.2f})")
+    assert ref.std() > 0.5 and diff < TOL
+    # The comparison is sensitive to the known traps: each wrong setting moves the logits far beyond the tolerance.
+    for wrong in ({"rope_interleave": False}, {"norm_topk_prob": False}, {"topk_group": 4}):
+        import transformers
+
+        bad = transformers.DeepseekV3ForCausalLM.from_pretrained(sharpened["again"], dtype=torch.float32, **wrong)
+        assert (hf_logits(bad.eval(), tokens) - ref).abs().max() > 100 * TOL, wrong
+
+    # MTP: transformers' own MtpModel loads layer num_layers; its draft logits match megatron's MTP head.
+    layers = model.config.num_hidden_layers
+    model._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{layers}\..*"]   # HF hard-codes layer 61
+    mtp = MtpModel.from_pretrained(model).eval()
+    with torch.no_grad():
+        hidden = model.model(tokens).last_hidden_state
+        embeds = model.model.embed_tokens(torch.roll(tokens, -1, dims=1))   # token i+1 beside hidden state i
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        mask = create_causal_mask(config=mtp.config, inputs_embeds=embeds, attention_mask=None, cache=None,
+                                  position_ids=positions)
+        draft = mtp.layers[0](embeds, hidden, position_embeddings=model.model.rotary_emb(embeds, positions),
+                              attention_mask=mask, position_ids=positions, cache=None)
+        mtp_logits = model.lm_head(draft)
+    # The last position has no next token (megatron zeroes it, torch.roll wraps): compare the others.
+    assert (mtp_logits - sharpened["megatron"]["mtp_logits"][0])[:, :-1].abs().max() < TOL
+
+
+# -------------------------------------------------------------------------------------- files and round trip --
+def test_export_writes_a_deepseek_v3_directory(trained):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from training.data.tokenizer import load_tokenizer
+
+    hf = trained["hf"]
+    assert sorted(p.name for p in hf.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "seekflow_model.json", "tokenizer.json",
+        "tokenizer_config.json"]
+    config = AutoConfig.from_pretrained(hf)
+    assert config.model_type == "deepseek_v3" and config.architectures == ["DeepseekV3ForCausalLM"]
+    assert (config.num_experts_per_tok, config.n_group, config.topk_group, config.routed_scaling_factor) == (4, 4, 2, 1.0)
+    assert config.rope_interleave and config.num_nextn_predict_layers == 1
+    text = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)"
+    assert AutoTokenizer.from_pretrained(hf).encode(text) == load_tokenizer().encode(text).ids
+    assert json.loads((hf / "generation_config.json").read_text()) == {"bos_token_id": 0, "eos_token_id": 1}
+
+
+def test_round_trip_hf_megatron_hf_is_identical(sharpened):
+    from training.export.hf import read_safetensors
+
+    again = sharpened["again"]
+    assert (again / "model.safetensors.index.json").is_file() and len(list(again.glob("model-*.safetensors"))) > 2
+    back = read_safetensors(again)
+    assert back.keys() == sharpened["weights"].keys()
+    for name, tensor in sharpened["weights"].items():
+        assert torch.equal(back[name], tensor), name
+    for name in ("config.json", "seekflow_model.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (again / name).read_bytes() == (sharpened["hf"] / name).read_bytes(), name
+    assert "import: wrote release checkpoint" in sharpened["import_stdout"]
+
+
+def test_export_is_deterministic(trained, tmp_path):
+    ok(export(trained["release"], tmp_path / "hf"))
+    assert _file_bytes(tmp_path / "hf") == _file_bytes(trained["hf"])
+
+
+@pytest.mark.slow
+def test_export_does_not_depend_on_the_saved_layout(trained, tmp_path):
+    """The release re-saved by 2 processes with expert parallelism 2 exports to the very same bytes."""
+    resharded = tmp_path / "release_ep2"
+    out = ok(run("-m", "torch.distributed.run", "--nproc-per-node=2", str(HERE / "export_megatron.py"), "reshard",
+                 str(trained["release"]), str(resharded)))
+    assert "resharded: 4 local experts per rank" in out.stdout
+    ok(export(resharded, tmp_path / "hf"))
+    assert _file_bytes(tmp_path / "hf") == _file_bytes(trained["hf"])
+
+
+def _file_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+# -------------------------------------------------------------------------------------------------- bad input --
+def _no_leftovers(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_missing_checkpoint_fails_clearly(tmp_path):
+    missing = tmp_path / "no-such-release"
+    result = export(missing, tmp_path / "hf")
+    assert result.returncode == 2
+    assert f"checkpoint {missing} does not exist" in result.stderr
+    _no_leftovers(tmp_path / "hf")
+    result = run("-m", "training.export", "import-hf", "--hf", str(tmp_path / "no-hf"), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and f"{tmp_path / 'no-hf'} does not exist" in result.stderr
+    _no_leftovers(tmp_path / "r")
+
+
+def test_torn_checkpoint_fails_clearly_and_leaves_nothing(trained, tmp_path):
+    no_metadata = tmp_path / "no_metadata"
+    shutil.copytree(trained["release"], no_metadata)
+    (no_metadata / "metadata.json").unlink()
+    result = export(no_metadata, tmp_path / "hf")
+    assert result.returncode == 2
+    assert f"checkpoint {no_metadata} is incomplete: metadata.json is missing" in result.stderr
+    _no_leftovers(tmp_path / "hf")
+
+    no_shard = tmp_path / "no_shard"   # metadata present, a data file gone: fails while loading, after staging began
+    shutil.copytree(trained["release"], no_shard)
+    next(no_shard.glob("*.distcp")).unlink()
+    result = export(no_shard, tmp_path / "hf")
+    assert result.returncode == 2
+    assert re.search(rf"checkpoint {re.escape(str(no_shard))} could not be loaded", result.stderr), result.stderr
+    _no_leftovers(tmp_path / "hf")
+
+
+def test_existing_output_is_not_replaced_without_overwrite(trained, tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    result = export(trained["release"], out)
+    assert result.returncode == 2 and f"output {out} already exists" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- configs --
+@pytest.mark.parametrize("preset", ["tiny", "deepseek-v3"])
+def test_config_round_trip(preset):
+    model = resolve_stage_config("pretrain", preset).model
+    config = hf_config(model, bos_token_id=0, eos_token_id=1)
+    training_fields = model.model_dump()
+    assert model_config_from_hf(json.loads(json.dumps(config)), training_fields) == model
+
+
+@pytest.mark.parametrize("override, field", [
+    (["model.moe_router_topk=2"], "moe_router_topk"),   # topk / group_topk = 1: HF ranks groups by their top-2
+    (["model.moe_router_score_function=softmax"], "moe_router_score_function"),
+    (["model.multi_latent_attention=false"], "multi_latent_attention"),
+    (["model.norm_epsilon=1e-5"], "norm_epsilon"),
+    (["model.moe_router_num_groups=8", "model.moe_router_group_topk=2"], "moe_router_num_groups"),
+])
+def test_configs_hf_cannot_represent_are_refused(override, field):
+    model = resolve_stage_config("pretrain", "tiny", overrides=override).model
+    with pytest.raises(ExportError, match=rf"model\.{field}"):
+        hf_config(model, bos_token_id=0, eos_token_id=1)
