@@ -1,0 +1,135 @@
+"""Each evaluation suite end to end against a `Generator`: build the items, decode, score.
+
+A suite returns a `SuiteResult`: its metrics (flat name -> float, logged as `eval/<suite>/<name>`) and one record per
+item with the same columns for every suite (suite, id, correct, prediction, target, status, reason), so all items fit
+one table. `context_problems` names settings that cannot fit the model's context, so the stage can refuse them
+before loading anything.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from training.config import EvaluateConfig, ModelConfig
+from training.eval import arith, fim, heldout, humaneval, passkey, perplexity
+from training.eval.generate import Generator
+from training.eval.sandbox import Limits
+
+FIM_SPECIAL_TOKENS = 3          # <｜fim▁begin｜>, <｜fim▁hole｜>, <｜fim▁end｜>
+
+
+@dataclass
+class SuiteResult:
+    metrics: dict[str, float]
+    items: list[dict] = field(default_factory=list)
+
+
+def item(suite: str, id_: str, correct: bool, prediction: str, target: str = "", status: str = "",
+         reason: str = "") -> dict:
+    return {"suite": suite, "id": id_, "correct": bool(correct), "prediction": prediction, "target": target,
+            "status": status or ("passed" if correct else "failed"), "reason": reason}
+
+
+def context_problems(cfg: EvaluateConfig, model: ModelConfig) -> list[str]:
+    """Settings whose prompts + generations exceed the model's max_position_embeddings (empty when all fit)."""
+    limit, bad = model.max_position_embeddings, []
+    if cfg.passkey.enabled and max(cfg.passkey.context_lengths) + cfg.passkey.max_new_tokens > limit:
+        bad.append(f"passkey.context_lengths {cfg.passkey.context_lengths} + max_new_tokens "
+                   f"{cfg.passkey.max_new_tokens} exceed the model's max_position_embeddings {limit}")
+    if cfg.perplexity.enabled and cfg.perplexity.seq_length + 1 > limit:
+        bad.append(f"perplexity.seq_length {cfg.perplexity.seq_length} (+1) exceeds max_position_embeddings {limit}")
+    f = cfg.fim
+    if f.enabled and FIM_SPECIAL_TOKENS + f.max_prefix_tokens + f.max_suffix_tokens + f.max_new_tokens > limit:
+        bad.append(f"fim prompt budget (max_prefix_tokens + max_suffix_tokens + max_new_tokens + 3) exceeds "
+                   f"max_position_embeddings {limit}")
+    for name in ("humaneval", "arith"):
+        section = getattr(cfg, name)
+        if section.enabled and section.max_new_tokens >= limit:
+            bad.append(f"{name}.max_new_tokens {section.max_new_tokens} leaves no room for a prompt in {limit}")
+    return bad
+
+
+def run_humaneval(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
+    s = cfg.humaneval
+    problems = humaneval.load_problems(s.max_problems)
+    room = gen.max_positions - s.max_new_tokens
+    prompts, truncated = [], 0
+    for p in problems:
+        ids = gen.encode(p["prompt"])
+        truncated += len(ids) > room
+        prompts.append(ids[-room:])            # keep the signature and docstring nearest the body
+    samples: list[list[str]] = [[] for _ in problems]
+    for j in range(s.samples_per_problem):
+        outs = gen.generate(prompts, s.max_new_tokens, stop=humaneval.STOP_SEQUENCES, temperature=s.temperature,
+                            seed=cfg.seed + j)
+        for i, out in enumerate(outs):
+            samples[i].append(humaneval.truncate(out.text))
+    limits = Limits(wall_s=s.timeout_s, cpu_s=s.cpu_s, memory_mb=s.memory_mb)
+    results = humaneval.execute(problems, samples, limits, workers=s.workers)
+    metrics = {**humaneval.score(results, s.ks), "truncated_prompts": float(truncated)}
+    items = [item("humaneval", f"{r.task_id}#{r.sample}", r.outcome.status == "passed", r.completion,
+                  status=r.outcome.status, reason=r.outcome.reason) for r in results]
+    return SuiteResult(metrics, items)
+
+
+def run_fim(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
+    s = cfg.fim
+    spans = fim.draw_items(s.num_spans, cfg.seed, s.context_lines)
+    prompts = [fim.prompt_ids(x, gen.encode, s.max_prefix_tokens, s.max_suffix_tokens) for x in spans]
+    outs = gen.generate(prompts, s.max_new_tokens, stop=("\n",))
+    predictions = [o.text for o in outs]
+    items = [item("fim", x.id, fim.exact_match(p, x.middle), fim.prediction(p), x.middle)
+             for p, x in zip(predictions, spans)]
+    return SuiteResult(fim.score(predictions, spans), items)
+
+
+def run_passkey(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
+    s = cfg.passkey
+    cells = passkey.draw_items(gen.encode, s.context_lengths, s.depths, s.trials, cfg.seed)
+    outs = gen.generate([list(x.prompt_ids) for x in cells], s.max_new_tokens)
+    texts = [o.text for o in outs]
+    items = [item("passkey", x.id, passkey.hit(t, x.key), t, x.key) for t, x in zip(texts, cells)]
+    return SuiteResult(passkey.score(texts, cells), items)
+
+
+def run_arith(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
+    s = cfg.arith
+    kwargs = dict(max_operand=s.max_operand, operations=s.operations, two_step_fraction=s.two_step_fraction)
+    problems = arith.draw_items(s.num_problems, cfg.seed, **kwargs)
+    shots = arith.draw_items(s.few_shot, cfg.seed, id_prefix="arith-shot", **kwargs)
+    outs = gen.generate([gen.encode(arith.prompt(x, shots)) for x in problems], s.max_new_tokens, stop=("\n",))
+    texts = [o.text for o in outs]
+    items = [item("arith", x.id, arith.extract_answer(t) == x.answer, t, str(x.answer))
+             for t, x in zip(texts, problems)]
+    return SuiteResult(arith.score(texts, problems), items)
+
+
+def run_perplexity(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
+    s = cfg.perplexity
+    metrics: dict[str, float] = {}
+    for source in s.sources:
+        docs = (heldout.docstrings if source == "stdlib_docstrings" else heldout.code_files)(cfg.seed, s.max_documents)
+        streams = (gen.encode(text) for _, text in docs)
+        token_windows = perplexity.windows(streams, s.seq_length, s.max_tokens, eod_id=gen.eod_id)
+        acc = perplexity.evaluate(gen.token_nll, token_windows, batch_size=cfg.batch_size, pad_id=gen.pad_id)
+        metrics.update({source: acc.perplexity, f"{source}_nll": acc.mean_nll,
+                        f"{source}_tokens": float(acc.tokens), f"{source}_documents": float(len(docs))})
+    return SuiteResult(metrics)
+
+
+SUITES = {"humaneval": run_humaneval, "fim": run_fim, "passkey": run_passkey, "arith": run_arith,
+          "perplexity": run_perplexity}
+
+
+def run_enabled(cfg: EvaluateConfig, gen: Generator, log=print) -> dict[str, SuiteResult]:
+    """Every enabled suite in a fixed order, each timed (`seconds` joins its metrics)."""
+    results = {}
+    for name, suite in SUITES.items():
+        if not getattr(cfg, name).enabled:
+            continue
+        started = time.time()
+        result = suite(cfg, gen)
+        result.metrics["seconds"] = round(time.time() - started, 2)
+        log(f"evaluate {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
+        results[name] = result
+    return results
