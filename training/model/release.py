@@ -1,0 +1,59 @@
+"""Release checkpoints: model weights only (dist_checkpointing) plus the architecture that reads them.
+
+A release directory is self-describing, so that `evaluate`, `export` and the registry need nothing but the directory:
+    release/metadata.json, *.distcp, common.pt   megatron-core dist_checkpointing (any parallel layout)
+    release/seekflow_model.json                  the ModelConfig the weights belong to
+Loading reshards automatically, so a checkpoint saved by EP2 or PP2 loads into one process.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.config import ModelConfig, ParallelConfig
+
+MODEL_CONFIG_FILE = "seekflow_model.json"
+
+
+class ReleaseError(RuntimeError):
+    pass
+
+
+def write_model_config(release_dir: Path, model: ModelConfig) -> None:
+    (release_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model.model_dump(mode="json"), indent=2, sort_keys=True))
+
+
+def check_release(release_dir: str | Path) -> Path:
+    """The release directory, or a clear error when it is missing or torn (no metadata or no model config)."""
+    path = Path(release_dir)
+    if not path.is_dir():
+        raise ReleaseError(f"checkpoint {path} does not exist")
+    for required in ("metadata.json", MODEL_CONFIG_FILE):
+        if not (path / required).is_file():
+            raise ReleaseError(f"checkpoint {path} is incomplete: {required} is missing (torn or not a release)")
+    return path
+
+
+def read_model_config(release_dir: str | Path) -> ModelConfig:
+    path = check_release(release_dir)
+    return ModelConfig.model_validate_json((path / MODEL_CONFIG_FILE).read_text())
+
+
+def load_release(release_dir: str | Path, parallel: ParallelConfig | None = None):
+    """Build the model of `release_dir` for this rank's layout and load its weights; returns (GPTModel, ModelConfig).
+
+    torch.distributed and megatron's parallel groups must be initialised (training.parallel.setup.init_distributed).
+    """
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from training.model.build import build_gpt
+
+    path = check_release(release_dir)
+    model_cfg = read_model_config(path)
+    gpt, _ = build_gpt(model_cfg, parallel or ParallelConfig())
+    sharded = gpt.sharded_state_dict(
+        metadata={"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)})
+    loaded = dist_checkpointing.load({"model": sharded}, str(path))
+    gpt.load_state_dict(loaded["model"])
+    gpt.eval()
+    return gpt, model_cfg
