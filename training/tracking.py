@@ -19,6 +19,22 @@ def tracking_uri(cfg: StageConfig) -> str:
     return f"sqlite:///{local_dir(cfg.run_root) / 'mlflow.db'}"
 
 
+def unreachable_reason(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why an http(s) tracking server fails its health check, or None when it answers (or the store is not HTTP).
+
+    MLflow's own client retries an unreachable server for minutes: stages ask this first, to fail fast."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as err:
+        return str(getattr(err, "reason", err))
+
+
 def flatten(prefix: str, value, out: dict) -> dict:
     if isinstance(value, dict):
         for key, sub in value.items():

@@ -20,7 +20,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 DAG_ID = "seekflow_pipeline"
 SOURCES = [{"kind": "package_metadata", "max_documents": 40}, {"kind": "package_code", "max_documents": 40}]
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(840)]
 
 
 def _unavailable(message):
@@ -180,7 +180,7 @@ def test_filled_form_runs_the_pipeline_to_success(page, airflow_standalone, tmp_
     assert conf["pretrain.optimizer.warmup_steps"] == 2 and conf["pretrain.train.save_interval"] == 5, conf
 
     run_path = f"/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run['dag_run_id'], safe='')}"
-    deadline, state = time.time() + 420, None
+    deadline, state = time.time() + 660, None
     while time.time() < deadline:
         _, body = airflow.api("GET", run_path)
         state = body.get("state") if isinstance(body, dict) else None
@@ -193,7 +193,8 @@ def test_filled_form_runs_the_pipeline_to_success(page, airflow_standalone, tmp_
         logs = {t: airflow.api.log_entries(run["dag_run_id"], t, 1) for t, s in tasks.items() if s == "failed"}
         lines = {t: [line for _, entry in entries for line in entry][-30:] for t, entries in logs.items()}
         pytest.fail(f"run {state}: {tasks}\n{json.dumps(lines, indent=1)}\n{airflow.log_tail(30)}")
-    assert tasks == {t: "success" for t in ("validate_config", "curate", "pretrain", "register")}, tasks
+    assert tasks == {t: "success" for t in ("validate_config", "curate_shards", "curate", "pretrain", "evaluate",
+                                            "register", "promote")}, tasks
 
     # The form's values reached the config: validate_config's XCom carries them as overrides.
     validated = airflow.api.xcom(run["dag_run_id"], "validate_config")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,16 +39,11 @@ def is_registry_ref(ref: str) -> bool:
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast when an http(s) tracking server does not answer (MLflow's own client retries for minutes)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError) as err:
-        problem = str(getattr(err, "reason", err))
-    raise EvaluateError(f"MLflow tracking server {uri} is unreachable ({problem}); nothing was evaluated")
+    from training.tracking import unreachable_reason
+
+    problem = unreachable_reason(uri, timeout_s)
+    if problem is not None:
+        raise EvaluateError(f"MLflow tracking server {uri} is unreachable ({problem}); nothing was evaluated")
 
 
 def resolve_version(client, ref: str) -> ModelVersion:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from training import storage
 from training.config import PromoteConfig, config_hash
 from training.config.models import GateRule
 from training.manifest import invalidate, manifest_uri, write_manifest
-from training.tracking import stage_run, tracking_uri
+from training.tracking import stage_run, tracking_uri, unreachable_reason
 
 STAGE = "promote"
 CANDIDATE, STAGING, CHAMPION = "candidate", "staging", "champion"
@@ -183,16 +181,9 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
         if not path.is_file():
             raise PromoteError(f"no MLflow registry at {uri} (the file does not exist); nothing to promote")
         return
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError) as err:
-        problem = str(getattr(err, "reason", err))
-    raise PromoteError(f"MLflow tracking server {uri} is unreachable ({problem}); nothing was promoted")
+    problem = unreachable_reason(uri, timeout_s)
+    if problem is not None:
+        raise PromoteError(f"MLflow tracking server {uri} is unreachable ({problem}); nothing was promoted")
 
 
 def _client(uri: str):
