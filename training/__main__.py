@@ -1,5 +1,9 @@
 """`python -m training <stage> [--preset NAME] [--config run.yaml] [--set a.b=c ...] [--dry-run]`
 
+Two planning tools share the entry point (pure Python, nothing is built): `python -m training params --preset NAME`
+counts total / activated / MTP parameters, and `python -m training plan --compute FLOPS [--preset NAME]` applies
+DeepSeek LLM's scaling laws (batch size, learning rate, model and data scale).
+
 The one entry point of every job, on a laptop or inside a Kubernetes pod. The config is resolved and validated before
 anything else runs; an invalid value exits with status 2 and names the field.
 """
@@ -28,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PLANNING_TOOLS:
+        return PLANNING_TOOLS[argv[0]](argv[1:])
     args = parse_args(argv)
     try:
         cfg = resolve_stage_config(args.stage, args.preset, args.config, args.overrides)
@@ -42,6 +49,49 @@ def main(argv: list[str] | None = None) -> int:
     if manifest is not None:
         print("SEEKFLOW_RESULT " + json.dumps(manifest.get("result", {}), default=str), flush=True)
     return 0
+
+
+def _params(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training params", description="Count a preset's parameters.")
+    parser.add_argument("--preset", required=True, help=f"named preset ({', '.join(list_presets())})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.x=y",
+                        help="override one pretrain field, e.g. model.mtp_num_layers=0 (repeatable)")
+    args = parser.parse_args(argv)
+    from training.model.params import count_params, format_count
+
+    try:
+        cfg = resolve_stage_config("pretrain", args.preset, overrides=args.overrides)
+    except ConfigError as err:
+        print(f"params: --preset {args.preset}: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(format_count(args.preset, count_params(cfg.model)), end="")
+    return 0
+
+
+def _plan(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training plan",
+                                     description="DeepSeek LLM scaling laws (arXiv:2401.02954 §3) for a compute budget.")
+    parser.add_argument("--compute", required=True, type=float, help="training compute C in FLOPs, e.g. 1e20")
+    parser.add_argument("--preset", help="also size this preset's run: tokens, global batch and steps for C")
+    args = parser.parse_args(argv)
+    from training.model.params import format_plan, plan
+
+    if not args.compute > 0 or args.compute == float("inf"):
+        print(f"plan: --compute must be a positive, finite number of FLOPs (got {args.compute:g})", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    model, seq = None, 4096
+    if args.preset is not None:
+        try:
+            cfg = resolve_stage_config("pretrain", args.preset)
+        except ConfigError as err:
+            print(f"plan: --preset {args.preset}: {err}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        model, seq = cfg.model, cfg.train.seq_length
+    print(format_plan(plan(args.compute), args.preset, model, seq), end="")
+    return 0
+
+
+PLANNING_TOOLS = {"params": _params, "plan": _plan}
 
 
 if __name__ == "__main__":   # required: megatron's dist_checkpointing async writer spawns processes
