@@ -63,6 +63,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_
             moe_grouped_gemm=False,     # grouped GEMM needs Transformer Engine; without it megatron uses SequentialMLP
             moe_permute_fusion=False,
         )
+        if model.moe_router_type == "deepseek_v2":
+            # Our router (training/model/routers.py) does softmax gating, device limits and V2's three balance
+            # losses itself: megatron's bias, groups and aux loss stay off so TopKRouter adds nothing of its own.
+            common.update(moe_router_score_function="softmax", moe_router_pre_softmax=True,
+                          moe_router_enable_expert_bias=False, moe_router_num_groups=None,
+                          moe_router_group_topk=None, moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none")
     if model.mtp_num_layers:
         common.update(mtp_num_layers=model.mtp_num_layers, mtp_loss_scaling_factor=model.mtp_loss_scaling_factor)
     if not model.multi_latent_attention:
@@ -90,6 +96,8 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initializ
     config = transformer_config(model, parallel, use_cpu_initialization=use_cpu_initialization)
     use_te = False  # the "local" spec: pure megatron-core + torch (Transformer Engine is not installed here)
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+    if model.num_experts is not None and model.moe_router_type == "deepseek_v2":
+        _use_deepseek_v2_router(block_spec, model, parallel)
     mtp_spec = None
     if model.mtp_num_layers:
         mtp_spec = get_gpt_mtp_block_spec(config, block_spec.layer_specs[-1], use_transformer_engine=use_te)
@@ -106,3 +114,21 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initializ
         mtp_block_spec=mtp_spec,
     )
     return gpt, config
+
+
+def _use_deepseek_v2_router(block_spec, model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Swap megatron's TopKRouter for DeepSeekV2Router in every MoE layer spec (the MTP spec copies the last one)."""
+    import functools
+
+    from training.model.routers import DeepSeekV2Router, V2RoutingSettings
+
+    settings = V2RoutingSettings(
+        num_devices=model.moe_num_devices or parallel.expert_model_parallel_size,
+        device_limit=model.moe_device_limit,
+        aux_loss_coeffs=tuple(model.moe_aux_loss_coeffs),
+        capacity_factor=model.moe_token_drop_capacity_factor,
+    )
+    for layer_spec in block_spec.layer_specs:
+        moe = getattr(layer_spec.submodules, "mlp", None)
+        if moe is not None and hasattr(getattr(moe, "submodules", None), "router"):
+            moe.submodules.router = functools.partial(DeepSeekV2Router, settings=settings)
