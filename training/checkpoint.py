@@ -2,9 +2,12 @@
 
 Layout under the stage directory:
     checkpoints/iter_0000100/   one dist_checkpointing directory per save (model, optimizer, scheduler, RNG, data position)
+    checkpoints/iter_…/complete.json   written last, after every rank finished: the size of every file of the save
     checkpoints/latest          the step of the newest *complete* save; written atomically after every rank finished
     release/                    model weights only, for registration and evaluation
-A save that dies half-way never becomes `latest`, so a torn checkpoint is never loaded.
+A save that dies half-way never becomes `latest`. A checkpoint whose files no longer match its `complete.json` (a
+truncated file, a lost upload) or that has none is torn: loading skips it with a warning and takes the newest complete
+older one, or starts fresh when there is none. A torn checkpoint is never loaded.
 
 With an `s3://` run root, `root` is the local mirror and `remote` its URI: after a save completes, each node's local
 rank 0 uploads the files its ranks wrote, and only then does rank 0 upload the `latest` marker. Resuming on a fresh
@@ -12,8 +15,10 @@ machine downloads the checkpoint the remote marker names.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +27,7 @@ import torch.distributed as dist
 from training import storage
 
 LATEST = "latest"
+COMPLETE = "complete.json"
 
 
 def _node_leader() -> bool:
@@ -33,14 +39,75 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"iter_{step:07d}"
 
 
+def _warn(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"checkpoint: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != COMPLETE}
+
+
+def torn_reason(directory: Path) -> str | None:
+    """Why the checkpoint in `directory` is not complete, or None when every file its complete.json lists is there
+    with its recorded size."""
+    record = directory / COMPLETE
+    if not record.is_file():
+        return f"{directory.name} has no {COMPLETE} (its save never finished)"
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{directory.name}/{COMPLETE} is unreadable ({err})"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{directory.name}/{name} is missing"
+        if path.stat().st_size != size:
+            return f"{directory.name}/{name} has {path.stat().st_size} bytes, {size} when saved (truncated?)"
+    return None
+
+
+def _saved_steps(root: Path) -> list[int]:
+    steps = []
+    for path in root.glob("iter_*"):
+        suffix = path.name[len("iter_"):]
+        if path.is_dir() and suffix.isdigit():
+            steps.append(int(suffix))
+    return sorted(steps)
+
+
 def latest_step(root: Path) -> int | None:
+    """The step to resume from: the one the `latest` marker names if complete, else (with a warning) the newest
+    complete checkpoint older than it; None for a fresh start. Rank 0 decides for every rank."""
+    step = _choose_step(root) if not dist.is_initialized() or dist.get_rank() == 0 else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [step]
+        dist.broadcast_object_list(box, src=0)
+        step = box[0]
+    return step
+
+
+def _choose_step(root: Path) -> int | None:
     marker = root / LATEST
     if not marker.is_file():
         return None
-    step = int(marker.read_text().strip())
-    if not (step_dir(root, step) / "metadata.json").is_file():
-        raise RuntimeError(f"{marker} names step {step} but {step_dir(root, step)} is incomplete")
-    return step
+    try:
+        named = int(marker.read_text().strip())
+    except ValueError:
+        _warn(f"{marker} is unreadable; looking for the newest complete checkpoint")
+        named = max(_saved_steps(root), default=-1)
+    for step in reversed([s for s in _saved_steps(root) if s <= named]):
+        reason = torn_reason(step_dir(root, step))
+        if reason is None:
+            if step != named:
+                _warn(f"resuming from step {step}, the newest complete checkpoint before step {named}")
+            return step
+        _warn(f"skipping torn checkpoint: {reason}")
+    if named >= 0 and not step_dir(root, named).is_dir():
+        _warn(f"{marker} names step {named} but {step_dir(root, named)} does not exist")
+    _warn("no complete checkpoint: starting fresh")
+    return None
 
 
 def _model_sharded_state_dict(model):
@@ -79,6 +146,7 @@ def save(root: Path, step: int, model, optimizer, scheduler, common: dict, keep_
     dist.barrier()
     dist_checkpointing.save(_full_state_dict(model, optimizer, scheduler, common, loading=False), str(target))
     dist.barrier()
+    _write_complete(target, step)
     if remote and _node_leader():
         storage.publish(target)
     dist.barrier()
@@ -95,6 +163,23 @@ def save(root: Path, step: int, model, optimizer, scheduler, common: dict, keep_
             storage.delete(storage.join(remote, old))
     dist.barrier()
     return target
+
+
+def _write_complete(target: Path, step: int) -> None:
+    """Record every file of the finished save with its size (each node lists what its ranks wrote)."""
+    listing = _file_sizes(target) if _node_leader() else {}
+    parts = [listing]
+    if dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, listing)
+    if dist.get_rank() == 0:
+        files = {}
+        for part in parts:
+            files.update(part)
+        tmp = target / (COMPLETE + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "files": files}, indent=1, sort_keys=True))
+        os.replace(tmp, target / COMPLETE)
+    dist.barrier()
 
 
 def load(root: Path, model, optimizer, scheduler, remote: str | None = None) -> dict | None:
@@ -126,12 +211,22 @@ def load(root: Path, model, optimizer, scheduler, remote: str | None = None) -> 
 
 
 def _fetch_latest(root: Path, remote: str) -> None:
-    """Bring the checkpoint the remote `latest` marker names into the local mirror (every node needs all files)."""
+    """Bring the checkpoint the remote `latest` marker names into the local mirror (every node needs all files);
+    when it is torn, the newest complete older one instead."""
     if _node_leader():
         marker = storage.read_text(storage.join(remote, LATEST))
         if marker is not None:
             step = int(marker.strip())
-            storage.fetch(storage.join(remote, step_dir(root, step).name))
+            remote_steps = sorted({int(n[len("iter_"):]) for n in storage.children(remote)
+                                   if n.startswith("iter_") and n[len("iter_"):].isdigit()} | {step})
+            for candidate in reversed([s for s in remote_steps if s <= step]):
+                try:
+                    local = storage.fetch(storage.join(remote, step_dir(root, candidate).name))
+                except storage.StorageError as err:
+                    _warn(f"cannot fetch checkpoint {candidate}: {err}")
+                    continue
+                if torn_reason(Path(local)) is None:
+                    break
             storage.write_text(str(root / LATEST), str(step))
     dist.barrier()
 

@@ -69,7 +69,8 @@ def test_generated_params_carry_the_schema(dags):
     assert "Optimizer steps" in steps.description and "≥ 1" in steps.description
     lr = params.get_param("pretrain.optimizer.lr")
     assert lr.value == 3e-3 and lr.schema["type"] == "number" and lr.schema["exclusiveMinimum"] == 0
-    assert params.get_param("pretrain.optimizer.decay_style").schema["enum"] == ["cosine", "constant", "linear"]
+    assert params.get_param("pretrain.optimizer.decay_style").schema["enum"] == ["cosine", "constant", "linear",
+                                                                             "deepseek-v3", "multi-step"]
     experts = params.get_param("pretrain.model.num_experts")
     assert experts.value == 8 and experts.schema["type"] == ["integer", "null"] and experts.schema["minimum"] == 1
     assert params.get_param("pretrain.data_manifest").value is None

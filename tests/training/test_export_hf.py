@@ -14,12 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from tests.conftest import REPO, run_training
 from training.config import resolve_stage_config
+from training.data.synthetic import write_synthetic_curate
 from training.export.convert import ExportError, hf_config, model_config_from_hf
 
 os.environ["HF_HUB_OFFLINE"] = "1"   # before transformers is imported: nothing may come from a hub
@@ -63,21 +63,7 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def synthetic_curate(run_root: Path) -> None:
     """A curate manifest over a small indexed dataset of patterned token streams (vocabulary 512)."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    data = run_root / "curate" / "data"
-    data.mkdir(parents=True)
-    prefix = str(data / "synthetic_text_document")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(VOCAB))
-    rng = np.random.default_rng(0)
-    for _ in range(64):
-        doc = np.tile(rng.integers(2, VOCAB, size=16), 8)
-        builder.add_document(doc, [len(doc)])
-    builder.finalize(prefix + ".idx")
-    manifest = {"stage": "curate", "config_hash": "synthetic", "inputs": {}, "metrics": {},
-                "outputs": {"datasets": [{"prefix": prefix, "weight": 1.0}],
-                            "tokenizer": {"vocab_size": VOCAB, "eod_id": 1}}}
-    (run_root / "curate" / "manifest.json").write_text(json.dumps(manifest))
+    write_synthetic_curate(run_root, vocab_size=VOCAB, documents=64)
 
 
 @pytest.fixture(scope="module")

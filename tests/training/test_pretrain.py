@@ -3,31 +3,17 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from tests.conftest import run_training
+from training.data.synthetic import write_synthetic_curate
 
 VOCAB = 512
 
 
 def fake_curate(run_root):
     """A curate manifest over a small indexed dataset of patterned token streams (learnable, vocab 512)."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    data = run_root / "curate" / "data"
-    data.mkdir(parents=True)
-    prefix = str(data / "synthetic_text_document")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(VOCAB))
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        doc = np.tile(rng.integers(2, VOCAB, size=16), 8)
-        builder.add_document(doc, [len(doc)])
-    builder.finalize(prefix + ".idx")
-    manifest = {"stage": "curate", "config_hash": "synthetic", "inputs": {}, "metrics": {},
-                "outputs": {"datasets": [{"prefix": prefix, "weight": 1.0}],
-                            "tokenizer": {"vocab_size": VOCAB, "eod_id": 1}}}
-    (run_root / "curate" / "manifest.json").write_text(json.dumps(manifest))
+    write_synthetic_curate(run_root, vocab_size=VOCAB, documents=200)
 
 
 def pretrain(run_root, steps, *extra):

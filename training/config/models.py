@@ -47,13 +47,37 @@ class ModelConfig(Section):
     moe_router_score_function: Literal["sigmoid", "softmax"] = "sigmoid"
     moe_router_enable_expert_bias: bool = Field(True, description="Aux-loss-free balancing (DeepSeek-V3 §2.1.2).")
     moe_router_bias_update_rate: float = Field(1e-3, ge=0, description="γ, bias update speed (DeepSeek-V3 §4.2).")
+    moe_router_bias_update_until_tokens: float | None = Field(
+        None, ge=0, description="γ becomes 0 once this many tokens are consumed (DeepSeek-V3 §4.2: 14.3e12).")
     moe_router_num_groups: int | None = Field(4, ge=1, description="Expert groups for node-limited routing.")
     moe_router_group_topk: int | None = Field(2, ge=1, description="M, groups (nodes) each token may reach.")
     moe_router_topk_scaling_factor: float | None = Field(None, gt=0, description="Routed scaling factor.")
     moe_aux_loss_coeff: float = Field(1e-4, ge=0, description="α, sequence-wise balance loss (DeepSeek-V3 §4.2).")
+    # DeepSeek-V2 routing (arXiv:2405.04434 §2.2), our router in megatron-core's MoE layer (training/model/routers.py).
+    moe_router_type: Literal["megatron", "deepseek_v2"] = Field(
+        "megatron", description="megatron: megatron-core's TopKRouter, configured by the fields above (the DeepSeek-V3 "
+        "path). deepseek_v2: softmax gating, device-limited routing, expert/device/communication balance losses "
+        "(V2 eq. 12-20) and device-level token dropping; it implies softmax scores without expert bias and ignores "
+        "moe_router_num_groups/group_topk and moe_aux_loss_coeff.")
+    moe_device_limit: int | None = Field(None, ge=1, description="deepseek_v2: M, devices each token's experts may "
+                                         "lie on (V2 §2.2.2; V2 uses M = 3). None: no limit.")
+    moe_num_devices: int | None = Field(None, ge=1, description="deepseek_v2: D, contiguous expert groups treated as "
+                                        "devices (emulated when experts are not split over processes). None: the "
+                                        "expert-parallel size.")
+    moe_aux_loss_coeffs: list[float] = Field(
+        default_factory=lambda: [0.003, 0.05, 0.02], min_length=3, max_length=3,
+        description="deepseek_v2: α1, α2, α3 of the expert-, device- and communication-level balance losses "
+                    "(V2 eq. 12, 15, 18; §3.1.2 values).")
+    moe_token_drop_capacity_factor: float | None = Field(
+        None, gt=0, description="deepseek_v2: per-device capacity factor of token dropping, training only (V2 "
+        "§2.2.4 uses 1.0). None: no dropping.")
     # Multi-token prediction (DeepSeek-V3 §2.2).
     mtp_num_layers: int = Field(1, ge=0, description="D, MTP depth.")
     mtp_loss_scaling_factor: float = Field(0.3, ge=0, description="λ, MTP loss weight (DeepSeek-V3 §4.2: 0.3).")
+    mtp_loss_scaling_factor_after: float | None = Field(
+        None, ge=0, description="λ once mtp_loss_scaling_switch_tokens are consumed (DeepSeek-V3 §4.2: 0.1).")
+    mtp_loss_scaling_switch_tokens: float | None = Field(
+        None, ge=0, description="Tokens after which λ becomes mtp_loss_scaling_factor_after (DeepSeek-V3: 10e12).")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -70,6 +94,23 @@ class ModelConfig(Section):
                     raise ValueError(f"num_experts ({self.num_experts}) not divisible by moe_router_num_groups ({groups})")
                 if self.moe_router_group_topk is None or self.moe_router_group_topk > groups:
                     raise ValueError("moe_router_group_topk must be set and at most moe_router_num_groups")
+            if self.moe_router_type == "deepseek_v2":
+                # V2 gates by softmax without expert bias: record what runs (export and metrics read these fields).
+                for name, value in (("moe_router_score_function", "softmax"), ("moe_router_enable_expert_bias", False)):
+                    if getattr(self, name) != value:
+                        if name in self.model_fields_set:
+                            raise ValueError(f"{name} must be {value!r} with moe_router_type deepseek_v2")
+                        self.__dict__[name] = value
+                if any(a < 0 for a in self.moe_aux_loss_coeffs):
+                    raise ValueError(f"moe_aux_loss_coeffs must be non-negative, got {self.moe_aux_loss_coeffs}")
+                devices = self.moe_num_devices
+                if devices is not None and self.num_experts % devices:
+                    raise ValueError(f"num_experts ({self.num_experts}) not divisible by moe_num_devices ({devices})")
+                if devices is not None and self.moe_device_limit is not None:
+                    if self.moe_device_limit > devices:
+                        raise ValueError("moe_device_limit must be at most moe_num_devices")
+                    if self.moe_router_topk > self.moe_device_limit * (self.num_experts // devices):
+                        raise ValueError("moe_router_topk exceeds the experts on moe_device_limit devices")
         return self
 
 
@@ -141,7 +182,26 @@ class OptimizerConfig(Section):
     lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
     min_lr: float = Field(3e-4, ge=0)
     warmup_steps: int = Field(20, ge=0)
-    decay_style: Literal["cosine", "constant", "linear"] = "cosine"
+    decay_style: Literal["cosine", "constant", "linear", "deepseek-v3", "multi-step"] = Field(
+        "cosine", description="cosine/constant/linear: megatron-core's, over train.steps. deepseek-v3: V3 §4.2 "
+                              "(constant_tokens, decay_tokens, lr_tail). multi-step: DeepSeek LLM §2.3 (lr_steps).")
+    constant_tokens: float | None = Field(None, ge=0, description="deepseek-v3: tokens at peak lr, warm-up "
+                                                                  "included, before the cosine decay (V3: 10e12).")
+    decay_tokens: float | None = Field(None, gt=0, description="deepseek-v3: cosine decay to min_lr over this many "
+                                                               "tokens (V3: 4.3e12).")
+    lr_tail: list[tuple[float, float]] = Field(
+        default_factory=list, description="deepseek-v3: [tokens, lr] stages after the decay "
+                                          "(V3: [[333e9, 2.2e-5], [167e9, 7.3e-6]]).")
+    lr_steps: list[tuple[float, float]] = Field(
+        default_factory=lambda: [(0.8, 0.316), (0.9, 0.1)],
+        description="multi-step: [fraction of the run's tokens, fraction of peak lr] (DeepSeek LLM: 80% → 31.6%, "
+                    "90% → 10%).")
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "OptimizerConfig":
+        if self.decay_style == "deepseek-v3" and (self.constant_tokens is None or self.decay_tokens is None):
+            raise ValueError("decay_style deepseek-v3 needs optimizer.constant_tokens and optimizer.decay_tokens")
+        return self
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="DeepSeek-V3 §4.2: β1 = 0.9.")
     adam_beta2: float = Field(0.95, ge=0, lt=1, description="DeepSeek-V3 §4.2: β2 = 0.95.")
     weight_decay: float = Field(0.1, ge=0, description="DeepSeek-V3 §4.2: weight decay 0.1.")
@@ -156,6 +216,18 @@ class TrainLoopConfig(Section):
     log_interval: int = Field(10, ge=1, description="Steps between progress lines and MLflow metrics.")
     save_interval: int = Field(100, ge=1, description="Steps between checkpoints (the last step always saves).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    peak_flops_per_device: float | None = Field(None, gt=0, description="Peak FLOP/s of one device, for model "
+                                                                        "FLOPs utilisation (None: no MFU metric).")
+    batch_size_rampup: list[float] | None = Field(
+        None, description="[start batch size, ramp tokens] (DeepSeek-V3 §4.2: 3072 → global_batch_size over "
+                          "469e9 tokens). Not supported yet: setting it is an error.")
+
+    @model_validator(mode="after")
+    def _refuse_rampup(self) -> "TrainLoopConfig":
+        if self.batch_size_rampup is not None:
+            raise ValueError("train.batch_size_rampup is not supported yet: the pretrain loop trains with a fixed "
+                             "global_batch_size (unset it)")
+        return self
 
 
 class PretrainConfig(StageConfig):

@@ -23,7 +23,8 @@ from training.config import ModelConfig
 
 # The fields of ModelConfig that only training reads: kept beside config.json (seekflow_model.json) for re-import.
 TRAINING_ONLY = ("name", "init_method_std", "moe_router_bias_update_rate", "moe_aux_loss_coeff",
-                 "mtp_loss_scaling_factor", "moe_router_enable_expert_bias")
+                 "mtp_loss_scaling_factor", "moe_router_enable_expert_bias", "moe_router_bias_update_until_tokens",
+                 "mtp_loss_scaling_factor_after", "mtp_loss_scaling_switch_tokens")
 HF_NORM_EPS = 1e-6   # HF builds q_a_layernorm and kv_a_layernorm with the default eps, not rms_norm_eps
 
 

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from training import checkpoint, storage
+from training import checkpoint, metrics as moe_metrics, schedules, storage
 from training.config import PretrainConfig, config_hash
 from training.manifest import finished, invalidate, manifest_hash, read_manifest, write_manifest
 from training.model.release import write_model_config
@@ -78,17 +78,29 @@ class Trainer:
         self.model = DistributedDataParallel(
             tconfig, DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
             self.gpt)
-        tconfig.finalize_model_grads_func = finalize_model_grads   # also updates the expert-bias (aux-loss-free)
+        self.tconfig = tconfig
+        self.expert_load = moe_metrics.ExpertLoadTracker(self.gpt)
+
+        def finalize(*args, **kwargs):   # read the routers' token counts before finalize_model_grads zeroes them
+            self.expert_load.snapshot()
+            return finalize_model_grads(*args, **kwargs)
+
+        tconfig.finalize_model_grads_func = finalize   # also updates the expert-bias (aux-loss-free)
         tconfig.no_sync_func = self.model.no_sync
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
             adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, clip_grad=opt.clip_grad,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, params_dtype=torch.float32,
         ), [self.model])
-        self.scheduler = OptimizerParamScheduler(
+        scheduler_cls = OptimizerParamScheduler
+        if opt.decay_style in ("deepseek-v3", "multi-step"):
+            scheduler_cls = _token_scheduler_class(OptimizerParamScheduler, _lr_function(cfg))
+        self.scheduler = scheduler_cls(
             self.optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr, lr_warmup_steps=opt.warmup_steps,
-            lr_decay_steps=train.steps, lr_decay_style=opt.decay_style, start_wd=opt.weight_decay,
-            end_wd=opt.weight_decay, wd_incr_steps=train.steps, wd_incr_style="constant")
+            lr_decay_steps=train.steps,
+            lr_decay_style=opt.decay_style if scheduler_cls is OptimizerParamScheduler else "constant",
+            start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=train.steps, wd_incr_style="constant")
+        self.flops_per_token = moe_metrics.flops_per_token(cfg.model, train.seq_length)
 
         self.ckpt_root = stage_dir(cfg.run_root, STAGE) / "checkpoints"
         self.ckpt_root.mkdir(exist_ok=True)
@@ -122,10 +134,24 @@ class Trainer:
 
         return output, loss_func
 
+    def _apply_token_schedules(self) -> None:
+        """Set γ and λ for the coming step from the tokens consumed so far. megatron-core reads both from the
+        TransformerConfig at use time: `moe_router_bias_update_rate` in finalize_model_grads' expert-bias update,
+        `mtp_loss_scaling_factor` in GPTModel's MTP loss (so a live change takes effect on the next step)."""
+        m = self.cfg.model
+        tokens = self.batches.consumed_samples * self.cfg.train.seq_length
+        if self.tconfig.moe_router_enable_expert_bias:
+            self.tconfig.moe_router_bias_update_rate = schedules.switch_at(
+                tokens, m.moe_router_bias_update_rate, 0.0, m.moe_router_bias_update_until_tokens)
+        if m.mtp_num_layers:
+            self.tconfig.mtp_loss_scaling_factor = schedules.switch_at(
+                tokens, m.mtp_loss_scaling_factor, m.mtp_loss_scaling_factor_after, m.mtp_loss_scaling_switch_tokens)
+
     def train_step(self) -> dict:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         train = self.cfg.train
+        self._apply_token_schedules()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(
@@ -144,6 +170,7 @@ class Trainer:
         train = self.cfg.train
         tokens_per_step = train.global_batch_size * train.seq_length
         first_step, window, window_start, logged = self.step, [], time.time(), {}
+        devices = dist.get_world_size() if dist.is_initialized() else 1
         while self.step < train.steps:
             metrics = self.train_step()
             if not math.isfinite(metrics["lm_loss"]):
@@ -153,11 +180,17 @@ class Trainer:
                 steps_per_s = len(window) / max(time.time() - window_start, 1e-9)
                 logged = {key: sum(m.get(key, math.nan) for m in window) / len(window) for key in window[-1]}
                 logged.update(lr=metrics["lr"], steps_per_s=steps_per_s, tokens_per_s=steps_per_s * tokens_per_step)
+                logged.update(self._schedule_and_flops_metrics(logged["tokens_per_s"], devices))
+                collected = self.expert_load.collect()   # a collective: every rank takes part
+                if collected:
+                    logged.update(moe_metrics.load_metrics(*collected))
                 if self.info.is_main:
                     self._report(logged, steps_per_s, mlflow_run)
                 window, window_start = [], time.time()
             if self.step % train.save_interval == 0 or self.step == train.steps:
                 self._save()
+        if self.info.is_main and mlflow_run and self.expert_load.total is not None:
+            self._log_heatmap()
         release_dir = stage_dir(self.cfg.run_root, STAGE) / "release"
         if self.info.is_main:   # a remote release from an earlier run must not keep files this layout won't write
             storage.delete(storage.uri_of(release_dir, self.cfg.run_root))
@@ -184,6 +217,26 @@ class Trainer:
 
             mlflow.log_metrics({k: v for k, v in logged.items() if math.isfinite(v)}, step=self.step)
 
+    def _schedule_and_flops_metrics(self, tokens_per_s: float, devices: int) -> dict:
+        out = {"tokens": float(self.batches.consumed_samples * self.cfg.train.seq_length),
+               "model_tflops_per_s": tokens_per_s * self.flops_per_token / 1e12}
+        utilisation = moe_metrics.mfu(tokens_per_s, self.flops_per_token, self.cfg.train.peak_flops_per_device,
+                                      devices)
+        if math.isfinite(utilisation):
+            out["mfu"] = utilisation
+        if self.tconfig.moe_router_enable_expert_bias:
+            out["moe/bias_update_rate"] = float(self.tconfig.moe_router_bias_update_rate)
+        if self.cfg.model.mtp_num_layers:
+            out["mtp_loss_weight"] = float(self.tconfig.mtp_loss_scaling_factor)
+        return out
+
+    def _log_heatmap(self) -> None:
+        import mlflow
+
+        path = stage_dir(self.cfg.run_root, STAGE) / "expert_load_heatmap.png"
+        moe_metrics.expert_load_heatmap(self.expert_load.total, self.expert_load.labels, path)
+        mlflow.log_artifact(str(path), artifact_path="moe")
+
     def _save(self):
         started = time.time()
         common = {"step": self.step, "consumed_samples": self.batches.consumed_samples}
@@ -191,6 +244,29 @@ class Trainer:
                                keep_last=self.cfg.train.keep_last, remote=self.ckpt_remote)
         if self.info.is_main:
             print(f"pretrain: saved {path.name} in {time.time() - started:.1f}s", flush=True)
+
+
+def _lr_function(cfg: PretrainConfig):
+    """lr(step) for the token-scheduled decay styles (fixed batch size: tokens = step x tokens per step)."""
+    opt, train = cfg.optimizer, cfg.train
+    per_step = train.global_batch_size * train.seq_length
+    if opt.decay_style == "deepseek-v3":
+        return lambda step: schedules.deepseek_v3_lr(
+            step, step * per_step, peak=opt.lr, min_lr=opt.min_lr, warmup_steps=opt.warmup_steps,
+            constant_tokens=opt.constant_tokens, decay_tokens=opt.decay_tokens, tail=opt.lr_tail)
+    return lambda step: schedules.multi_step_lr(
+        step, step * per_step, peak=opt.lr, warmup_steps=opt.warmup_steps, total_tokens=train.steps * per_step,
+        steps=opt.lr_steps)
+
+
+def _token_scheduler_class(base, lr_at):
+    """megatron-core's OptimizerParamScheduler (state dict, weight decay, checkpointing) with our lr function."""
+
+    class TokenScheduledLR(base):
+        def get_lr(self, param_group: dict) -> float:
+            return lr_at(self.num_steps)
+
+    return TokenScheduledLR
 
 
 def _global_mean_loss(losses: list[dict]) -> float:

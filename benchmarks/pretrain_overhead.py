@@ -1,0 +1,140 @@
+"""What the pretrain stage's Trainer costs on top of a bare megatron-core loop, in one process, on the same model.
+
+The bare loop: get_forward_backward_func + optimizer.step + scheduler.step on the Trainer's own model, optimizer and
+data (megatron's plain finalize_model_grads, no metrics, no checkpoints, no MLflow). The Trainer: its `fit` loop with
+every metric (token schedules, expert-load snapshots and their all_gather, MaxVio, bias norms, FLOPs) and progress
+lines each `log_interval`; checkpoints are switched off (save_interval past the run, final save skipped) and MLflow is
+off, so the ratio is the loop's own overhead. Rounds alternate bare / Trainer to spread machine noise over both.
+
+    python benchmarks/pretrain_overhead.py [--steps 40] [--rounds 3] [--log-interval 10]
+Prints the overhead ratio (Trainer time / bare time); the target is <= 1.02.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+VOCAB = 512
+
+
+def synthetic_curate(run_root: Path) -> dict:
+    """A small indexed dataset of patterned token streams and a curate manifest over it."""
+    from training.data.synthetic import write_synthetic_curate
+
+    return write_synthetic_curate(run_root, vocab_size=VOCAB, documents=400)
+
+
+def bare_steps(trainer, steps: int) -> float:
+    """The minimal megatron-core loop on the trainer's model/optimizer/data."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    train = trainer.cfg.train
+    saved = trainer.tconfig.finalize_model_grads_func
+    trainer.tconfig.finalize_model_grads_func = finalize_model_grads
+    forward_backward = get_forward_backward_func()
+    started = time.perf_counter()
+    for _ in range(steps):
+        trainer.model.zero_grad_buffer()
+        trainer.optimizer.zero_grad()
+        forward_backward(forward_step_func=trainer._forward_step, data_iterator=trainer.batches, model=trainer.model,
+                         num_microbatches=trainer.num_microbatches, seq_length=train.seq_length,
+                         micro_batch_size=train.micro_batch_size, forward_only=False)
+        trainer.optimizer.step()
+        trainer.scheduler.step(increment=1)
+    elapsed = time.perf_counter() - started
+    trainer.tconfig.finalize_model_grads_func = saved
+    _clear_trackers()
+    return elapsed
+
+
+def _clear_trackers():
+    from training.stages.pretrain import _auxiliary_losses
+
+    _auxiliary_losses(1)
+
+
+def trainer_steps(trainer, steps: int, fit_loop) -> float:
+    """`steps` more steps through the Trainer's own loop (fit), up to but not including its release save."""
+    trainer.cfg.train.steps = trainer.step + steps
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        fit_loop(None)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--log-interval", type=int, default=10)
+    args = parser.parse_args()
+
+    from training.config import PretrainConfig
+    from training.config.loader import load_preset, stage_view
+    from training.parallel.setup import init_distributed, shutdown
+    from training.stages import pretrain
+
+    root = Path(tempfile.mkdtemp(prefix="seekflow-overhead-"))
+    curate = synthetic_curate(root)
+    doc = stage_view(load_preset("tiny"), "pretrain")
+    doc.update(run_root=str(root))
+    doc["model"].update(vocab_size=VOCAB)
+    total = args.steps * (2 * args.rounds + 1) + 1
+    doc["train"].update(steps=total, seq_length=32, micro_batch_size=2, global_batch_size=4,
+                        log_interval=args.log_interval, save_interval=10 * total)
+    cfg = PretrainConfig.model_validate(doc)
+    info = init_distributed(cfg.parallel, cfg.seed)
+    try:
+        trainer = pretrain.Trainer(cfg, curate, info)
+        trainer._save = lambda: None           # no checkpoints in either loop
+
+        def fit_loop(mlflow_run):              # Trainer.fit minus the release checkpoint at the end
+            with _no_release(pretrain):
+                trainer.fit(mlflow_run)
+
+        bare_steps(trainer, args.steps)        # warm-up (allocations, first-step costs), not timed
+        trainer.step += args.steps
+        bare, managed = [], []
+        for _ in range(args.rounds):
+            bare.append(bare_steps(trainer, args.steps))
+            trainer.step += args.steps
+            managed.append(trainer_steps(trainer, args.steps, fit_loop))
+        b, m = min(bare), min(managed)
+        print(f"bare loop   : {' '.join(f'{t:.2f}' for t in bare)} s per {args.steps} steps (best {b:.2f})")
+        print(f"Trainer.fit : {' '.join(f'{t:.2f}' for t in managed)} s per {args.steps} steps (best {m:.2f})")
+        print(f"overhead ratio (best Trainer / best bare): {m / b:.3f}   "
+              f"(median ratio {sorted(x / y for x, y in zip(managed, bare))[len(bare) // 2]:.3f}; target <= 1.02)")
+    finally:
+        shutdown()
+
+
+@contextlib.contextmanager
+def _no_release(pretrain_module):
+    """Skip Trainer.fit's release save and its barriers: raise out of fit right after the loop."""
+    original = pretrain_module.stage_dir
+
+    class _LoopDone(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise _LoopDone
+
+    pretrain_module.stage_dir = stop
+    try:
+        yield
+    except _LoopDone:
+        pass
+    finally:
+        pretrain_module.stage_dir = original
+
+
+if __name__ == "__main__":
+    main()
