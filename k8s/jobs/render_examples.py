@@ -30,12 +30,12 @@ DAG_ID, RUN_ID = "seekflow_pipeline", "manual__2026-01-01T00:00:00+00:00"
 PRESET = "deepseek-v2-lite"
 OVERRIDES = {"run_root": f"s3://seekflow/runs/{DAG_ID}/manual__2026-01-01T00_00_00_00_00",
              "tracking.tags.dag_id": DAG_ID, "tracking.tags.dag_run_id": RUN_ID,
-             "pretrain.parallel.expert_model_parallel_size": 8}
+             "pretrain.parallel.expert_model_parallel_size": 8, "curate.shards": 4}
 EXAMPLES = {   # file -> (stage, what, JobSpec fields besides the config)
     "pretrain-jobset.yaml": ("pretrain", "the pretrain stage on 2 nodes x 8 GPUs (JobSet)",
                              dict(launcher="torchrun", nodes=2, procs_per_node=8, gpus_per_node=8)),
-    "curate-indexed-job.yaml": ("curate", "the curate stage in 4 CPU shards (Indexed Job)",
-                                dict(launcher="python", shards=4)),
+    "curate-indexed-job.yaml": ("curate", "the curate stage's shard phase: 4 CPU shards (Indexed Job)",
+                                dict(launcher="python", shards=4, sharded=True)),
 }
 
 

@@ -342,10 +342,10 @@ def test_pipeline_dag_defers_and_resumes_through_airflow(fake, airflow_db, monke
     dag = DagBag(dag_folder=str(REPO / "dags")).get_dag("seekflow_pipeline")
     dagrun = dag.test(run_conf={"backend": "kubernetes", "run_root": "s3://seekflow/runs/dag-test"})
     states = {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
-    assert states == {t: "success" for t in ("validate_config", "curate_shards", "curate", "pretrain", "register")}, \
-        states
-    # curate shards, curate merge, register as Jobs; pretrain as a JobSet
-    assert fake.count("create", "jobs") == 3 and fake.count("create", "jobsets") == 1
-    assert fake.count("delete", "jobs") == 3 and fake.count("delete", "jobsets") == 1 and not fake.objects
+    assert states == {t: "success" for t in ("validate_config", "curate_shards", "curate", "pretrain", "evaluate",
+                                             "register", "promote")}, states
+    # curate shards, curate merge, register, promote as Jobs; pretrain and evaluate (GPU stages) as JobSets
+    assert fake.count("create", "jobs") == 4 and fake.count("create", "jobsets") == 2
+    assert fake.count("delete", "jobs") == 4 and fake.count("delete", "jobsets") == 2 and not fake.objects
     labels = fake.calls("create", "jobsets")[0].body["metadata"]["annotations"]
     assert labels["seekflow.io/run-id"] == dagrun.run_id and labels["seekflow.io/try-number"] == "1"

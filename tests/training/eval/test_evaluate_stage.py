@@ -25,8 +25,8 @@ def test_dry_run_prints_the_resolved_config(capsys):
     (["humaneval.ks=[1,5]", "humaneval.samples_per_problem=2", "humaneval.temperature=0.8"], "every k"),
     (["passkey.depths=[0.5,1.5]"], "depths"),
     (["passkey.context_lengths=[16]"], "at least 64"),
-    (["checkpoint=models:/seekflow-tiny"], "models:/<name>/<version>"),
-    (["model_version=seekflow-tiny/1"], "model_version"),
+    (["checkpoint=models:/seekflow-evaltest"], "models:/<name>/<version>"),
+    (["model_version=seekflow-evaltest/1"], "model_version"),
     (["fim.num_spans=0"], "fim.num_spans"),
     (["arith.operations=['/']"], "arith.operations"),
 ])
@@ -123,7 +123,9 @@ def test_train_register_and_evaluate_a_registered_version(tmp_path, mlflow_serve
                      "{kind: package_code, max_documents: 20, max_file_bytes: 20000}]"))
     _ok(run_training("pretrain", "--preset", "tiny", *root, "--set", "train.steps=2", "--set",
                      "optimizer.warmup_steps=1", "--set", "train.seq_length=32", "--set", "train.save_interval=100"))
-    _ok(run_training("register", "--preset", "tiny", *root))
+    # A model name of its own: the session's MLflow server also holds other tests' seekflow-tiny versions.
+    _ok(run_training("register", "--preset", "tiny", *root, "--set", "model_name=seekflow-evaltest",
+                     "--set", "export_hf=false"))
 
     import mlflow
 
@@ -131,18 +133,18 @@ def test_train_register_and_evaluate_a_registered_version(tmp_path, mlflow_serve
     before = [(m.name, len(client.search_model_versions(f"name = '{m.name}'")))
               for m in client.search_registered_models()]
     with pytest.raises(EvaluateError, match="no such registered model version"):
-        evaluate.run(_eval_cfg(root, "--set", "checkpoint=models:/seekflow-tiny@nope"))
+        evaluate.run(_eval_cfg(root, "--set", "checkpoint=models:/seekflow-evaltest@nope"))
     assert [(m.name, len(client.search_model_versions(f"name = '{m.name}'")))
             for m in client.search_registered_models()] == before
 
     out = _ok(run_training("evaluate", "--preset", "tiny", *root, "--set",
-                           "checkpoint=models:/seekflow-tiny@candidate", *QUICK_EVAL))
+                           "checkpoint=models:/seekflow-evaltest@candidate", *QUICK_EVAL))
     result = json.loads(out.stdout.split("SEEKFLOW_RESULT ", 1)[1].splitlines()[0])
-    assert result["model_version"] == "models:/seekflow-tiny/1"
+    assert result["model_version"] == "models:/seekflow-evaltest/1"
     assert 0.0 <= result["humaneval.pass_at_1"] <= 1.0 and result["perplexity.stdlib_code"] > 1.0
 
     manifest = json.loads((tmp_path / "evaluate" / "manifest.json").read_text())
-    assert manifest["inputs"]["checkpoint"] == "models:/seekflow-tiny/1"
+    assert manifest["inputs"]["checkpoint"] == "models:/seekflow-evaltest/1"
     metrics = manifest["metrics"]
     assert metrics["humaneval.problems"] == 3 and metrics["fim.problems"] == 4 and metrics["passkey.problems"] == 1
     assert metrics["humaneval.passed"] + metrics["humaneval.failed"] + metrics["humaneval.timeout"] == 3
@@ -158,11 +160,11 @@ def test_train_register_and_evaluate_a_registered_version(tmp_path, mlflow_serve
     items = json.load(open(client.download_artifacts(run.info.run_id, "eval/items.json", str(tmp_path))))
     assert len(items["data"]) == 3 + 4 + 1 + 4 and "prediction" in items["columns"]
 
-    version = client.get_model_version("seekflow-tiny", "1")
+    version = client.get_model_version("seekflow-evaltest", "1")
     assert float(version.tags["seekflow.eval.humaneval.pass_at_1"]) == result["humaneval.pass_at_1"]
     assert version.tags["seekflow.eval.run_id"] == run.info.run_id
     assert "seekflow.eval.perplexity.stdlib_code" in version.tags
 
     # A rerun of the same config on the same version is skipped before any model is loaded.
-    again = evaluate.run(_eval_cfg(root, "--set", "checkpoint=models:/seekflow-tiny@candidate", *QUICK_EVAL))
+    again = evaluate.run(_eval_cfg(root, "--set", "checkpoint=models:/seekflow-evaltest@candidate", *QUICK_EVAL))
     assert again == manifest
