@@ -64,6 +64,12 @@ def test_multi_node_is_refused_locally():
         LocalBackend().command(spec, "x.yaml")
 
 
+def _ready_count(lines: list[str]) -> int:
+    """Workers that printed "ready <pid>". Two workers share one pipe and, unbuffered, a print is two writes: their
+    lines may interleave, so search the joined text rather than line starts."""
+    return len(re.findall(r"ready \d+ child", "".join(lines)))
+
+
 def _wait_for(predicate, timeout=60.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -87,7 +93,7 @@ def test_kill_stops_torchrun_and_every_descendant():
 
     thread = threading.Thread(target=target)
     thread.start()
-    assert _wait_for(lambda: sum(line.startswith("ready") for line in lines) == 2), lines
+    assert _wait_for(lambda: _ready_count(lines) == 2), lines
     root = psutil.Process(backend.pid)
     tree = [root, *root.children(recursive=True)]
     assert len(tree) >= 5   # torchrun + 2 workers + their 2 children
@@ -114,10 +120,10 @@ def test_job_dies_with_a_hard_killed_task_process(tmp_path):
         LocalBackend().run(spec, log=lambda line: print(line, flush=True))
     """))
     task = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    ready = 0
+    seen: list[str] = []
     for line in task.stdout:
-        ready += line.startswith("ready")
-        if ready == 2:
+        seen.append(line)
+        if _ready_count(seen) == 2:
             break
     descendants = psutil.Process(task.pid).children(recursive=True)
     assert len(descendants) >= 5
