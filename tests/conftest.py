@@ -4,6 +4,7 @@ AIRFLOW_HOME must be set before anything imports airflow, so it happens at impor
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import socket
@@ -44,19 +45,18 @@ def airflow_db():
     yield
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (sqlite backend, local artifact store) on a free loopback port."""
-    root = tmp_path_factory.mktemp("mlflow")
+@contextlib.contextmanager
+def _running_mlflow_server(root: pathlib.Path, artifacts_destination: str, env: dict | None = None):
+    """`mlflow server` (sqlite backend in `root`) on a free loopback port until the block ends; yields its URI."""
     port = free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # The job runner adds ~7 processes and 1.7 GB that these tests never use.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        env={**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -70,9 +70,19 @@ def mlflow_server(tmp_path_factory):
             proc.kill()
             raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
         time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    try:
+        yield uri
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (sqlite backend, local artifact store) on a free loopback port."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with _running_mlflow_server(root, str(root / "artifacts")) as uri:
+        yield uri
 
 
 def _free_port_pair() -> int:
@@ -147,27 +157,5 @@ def mlflow_s3_server(tmp_path_factory, s3_server):
     Clients reach artifacts through the server (mlflow-artifacts:/), so they need no AWS keys; only the server gets
     the S3 environment. Yields {"uri", "bucket", "prefix", "client"} (client: boto3, to look at the bucket)."""
     root = tmp_path_factory.mktemp("mlflow-s3")
-    port = free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", f"s3://{s3_server['bucket']}/mlflow", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **s3_server["env"], "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield {"uri": uri, "bucket": s3_server["bucket"], "prefix": "mlflow/", "client": s3_server["client"]}
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    with _running_mlflow_server(root, f"s3://{s3_server['bucket']}/mlflow", env=s3_server["env"]) as uri:
+        yield {"uri": uri, "bucket": s3_server["bucket"], "prefix": "mlflow/", "client": s3_server["client"]}
