@@ -149,8 +149,8 @@ class Merger:
         candidates = []   # (ordinal, shard position, row in that shard's dataset, key)
         for position, directory in enumerate(self.shard_dirs):
             with open(directory / f"{kind}.docs.jsonl") as f:
-                candidates.extend((json.loads(line)["ordinal"], position, row, json.loads(line)["key"])
-                                  for row, line in enumerate(f))
+                records = (json.loads(line) for line in f)
+                candidates.extend((r["ordinal"], position, row, r["key"]) for row, r in enumerate(records))
         candidates.sort()
         datasets: dict[int, IndexedDataset] = {}   # opened on first use: an empty .bin cannot be memory-mapped
         self.prefix.parent.mkdir(parents=True, exist_ok=True)

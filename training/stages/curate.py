@@ -72,10 +72,10 @@ def run_shard(cfg: CurateConfig, index: int, packages, chash: str, inputs: dict)
     label = f"shard {index + 1}/{cfg.shards}"
     out = shard_dir(stage_dir(cfg.run_root, STAGE), index, cfg.shards)
     marker_uri = storage.uri_of(out / SHARD_MARKER, cfg.run_root)
-    old = storage.read_text(marker_uri)
-    if old and json.loads(old).get("config_hash") == chash and json.loads(old).get("inputs") == inputs:
+    old = json.loads(storage.read_text(marker_uri) or "{}")
+    if old.get("config_hash") == chash and old.get("inputs") == inputs:
         print(f"curate {label}: already done, skipping", flush=True)
-        return json.loads(old)
+        return old
     (out / SHARD_MARKER).unlink(missing_ok=True)
     builder_cls, dtype = _megatron_builder()
     tok = tokenizer.load_tokenizer()
