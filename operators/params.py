@@ -33,6 +33,7 @@ CURATE_FIELDS = (
     "curate.sources",
     "curate.max_reject_ratio",
     "curate.shards",
+    "curate.near_dedup",
 )
 PRETRAIN_FIELDS = (
     "pretrain.train.steps",
@@ -80,8 +81,9 @@ PROMOTE_FIELDS = (
 SHARED_FIELDS = ("seed",)
 # Descriptions for fields whose config model has none.
 _NOTES = {
-    "curate.sources": "Corpus sources, each {kind: package_metadata | package_code, weight, max_documents, "
-                      "min_chars, max_file_bytes}; each kind at most once",
+    "curate.sources": "Corpus sources, each {kind: package_metadata | package_code | jsonl | parquet | text | repos, "
+                      "name, uri (local or s3://), weight, max_documents, languages, quality, pii, decontaminate, "
+                      "near_dedup, ...}; names must be unique",
     "seed": "Random seed shared by every stage",
     "promote.gates": "Gated metrics, each {metric (a seekflow.eval.<metric> version tag), higher_is_better, "
                      "max_regression (absolute), min, max}",

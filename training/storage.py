@@ -136,6 +136,21 @@ def children(uri: str) -> list[str]:
     return sorted({k[len(base):].split("/", 1)[0] for k, _ in _list(uri) if k.startswith(base)})
 
 
+def list_files(uri: str) -> list[tuple[str, int]]:
+    """(URI, size) of every file at or under `uri` (a file, directory or prefix), recursively, sorted by URI: the
+    deterministic input order of curation sources. Hidden files and in-progress downloads are left out."""
+    if is_remote(uri):
+        bucket, _ = _bucket_key(uri)
+        return sorted((f"s3://{bucket}/{key}", size) for key, size in _list(uri) if not key.endswith("/"))
+    path = local_dir(uri, create=False)
+    if path.is_file():
+        return [(str(path), path.stat().st_size)]
+    if not path.is_dir():
+        raise StorageError(f"{uri}: no such file or directory")
+    return [(str(p), p.stat().st_size) for p in sorted(path.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+
+
 def exists(uri: str) -> bool:
     if not is_remote(uri):
         return local_dir(uri, create=False).exists()

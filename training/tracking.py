@@ -70,3 +70,16 @@ def log_artifact_file(path: Path, artifact_path: str | None = None) -> None:
     import mlflow
 
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_metrics(mlflow_run, metrics: dict) -> None:
+    """Log numeric metrics to the active stage run (nothing when tracking is off)."""
+    if mlflow_run is None:
+        return
+    import mlflow
+
+    import re
+
+    # MLflow allows letters, digits, _ - . / and spaces in metric names: "dropped.Language ID (lid)" → "…_lid_".
+    mlflow.log_metrics({re.sub(r"[^\w\-./ ]", "_", k): float(v) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})

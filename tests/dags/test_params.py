@@ -76,7 +76,8 @@ def test_generated_params_carry_the_schema(dags):
     assert params.get_param("pretrain.data_manifest").value is None
     assert "section" not in params.get_param("pretrain.data_manifest").schema   # leads the first section
     sources = dags["seekflow_curate"].params.get_param("curate.sources")
-    assert sources.schema["items"]["properties"]["kind"]["enum"] == ["package_metadata", "package_code"]
+    assert sources.schema["items"]["properties"]["kind"]["enum"] == ["package_metadata", "package_code", "jsonl",
+                                                                    "parquet", "text", "repos"]
     assert sources.schema["items"]["additionalProperties"] is False
     alias = dags["seekflow_pipeline"].params.get_param("register.alias")
     assert alias.value == "candidate" and alias.schema["pattern"] == "^[a-z][a-z0-9_-]*$"

@@ -11,7 +11,6 @@ from training.config import CurateConfig
 from training.data import sample_corpus as sc
 from training.data import tokenizer as T
 from training.manifest import manifest_path, read_manifest
-from training.data.shards import REJECT_SAMPLES
 from training.stages import curate
 from training.storage import sha256_file
 
@@ -121,56 +120,62 @@ def test_datasets_read_back_with_megatron(curated):
 
     cfg, manifest = curated
     tok, eod = T.load_tokenizer(), T.eod_id()
-    assert [d["kind"] for d in manifest["outputs"]["datasets"]] == ["package_metadata", "package_code"]
+    control = T.control_token_ids() - {eod}
+    assert [d["name"] for d in manifest["outputs"]["datasets"]] == ["package_metadata", "package_code"]
     for entry, source in zip(manifest["outputs"]["datasets"], cfg.sources):
         assert entry["prefix"].endswith(f"/curate/data/{source.kind}_text_document")
-        assert entry["weight"] == source.weight and entry["documents"] == source.max_documents == 50
+        assert entry["weight"] == source.weight and 0 < entry["documents"] < source.max_documents
         assert entry["bin_sha256"] == sha256_file(Path(entry["prefix"] + ".bin"))
         dataset = IndexedDataset(entry["prefix"])
         assert len(dataset) == entry["documents"]
-        assert len(dataset.document_indices) == entry["documents"] + 1
         assert int(dataset.sequence_lengths.sum()) == entry["tokens"]
-        assert all(int(dataset[i][-1]) == eod for i in range(len(dataset)))
-        # The first stored document is exactly the tokenizer's encoding of the first document that passes the
-        # filters, followed by EOD.
-        items = sc.read_source(source.kind, sc.installed_packages(), max_file_bytes=source.max_file_bytes)
-        first = next(i for i in items if isinstance(i, sc.Document) and len(i.text.strip()) >= source.min_chars)
-        assert dataset[0].tolist() == tok.encode(first.text, add_special_tokens=False).ids + [eod]
+        for i in range(len(dataset)):
+            ids = dataset[i].tolist()
+            assert ids[-1] == eod and not control & set(ids[:-1])   # one EOD, at the end; no other control token
     assert manifest["outputs"]["tokenizer"] == {"name": "deepseek-v3", "vocab_size": tok.get_vocab_size(),
                                                 "eod_id": eod}
 
 
-def test_manifest_counts_rejects_and_result(curated):
+def test_funnel_accounts_for_every_item_read(curated):
     cfg, manifest = curated
     assert read_manifest(manifest_path(cfg.run_root, "curate")) == manifest
     assert set(manifest["inputs"]) == {"package_metadata", "package_code", "tokenizer"}
-    for kind in ("package_metadata", "package_code"):
-        m = manifest["metrics"][kind]
-        # Every item read is accounted for exactly once.
-        assert m["seen"] == m["documents"] + m["rejected_total"] + m["duplicates"] + m["surplus"]
-        assert m["rejected_total"] == sum(m["rejected"].values())
+    for source in cfg.sources:
+        funnel = manifest["outputs"]["funnel"][source.label]
+        assert funnel[0] == {"step": f"read {source.label}", "documents": source.max_documents, "tokens": None,
+                             "dropped": {}}
+        for before, after in zip(funnel, funnel[1:]):   # each step keeps what it did not drop
+            assert after["documents"] == before["documents"] - sum(after["dropped"].values()), after["step"]
+        m = manifest["metrics"][source.label]
+        assert funnel[-1]["documents"] == m["documents"] and funnel[-1]["tokens"] == m["tokens"]
+    steps = [s["step"] for s in manifest["outputs"]["funnel"]["package_metadata"]]
+    assert steps[:4] == ["read package_metadata", "bad input", "exact dedup", "Language ID (packaged lid.176)"]
+    assert {"Gopher Repetition", "Gopher Quality", "Decontaminate", "tokenize + pack"} <= set(steps)
+    assert "code quality" in [s["step"] for s in manifest["outputs"]["funnel"]["package_code"]]
     code = manifest["metrics"]["package_code"]
-    assert code["rejected_total"] > 0   # real packages have empty __init__.py files
-    rejects = (manifest_path(cfg.run_root, "curate").parent / "rejects/package_code.jsonl").read_text().splitlines()
-    assert len(rejects) == min(code["rejected_total"], REJECT_SAMPLES)
-    assert {json.loads(r)["reason"] for r in rejects} <= set(code["rejected"])
+    assert code["too_short"] > 0   # real packages have near-empty __init__.py files
+    out = manifest_path(cfg.run_root, "curate").parent
+    rejects = [json.loads(r) for r in (out / "rejects/package_code/bad_input.jsonl").read_text().splitlines()]
+    assert rejects and {r["reason"] for r in rejects} <= set(code["bad_input_reasons"]) | {"too_short"}
     total = sum(d["tokens"] for d in manifest["outputs"]["datasets"])
-    assert manifest["result"] == {"manifest": str(manifest_path(cfg.run_root, "curate")), "documents": 100,
+    documents = sum(d["documents"] for d in manifest["outputs"]["datasets"])
+    assert manifest["result"] == {"manifest": str(manifest_path(cfg.run_root, "curate")), "documents": documents,
                                   "tokens": total}
 
 
-def test_mlflow_run_has_metrics_and_manifest(curated, mlflow_db):
+def test_mlflow_run_has_metrics_funnel_and_manifest(curated, mlflow_db):
     import mlflow
 
     cfg, manifest = curated
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{mlflow_db}")
     experiment = client.get_experiment_by_name("test-curate")
     run = client.search_runs([experiment.experiment_id], filter_string="tags.`seekflow.stage` = 'curate'")[0]
-    assert run.data.metrics["package_code.documents_kept"] == 50
+    code = manifest["metrics"]["package_code"]
+    assert run.data.metrics["package_code.documents"] == code["documents"]
     assert run.data.metrics["package_metadata.tokens"] == manifest["metrics"]["package_metadata"]["tokens"]
-    assert "package_code.duplicates" in run.data.metrics and "package_code.rejected" in run.data.metrics
+    assert run.data.metrics["package_code.near_duplicates"] == code["near_duplicates"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"manifest.json", "rejects"} <= artifacts
+    assert {"manifest.json", "rejects", "funnel.png", "funnel.json"} <= artifacts
 
 
 def test_rerun_with_same_config_skips(curated, capsys):
@@ -180,22 +185,3 @@ def test_rerun_with_same_config_skips(curated, capsys):
     assert curate.run(cfg) == manifest
     assert "already done" in capsys.readouterr().out
     assert os.stat(bin_path).st_mtime_ns == mtime
-
-
-def test_too_many_rejects_fails_naming_the_source(tmp_path, mlflow_db):
-    # Every code file is over 1 byte: the code source rejects everything; metadata alone would pass.
-    cfg = _config(tmp_path, mlflow_db, max_reject_ratio=0.5,
-                  sources=[{"kind": "package_metadata", "max_documents": 5},
-                           {"kind": "package_code", "max_documents": 5, "max_file_bytes": 1}])
-    with pytest.raises(curate.CurateError, match=r"source package_code: rejected .*max_reject_ratio"):
-        curate.run(cfg)
-    assert not manifest_path(cfg.run_root, "curate").exists()
-    assert '"reason": "too_large"' in (tmp_path / "curate/rejects/package_code.jsonl").read_text()
-
-
-def test_duplicate_source_kinds_are_refused_by_the_config(tmp_path, mlflow_db):
-    from training.config import ConfigError, resolve_stage_config
-
-    with pytest.raises(ConfigError, match="each kind may appear once"):
-        resolve_stage_config("curate", "tiny", overrides={"sources": [{"kind": "package_code"},
-                                                                      {"kind": "package_code"}]})

@@ -8,16 +8,16 @@ from training.config import CurateConfig
 from training.stages import curate
 
 
-def _config(run_root, mlflow_db, shards):
+def _config(run_root, mlflow_db, shards, documents=(40, 60)):
     return CurateConfig.model_validate({
         "run_root": str(run_root), "shards": shards,
         "tracking": {"uri": f"sqlite:///{mlflow_db}", "experiment": "test-shards"},
-        "sources": [{"kind": "package_metadata", "weight": 0.6, "max_documents": 40},
-                    {"kind": "package_code", "weight": 0.4, "max_documents": 60, "max_file_bytes": 50_000}]})
+        "sources": [{"kind": "package_metadata", "weight": 0.6, "max_documents": documents[0]},
+                    {"kind": "package_code", "weight": 0.4, "max_documents": documents[1], "max_file_bytes": 50_000}]})
 
 
 def _kept(manifest):
-    return [(d["kind"], d["documents"], d["tokens"], d["bin_sha256"]) for d in manifest["outputs"]["datasets"]]
+    return [(d["name"], d["documents"], d["tokens"], d["bin_sha256"]) for d in manifest["outputs"]["datasets"]]
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +30,8 @@ def one_shard(tmp_path_factory, mlflow_db):
     return curate.run(_config(tmp_path_factory.mktemp("one"), mlflow_db, 1))
 
 
-def test_three_shards_keep_what_one_shard_keeps(one_shard, tmp_path, mlflow_db):
-    three = curate.run(_config(tmp_path, mlflow_db, 3))
-    assert _kept(three) == _kept(one_shard)            # same documents, same tokens, byte-identical .bin files
-    assert three["metrics"]["tokens"] == one_shard["metrics"]["tokens"]
-    assert three["metrics"]["shards"] == 3
-    for kind in ("package_metadata", "package_code"):
-        m = three["metrics"][kind]
-        assert m["seen"] == m["documents"] + m["rejected_total"] + m["duplicates"] + m["surplus"]
-    assert sorted(p.name for p in (tmp_path / "curate/shards").iterdir()) == [
-        "0000-of-0003", "0001-of-0003", "0002-of-0003"]
-
-
-def test_shard_jobs_then_merge(one_shard, tmp_path, mlflow_db, monkeypatch, capsys):
+def test_three_shard_jobs_then_merge_keep_what_one_shard_keeps(one_shard, tmp_path, mlflow_db, monkeypatch,
+                                                                capsys):
     cfg = _config(tmp_path, mlflow_db, 3)
     monkeypatch.setenv(curate.SHARDS_ENV, "3")
     for index in (2, 0, 1):                             # Indexed Job pods finish in any order
@@ -52,13 +41,20 @@ def test_shard_jobs_then_merge(one_shard, tmp_path, mlflow_db, monkeypatch, caps
         marker = json.loads((tmp_path / f"curate/shards/{index:04d}-of-0003/shard.json").read_text())
         assert marker["config_hash"] == result["config_hash"]
     assert not (tmp_path / "curate/manifest.json").exists()   # shards never write the stage manifest
+    assert sorted(p.name for p in (tmp_path / "curate/shards").iterdir()) == [
+        "0000-of-0003", "0001-of-0003", "0002-of-0003"]
 
     monkeypatch.delenv(curate.SHARDS_ENV)
     monkeypatch.delenv(curate.INDEX_ENV)
     capsys.readouterr()
-    merged = curate.run(cfg)                             # the merge job: shards are done, so it only merges
+    three = curate.run(cfg)                              # the merge job: shards are done, so it only merges
     assert capsys.readouterr().out.count("already done, skipping") == 3
-    assert _kept(merged) == _kept(one_shard)
+    assert _kept(three) == _kept(one_shard)              # same documents, same tokens, byte-identical .bin files
+    assert three["metrics"]["tokens"] == one_shard["metrics"]["tokens"]
+    assert three["metrics"]["shards"] == 3
+    for kind in ("package_metadata", "package_code"):   # the same items read and set aside as bad input
+        for key in ("read", "bad_input_reasons", "too_short", "near_duplicates", "documents", "tokens"):
+            assert three["metrics"][kind][key] == one_shard["metrics"][kind][key], (kind, key)
 
 
 def test_shard_environment_is_checked(tmp_path, mlflow_db, monkeypatch):
@@ -74,7 +70,7 @@ def test_shard_environment_is_checked(tmp_path, mlflow_db, monkeypatch):
 
 
 def test_merge_refuses_a_missing_shard(tmp_path, mlflow_db, monkeypatch):
-    cfg = _config(tmp_path, mlflow_db, 2)
+    cfg = _config(tmp_path, mlflow_db, 2, documents=(4, 4))
     monkeypatch.setenv(curate.SHARDS_ENV, "2")
     monkeypatch.setenv(curate.INDEX_ENV, "0")
     curate.run(cfg)

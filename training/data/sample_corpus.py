@@ -118,9 +118,13 @@ def long_description(metadata) -> str:
 # ------------------------------------------------------------------------------------------------------ code files --
 def package_code(packages: Iterable[Package], max_file_bytes: int) -> Iterator[Item]:
     """One document per source file, distributions interleaved round-robin (one file from each in turn)."""
-    per_package = [_source_files(pkg) for pkg in packages]
-    for doc_id, path in _round_robin(per_package):
+    for doc_id, path in package_code_files(packages):
         yield read_source_file(doc_id, path, max_file_bytes)
+
+
+def package_code_files(packages: Iterable[Package]) -> Iterator[tuple[str, Path]]:
+    """(id, path) of every source file in `package_code`'s order, without reading the files."""
+    return _round_robin([_source_files(pkg) for pkg in packages])
 
 
 def read_source_file(doc_id: str, path: Path, max_file_bytes: int) -> Item:

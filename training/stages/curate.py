@@ -1,52 +1,56 @@
-"""Curate stage (walking skeleton): sample corpus → filter → exact dedup → tokenize → megatron indexed datasets.
+"""Curate stage: configured sources → datatrove pipelines per shard → cross-shard dedup → blended megatron datasets.
 
-For each configured source: read items from the machine's installed packages (`training.data.sample_corpus`), set
-aside documents that are whitespace-only or shorter than `min_chars`, drop exact duplicates (sha256 of the
-whitespace-normalised text, across all sources), tokenize with DeepSeek's tokenizer and append EOD, and write
-`{stage_dir}/data/{kind}_text_document.{bin,idx}` with megatron-core's `IndexedDatasetBuilder`.
+Each source runs the chain in `training.data.curate.chain` (bad input, normalisation, exact dedup, language ID,
+quality, PII, decontamination, tokenize + pack, MinHash signatures). Scale-out: the work runs as `shards` shards and
+one merge. A Kubernetes Indexed Job (or the local backend's processes) runs `python -m training curate` with
+`SEEKFLOW_NUM_SHARDS=N` and `JOB_COMPLETION_INDEX=i` set, one shard per process; a plain run does any shard not done
+yet, then merges. The merge is the cross-shard part: MinHash-LSH clustering over every shard's signatures, exact
+dedup across shards and sources, then `{stage}/data/{name}_text_document.{bin,idx}` for megatron's blended dataset
+builder (weights in the manifest). Any N keeps the same documents: shard i reads the items with ordinal ≡ i (mod N)
+and every decision after that depends on the document alone or on its global order key.
 
-Scale-out: the work runs as `shards` shards and one merge (`training.data.shards`): a Kubernetes Indexed Job (or the
-local backend's processes) runs `python -m training curate` with `SEEKFLOW_NUM_SHARDS=N` and `JOB_COMPLETION_INDEX=i`
-set, one shard per process; then one plain run merges. A plain run also does any shard not done yet, so on a laptop
-one command does everything. Any N keeps the same documents.
-
-Every item a shard read is accounted for once: seen = documents + rejected + duplicates + surplus (candidates that
-shards read beyond the cap). Rejects are counted per reason and the first 100 per source are sampled into `{stage_dir}/rejects/{kind}.jsonl`; a
-source rejecting more than `max_reject_ratio` of what it read fails the stage. The manifest is written last; a rerun
-with the same config, packages and tokenizer is skipped. MinHash, quality filters and PII come later (datatrove).
+Bad input (unreadable files, malformed records, empty documents) is counted per reason and sampled into
+`{stage}/rejects/{source}/{step}.jsonl`; a source whose bad input exceeds `max_reject_ratio` fails the stage, naming
+the source. The funnel (documents and tokens after each step) goes to the manifest, MLflow and `funnel.png`; the
+manifest is written last, and a rerun with the same config and inputs is skipped.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-import warnings
 from collections import Counter
+from pathlib import Path
 
 from training import manifest as manifests
 from training import storage, tracking
 from training.config import CurateConfig, config_hash
-from training.data import sample_corpus, tokenizer
-from training.data.shards import SHARD_MARKER, Merger, ShardWriter, shard_dir
+from training.data import tokenizer
+from training.data.curate import funnel as funnels
+from training.data.curate import inputs as source_inputs
 from training.storage import sha256_file, stage_dir
 
 STAGE = "curate"
 SHARDS_ENV = "SEEKFLOW_NUM_SHARDS"       # set on shard jobs only (operators.backends.k8s_render sets the same name)
 INDEX_ENV = "JOB_COMPLETION_INDEX"       # a Kubernetes Indexed Job's completion index
+SHARD_MARKER = "shard.json"
+GOOD_TOO_SHORT = "too_short"             # dropped by the bad-input step but a filter decision, not bad input
 
 
 class CurateError(RuntimeError):
     pass
 
 
+def shard_dir(out: Path, index: int, count: int) -> Path:
+    return out / "shards" / f"{index:04d}-of-{count:04d}"
+
+
 def run(cfg: CurateConfig) -> dict:
     started = time.time()
-    packages = sample_corpus.installed_packages()
-    inputs = {**{source.kind: sample_corpus.fingerprint(packages) for source in cfg.sources},
-              "tokenizer": tokenizer.tokenizer_fingerprint()}
+    inputs = {**source_inputs.fingerprints(cfg.sources), "tokenizer": tokenizer.tokenizer_fingerprint()}
     chash = config_hash(cfg)
     if os.environ.get(SHARDS_ENV):
-        return run_shard(cfg, _shard_index(cfg), packages, chash, inputs)
+        return run_shard(cfg, _shard_index(cfg), chash, inputs)
 
     done = manifests.finished(cfg.run_root, STAGE, chash, inputs)
     if done is not None and _outputs_exist(done):
@@ -54,7 +58,7 @@ def run(cfg: CurateConfig) -> dict:
         return done
     manifests.invalidate(cfg.run_root, STAGE)   # an old manifest must never vouch for the files rewritten below
     for index in range(cfg.shards):
-        run_shard(cfg, index, packages, chash, inputs)
+        run_shard(cfg, index, chash, inputs)
     return merge(cfg, chash, inputs, started)
 
 
@@ -67,8 +71,10 @@ def _shard_index(cfg: CurateConfig) -> int:
     return int(index)
 
 
-def run_shard(cfg: CurateConfig, index: int, packages, chash: str, inputs: dict) -> dict:
-    """Shard `index` of `cfg.shards`: every source's candidates, then `shard.json` (skipped when already done)."""
+def run_shard(cfg: CurateConfig, index: int, chash: str, inputs: dict) -> dict:
+    """Shard `index` of `cfg.shards`: every source's pipeline, then `shard.json` (skipped when already done)."""
+    from training.data.curate.chain import run_source
+
     label = f"shard {index + 1}/{cfg.shards}"
     out = shard_dir(stage_dir(cfg.run_root, STAGE), index, cfg.shards)
     marker_uri = storage.uri_of(out / SHARD_MARKER, cfg.run_root)
@@ -77,16 +83,12 @@ def run_shard(cfg: CurateConfig, index: int, packages, chash: str, inputs: dict)
         print(f"curate {label}: already done, skipping", flush=True)
         return old
     (out / SHARD_MARKER).unlink(missing_ok=True)
-    builder_cls, dtype = _megatron_builder()
-    tok = tokenizer.load_tokenizer()
     sources = {}
-    for source in cfg.sources:
-        writer = ShardWriter(source, out, tok, builder_cls, dtype, f"{source.kind} {label}")
-        writer.consume(sample_corpus.read_source(source.kind, packages, max_file_bytes=source.max_file_bytes),
-                       index, cfg.shards)
-        sources[source.kind] = writer.stats()
-        print(f"curate {source.kind} {label}: {writer.candidates} candidates, {writer.tokens:,} tokens; rejected "
-              f"{dict(writer.rejected)}; {writer.duplicates} duplicates", flush=True)
+    for source_index, source in enumerate(cfg.sources):
+        began = time.time()
+        funnel, pii = run_source(cfg, source, source_index, out, index)
+        sources[source.label] = {"funnel": funnel, "pii": pii, "seconds": round(time.time() - began, 2)}
+        print(f"curate {source.label} {label}: " + funnels.describe(funnel), flush=True)
     marker = {"shard": index, "shards": cfg.shards, "config_hash": chash, "inputs": inputs, "sources": sources}
     storage.publish(out, exclude=(SHARD_MARKER,))
     (out / SHARD_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
@@ -95,7 +97,9 @@ def run_shard(cfg: CurateConfig, index: int, packages, chash: str, inputs: dict)
 
 
 def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> dict:
-    """Merge every shard into the final datasets, check reject ratios, write the manifest last."""
+    """Cross-shard dedup, the final datasets, reject samples, the funnel, and the manifest last."""
+    from training.data.curate.pack import merge_source
+
     out = stage_dir(cfg.run_root, STAGE)
     dirs = [shard_dir(out, i, cfg.shards) for i in range(cfg.shards)]
     markers = []
@@ -105,41 +109,42 @@ def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> dict:
             raise CurateError(f"shard {directory.name} is missing or from another config: rerun the shards")
         storage.fetch(storage.uri_of(directory, cfg.run_root))   # an s3 run root: the shard pods' files
         markers.append(marker)
-    builder_cls, dtype = _megatron_builder()
+    near_duplicates = _near_duplicates(cfg, dirs)
     seen_keys: set[str] = set()
-    datasets, metrics = [], {}
+    datasets, metrics, all_funnels = [], {}, {}
     with tracking.stage_run(cfg, STAGE, chash) as mlflow_run:
         for source in cfg.sources:
-            merger = Merger(source, dirs, out / "data" / f"{source.kind}_text_document", builder_cls, dtype, seen_keys)
-            stats = _sum_shard_stats(m["sources"][source.kind] for m in markers)
-            merged = merger.merge()
-            merger.rejects(out / "rejects" / f"{source.kind}.jsonl")
-            stats.update(documents=merged["documents"], tokens=merged["tokens"], surplus=merged["surplus"],
-                         duplicates=stats["duplicates"] + merged["duplicates_across_shards"]
-                         + merged["duplicates_across_sources"])
-            metrics[source.kind] = stats
-            print(f"curate {source.kind}: kept {stats['documents']} documents, {stats['tokens']:,} tokens; "
-                  f"rejected {stats['rejected_total']} {stats['rejected']}; {stats['duplicates']} duplicates "
-                  f"({cfg.shards} shard{'s' * (cfg.shards > 1)})", flush=True)
-            _log_metrics(mlflow_run, source.kind, stats)   # before the ratio check: a failed run shows why
-            ratio = stats["rejected_total"] / max(stats["seen"], 1)
+            funnel = funnels.sum_shards([m["sources"][source.label]["funnel"] for m in markers])
+            prefix = out / "data" / f"{source.label}_text_document"
+            counts = merge_source(source.label, dirs, prefix, seen_keys, near_duplicates)
+            funnel = funnels.add_merge_steps(funnel, counts)
+            all_funnels[source.label] = funnel
+            _collect_rejects(dirs, source.label, out / "rejects" / source.label)
+            stats = _source_stats(funnel, counts)
+            stats["pii"] = dict(sum((Counter(m["sources"][source.label]["pii"]) for m in markers), Counter()))
+            metrics[source.label] = stats
+            print(f"curate {source.label}: kept {counts['documents']} documents, {counts['tokens']:,} tokens "
+                  f"({cfg.shards} shard{'s' * (cfg.shards > 1)}); " + funnels.describe(funnel), flush=True)
+            tracking.log_metrics(mlflow_run, tracking.flatten(source.label, stats, {}))   # before the check below
+            ratio = stats["bad_input"] / max(stats["read"], 1)
             if ratio > cfg.max_reject_ratio:
-                raise CurateError(f"source {source.kind}: rejected {stats['rejected_total']} of {stats['seen']} "
-                                  f"items ({ratio:.1%}) > max_reject_ratio {cfg.max_reject_ratio:.1%}; "
-                                  f"see {out / 'rejects' / (source.kind + '.jsonl')}")
-            prefix = merger.prefix
-            datasets.append({"kind": source.kind, "prefix": storage.uri_of(prefix, cfg.run_root),
-                             "weight": source.weight, "documents": stats["documents"], "tokens": stats["tokens"],
+                raise CurateError(f"source {source.label}: {stats['bad_input']} of {stats['read']} items were bad "
+                                  f"input ({ratio:.1%}) > max_reject_ratio {cfg.max_reject_ratio:.1%}; see "
+                                  f"{out / 'rejects' / source.label / 'bad_input.jsonl'}")
+            datasets.append({"kind": source.kind, "name": source.label, "prefix": storage.uri_of(prefix, cfg.run_root),
+                             "weight": source.weight, "documents": counts["documents"], "tokens": counts["tokens"],
                              "bin_sha256": sha256_file(prefix.with_suffix(".bin"))})
 
         documents, tokens = sum(d["documents"] for d in datasets), sum(d["tokens"] for d in datasets)
         metrics.update(documents=documents, tokens=tokens, shards=cfg.shards,
-                       seconds=round(time.time() - started, 2))
+                       near_duplicates=len(near_duplicates), seconds=round(time.time() - started, 2))
+        (out / "funnel.json").write_text(json.dumps(all_funnels, indent=2))
+        funnels.plot(all_funnels, out / "funnel.png")
         tok = tokenizer.load_tokenizer()
         vocab = {"name": tokenizer.NAME, "vocab_size": tok.get_vocab_size(), "eod_id": tokenizer.eod_id()}
-        outputs = {"datasets": datasets, "tokenizer": vocab}
-        storage.publish(out / "data")
-        storage.publish(out / "rejects")
+        outputs = {"datasets": datasets, "tokenizer": vocab, "funnel": all_funnels}
+        for name in ("data", "rejects", "funnel.json", "funnel.png"):
+            storage.publish(out / name)
         manifest = manifests.write_manifest(
             cfg.run_root, STAGE, config_hash=chash, inputs=inputs, outputs=outputs, metrics=metrics, started=started,
             result={"manifest": manifests.manifest_uri(cfg.run_root, STAGE), "documents": documents,
@@ -149,41 +154,53 @@ def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> dict:
 
             mlflow.log_metrics({"documents": documents, "tokens": tokens})
             tracking.log_artifact_file(manifests.manifest_path(cfg.run_root, STAGE))
+            for name in ("funnel.json", "funnel.png"):
+                mlflow.log_artifact(str(out / name))
             mlflow.log_artifacts(str(out / "rejects"), artifact_path="rejects")
     print(f"curate: {documents} documents, {tokens:,} tokens in {time.time() - started:.1f} s", flush=True)
     return manifest
 
 
-def _sum_shard_stats(per_shard) -> dict:
-    seen = duplicates = 0
-    rejected: Counter[str] = Counter()
-    for stats in per_shard:
-        seen += stats["seen"]
-        duplicates += stats["duplicates"]
-        rejected.update(stats["rejected"])
-    return {"seen": seen, "rejected": dict(sorted(rejected.items())), "rejected_total": sum(rejected.values()),
-            "duplicates": duplicates}
+def _near_duplicates(cfg: CurateConfig, dirs: list[Path]) -> set[int]:
+    """Order keys of the documents MinHash-LSH clustering removes, over every shard and near-dedup source."""
+    from training.data.curate import minhash
+
+    paths = [p for d in dirs for s in cfg.sources if s.near_dedup for p in sorted((d / "minhash" / s.label).glob("*.npz"))
+             if not p.name.endswith(".partial.npz")]
+    if not paths:
+        return set()
+    nd = cfg.near_dedup
+    params = minhash.MinhashParams(n_grams=nd.n_grams, num_buckets=nd.num_buckets,
+                                   hashes_per_bucket=nd.hashes_per_bucket, seed=nd.seed)
+    keys, sigs = minhash.load_signatures(paths)
+    return set(minhash.find_duplicates(keys, sigs, params).tolist())
 
 
-def _megatron_builder():
-    """megatron-core's dataset writer and the token dtype for this vocabulary. Imported here because megatron.core
-    takes ~10 s to import; its TE/Apex fallback warnings are expected on CPU and only add noise."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    return IndexedDatasetBuilder, DType.optimal_dtype(tokenizer.load_tokenizer().get_vocab_size())
+def _collect_rejects(dirs: list[Path], label: str, target: Path) -> None:
+    """Per step, the shards' reject samples in the source's order: `{step}.jsonl` (decontamination: all of them)."""
+    steps = sorted({p.name for d in dirs for p in (d / "rejects" / label).glob("*") if p.is_dir()})
+    target.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        records = [json.loads(line) for d in dirs for f in sorted((d / "rejects" / label / step).glob("*.jsonl"))
+                   for line in f.read_text().splitlines() if line.strip()]
+        records.sort(key=lambda r: (r.get("ordinal") is None, r.get("ordinal") or 0))
+        limit = None if step == "decontaminated" else 100
+        with open(target / f"{step}.jsonl", "w") as f:
+            for record in records[:limit]:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _source_stats(funnel: list[dict], counts: dict) -> dict:
+    """The numbers a dashboard wants per source: items read, bad input, drops per step, kept documents/tokens."""
+    read = funnel[0]["documents"]
+    bad = Counter(next((s["dropped"] for s in funnel if s["step"] == "bad input"), {}))
+    too_short = bad.pop(GOOD_TOO_SHORT, 0)
+    return {"read": read, "bad_input": sum(bad.values()), "bad_input_reasons": dict(sorted(bad.items())),
+            "too_short": too_short, "dropped": {s["step"]: sum(s["dropped"].values()) for s in funnel if s["dropped"]},
+            "exact_duplicates": counts["exact_duplicates"], "near_duplicates": counts["near_duplicates"],
+            "documents": counts["documents"], "tokens": counts["tokens"]}
 
 
 def _outputs_exist(manifest: dict) -> bool:
     datasets = manifest.get("outputs", {}).get("datasets", [])
     return all(storage.exists(d["prefix"] + suffix) for d in datasets for suffix in (".bin", ".idx"))
-
-
-def _log_metrics(mlflow_run, kind: str, stats: dict) -> None:
-    if mlflow_run is None:
-        return
-    import mlflow
-
-    mlflow.log_metrics({f"{kind}.documents_kept": stats["documents"], f"{kind}.rejected": stats["rejected_total"],
-                        f"{kind}.duplicates": stats["duplicates"], f"{kind}.tokens": stats["tokens"],
-                        f"{kind}.seen": stats["seen"]})
