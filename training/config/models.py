@@ -150,31 +150,8 @@ class StageConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------------------- curate --
-class SampleCorpusSource(Section):
-    """Real text and code from this machine: installed packages' METADATA and their source trees."""
-
-    kind: Literal["package_metadata", "package_code"]
-    weight: float = Field(1.0, gt=0, description="Blend weight of this source in pretraining.")
-    max_documents: int = Field(2000, ge=1)
-    min_chars: int = Field(200, ge=0, description="Shorter documents are set aside as rejects.")
-    max_file_bytes: int = Field(200_000, ge=1, description="Larger source files are set aside as rejects.")
-
-
-class CurateConfig(StageConfig):
-    sources: list[SampleCorpusSource] = Field(
-        default_factory=lambda: [SampleCorpusSource(kind="package_metadata"), SampleCorpusSource(kind="package_code")]
-    )
-    max_reject_ratio: float = Field(0.9, ge=0, le=1, description="Fail the stage when a source rejects more.")
-    shards: int = Field(1, ge=1, le=1024, description="Shards the work is split into (a Kubernetes Indexed Job's "
-                                                      "completions; local processes on this machine). Any count "
-                                                      "keeps the same documents.")
-
-    @model_validator(mode="after")
-    def _unique_kinds(self) -> "CurateConfig":
-        kinds = [s.kind for s in self.sources]
-        if len(set(kinds)) != len(kinds):
-            raise ValueError(f"sources: each kind may appear once (outputs are named by kind), got {kinds}")
-        return self
+# Its own module (sources and step parameters); imported here, below Section and StageConfig, which it builds on.
+from training.config.curate import CurateConfig  # noqa: E402
 
 
 # -------------------------------------------------------------------------------------------------------- pretrain --
