@@ -1,8 +1,8 @@
 """One source's datatrove pipeline in one shard, and the funnel read back from datatrove's stats.
 
-    read → bad input → normalise → exact dedup → [language ID → Gopher/C4 quality]   (prose)
-                                              → [code file quality]                   (package_code files)
-         → PII redaction → decontamination → tokenize + pack → MinHash signatures
+    read → bad input → normalise → exact dedup → decontamination → [language ID → Gopher/C4 quality]   (prose)
+                                                                 → [code file quality]          (package_code files)
+         → PII redaction → tokenize + pack → MinHash signatures
 (`repos` sources apply DeepSeek-Coder's file filters while reading, before files are ordered and concatenated.)
 
 Each filter drops with a reason that datatrove counts in its stats, and keeps samples of what it dropped in
@@ -58,6 +58,9 @@ def source_pipeline(cfg, source, source_index: int, shard: Path) -> list:
              SetAsideBadInput(source.min_chars, exclusion_writer=rejects("bad_input")),
              text.NormalizeUnicode(),
              ExactDedup(exclusion_writer=rejects("exact_dedup"))]
+    if source.decontaminate:   # before language and quality filters: every leak is attributed, whatever else it fails
+        steps.append(decontam.DecontaminationFilter(decontam.default_index(benchmarks=cfg.decontamination.benchmarks),
+                                                    exclusion_writer=rejects("decontaminated", limit=None)))
     if source.language_codes:
         steps.append(text.LanguageID(languages=source.language_codes, threshold=cfg.language_threshold,
                                      exclusion_writer=rejects("language")))
@@ -69,9 +72,6 @@ def source_pipeline(cfg, source, source_index: int, shard: Path) -> list:
         steps.append(CodeFileQuality(exclusion_writer=rejects("code_quality")))
     if source.pii:
         steps.append(pii.RedactPII())
-    if source.decontaminate:
-        steps.append(decontam.DecontaminationFilter(decontam.default_index(benchmarks=cfg.decontamination.benchmarks),
-                                                    exclusion_writer=rejects("decontaminated", limit=None)))
     steps.append(PackCandidates(shard / source.label, source.label, exclusion_writer=rejects("pack")))
     if source.near_dedup:
         nd = cfg.near_dedup
