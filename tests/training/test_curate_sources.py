@@ -93,7 +93,9 @@ def corpus(tmp_path_factory):
     (repos / "calc" / "calc" / "ops.py").write_text("def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n"
                                                      "    return a * b\n")
     (repos / "calc" / "calc" / "__init__.py").write_text("from calc.ops import add, mul\n\n__all__ = ['add', 'mul']\n")
-    (repos / "calc" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" * 10)
+    (repos / "calc" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" * 10)     # not code
+    (repos / "calc" / "calc" / "blob.py").write_bytes(b"x = 1\x00\x01\x02\n")                # binary
+    (repos / "calc" / "calc" / "table.py").write_text("T = [\n" + "    1,\n" * 40_000 + "]\n")  # 280 KB: huge
     _write_tar(repos / "broken.tar.gz", {"broken/main.py": b"print('hello')\n" * 400}, cut=60)
     return root
 
@@ -136,6 +138,7 @@ def test_bad_input_is_counted_per_reason_and_set_aside(run):
     assert metrics["parquet"]["bad_input_reasons"] == {"corrupt_file": 1, "missing_text": 1}
     assert metrics["text"]["bad_input_reasons"] == {"binary": 1, "empty": 1, "invalid_utf8": 1, "too_large": 1}
     assert metrics["repos"]["bad_input_reasons"] == {"corrupt_archive": 1}
+    assert metrics["repos"]["skipped_files"] == {"binary": 1, "too_large": 1, "unknown_extension": 1}
     assert metrics["jsonl_s3"]["bad_input_reasons"] == {"empty": 2, "invalid_utf8": 1, "malformed_json": 1,
                                                         "missing_text": 1, "unreadable_object": 2}
     rejects = [json.loads(line) for line in (out / "rejects/jsonl/bad_input.jsonl").read_text().splitlines()]

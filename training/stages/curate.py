@@ -196,6 +196,7 @@ def _source_stats(funnel: list[dict], counts: dict) -> dict:
     bad = Counter(next((s["dropped"] for s in funnel if s["step"] == "bad input"), {}))
     too_short = bad.pop(GOOD_TOO_SHORT, 0)
     return {"read": read, "bad_input": sum(bad.values()), "bad_input_reasons": dict(sorted(bad.items())),
+            "skipped_files": funnel[0].get("skipped_files", {}),
             "too_short": too_short, "dropped": {s["step"]: sum(s["dropped"].values()) for s in funnel if s["dropped"]},
             "exact_duplicates": counts["exact_duplicates"], "near_duplicates": counts["near_duplicates"],
             "documents": counts["documents"], "tokens": counts["tokens"]}

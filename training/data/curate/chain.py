@@ -132,6 +132,9 @@ def funnel_from_stats(stats: list[dict]) -> list[dict]:
             entry["dropped"] = {k[len("dropped_"):]: count(k) for k in values if k.startswith("dropped_")}
         elif name.startswith("read"):
             entry.update(documents=count("documents") + count("bad_input"))   # every item read, bad input too
+            skipped = {k[len("skipped_file_"):]: count(k) for k in values if k.startswith("skipped_file_")}
+            if skipped:   # files left out of repository samples, per reason
+                entry["skipped_files"] = skipped
         else:                                # formatters and the signature step change no counts
             continue
         funnel.append(entry)

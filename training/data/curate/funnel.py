@@ -20,10 +20,14 @@ def sum_shards(per_shard: list[list[dict]]) -> list[dict]:
         dropped: Counter[str] = Counter()
         for s in steps:
             dropped.update(s["dropped"])
+        skipped: Counter[str] = Counter()
+        for s in steps:
+            skipped.update(s.get("skipped_files", {}))
         total.append({"step": steps[0]["step"],
                       "documents": sum(s["documents"] or 0 for s in steps),
                       "tokens": None if steps[0]["tokens"] is None else sum(s["tokens"] or 0 for s in steps),
-                      "dropped": dict(sorted(dropped.items()))})
+                      "dropped": dict(sorted(dropped.items())),
+                      **({"skipped_files": dict(sorted(skipped.items()))} if skipped else {})})
     return total
 
 

@@ -57,6 +57,8 @@ class SourceReader(PipelineStep):
             doc.metadata.update(source=self.source.label, ordinal=ordinal,
                                 order=self.source_index * ORDER_STRIDE + ordinal)
             self.stat_update("bad_input" if "reject" in doc.metadata else "documents")
+            for reason, count in doc.metadata.get("skipped", {}).items():   # files a repository sample left out
+                self.stat_update(f"skipped_file_{reason}", value=count)
             yield doc
 
     def shard_items(self, rank: int, world_size: int) -> Iterator[tuple[int, Document]]:
