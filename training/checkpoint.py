@@ -1,7 +1,8 @@
 """Checkpoints with megatron-core's dist_checkpointing: any parallel layout saves, any layout loads.
 
 Layout under the stage directory:
-    checkpoints/iter_0000100/   one dist_checkpointing directory per save (model, optimizer, scheduler, RNG, data position)
+    checkpoints/iter_0000100/   one dist_checkpointing directory per save (model, optimizer, scheduler, RNG, data
+                                position, the model config: resuming with another architecture is refused)
     checkpoints/iter_…/complete.json   written last, after every rank finished: the size of every file of the save
     checkpoints/latest          the step of the newest *complete* save; written atomically after every rank finished
     release/                    model weights only, for registration and evaluation
@@ -28,6 +29,7 @@ from training import storage
 
 LATEST = "latest"
 COMPLETE = "complete.json"
+MODEL_CONFIG = "model_config"   # common-state key: the ModelConfig (model_dump) the checkpoint was trained with
 
 
 def _node_leader() -> bool:
@@ -182,8 +184,11 @@ def _write_complete(target: Path, step: int) -> None:
     dist.barrier()
 
 
-def load(root: Path, model, optimizer, scheduler, remote: str | None = None) -> dict | None:
-    """Restore the latest complete checkpoint into model/optimizer/scheduler/RNG; returns its common state."""
+def load(root: Path, model, optimizer, scheduler, remote: str | None = None, model_config=None) -> dict | None:
+    """Restore the latest complete checkpoint into model/optimizer/scheduler/RNG; returns its common state.
+
+    With `model_config` (a ModelConfig), a checkpoint that recorded a different architecture is refused before
+    anything is loaded, naming the fields that differ."""
     from megatron.core import dist_checkpointing
 
     if remote:
@@ -191,6 +196,8 @@ def load(root: Path, model, optimizer, scheduler, remote: str | None = None) -> 
     step = latest_step(root)
     if step is None:
         return None
+    if model_config is not None:
+        check_architecture(step_dir(root, step), model_config)
     # A fresh optimizer has no state yet (no Adam moments, no step) to load into: create it, as megatron-LM does.
     # megatron-core 0.16's init_state_fn omits torch Adam's `step`, which the distributed optimizer's state_dict reads
     # when Transformer Engine / Apex are absent: add it (it is overwritten by the loaded value).
@@ -204,10 +211,45 @@ def load(root: Path, model, optimizer, scheduler, remote: str | None = None) -> 
     model.load_state_dict(loaded["model"])
     with torch.no_grad():   # the distributed optimizer copies into leaf tensors
         optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     rng = loaded["rng_state"]
     torch.set_rng_state(rng["torch"])
     return {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "rng_state")}
+
+
+class ArchitectureMismatch(ValueError):
+    """The checkpoint to resume from was trained with a different model architecture."""
+
+
+def check_architecture(directory: Path, model_config) -> None:
+    """Raise ArchitectureMismatch when the model config recorded in the checkpoint at `directory` differs from
+    `model_config` in an architecture field (a checkpoint without a record is loaded unchecked, with a warning)."""
+    from megatron.core import dist_checkpointing
+
+    recorded = dist_checkpointing.load_common_state_dict(str(directory)).get(MODEL_CONFIG)
+    if recorded is None:
+        _warn(f"{directory.name} records no model config: cannot check it matches the configured architecture")
+        return
+    differences = model_config.architecture_differences(recorded)
+    if differences:
+        raise ArchitectureMismatch(f"cannot resume from {directory}: its model architecture differs from the "
+                                   f"config ({'; '.join(differences)}). Use the checkpoint's values, or a new "
+                                   f"run_root to train the new architecture from scratch.")
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Put the loaded Adam step count back into every parameter's state. Without TE/Apex, megatron-core 0.16's
+    distributed optimizer saves torch Adam's per-parameter `step` in its param groups, but after loading the states
+    keep the 0 that `init_state_fn` made: bias correction would restart and a resumed run would drift."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                state = inner.optimizer.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]))   # one tensor each: Adam adds to it in place
 
 
 def _fetch_latest(root: Path, remote: str) -> None:

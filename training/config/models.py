@@ -6,7 +6,7 @@ must never import torch, megatron or mlflow.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -78,6 +78,20 @@ class ModelConfig(Section):
         None, ge=0, description="λ once mtp_loss_scaling_switch_tokens are consumed (DeepSeek-V3 §4.2: 0.1).")
     mtp_loss_scaling_switch_tokens: float | None = Field(
         None, ge=0, description="Tokens after which λ becomes mtp_loss_scaling_factor_after (DeepSeek-V3: 10e12).")
+
+    # Training knobs rather than architecture: a run resumed from a checkpoint may change them. Every other field
+    # shapes the weights or the function they compute, and must match the checkpoint's.
+    RESUMABLE_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "name", "init_method_std", "moe_router_bias_update_rate", "moe_router_bias_update_until_tokens",
+        "moe_aux_loss_coeff", "moe_aux_loss_coeffs", "moe_token_drop_capacity_factor", "mtp_loss_scaling_factor",
+        "mtp_loss_scaling_factor_after", "mtp_loss_scaling_switch_tokens"})
+
+    def architecture_differences(self, recorded: dict) -> list[str]:
+        """'field: recorded → this' for each architecture field where `recorded` (a checkpoint's model_dump) differs
+        from this config; fields the recording lacks (saved by an older version) are not compared."""
+        mine = self.model_dump(mode="json")
+        return [f"model.{key}: {recorded[key]!r} in the checkpoint, {mine[key]!r} now"
+                for key in mine if key in recorded and key not in self.RESUMABLE_FIELDS and recorded[key] != mine[key]]
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":

@@ -87,8 +87,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_
     )
 
 
-def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initialization: bool = True):
-    """The GPTModel for this pipeline stage (pre/post process follow the pipeline rank)."""
+def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initialization: bool = True,
+              seed: int | None = None):
+    """The GPTModel for this pipeline stage (pre/post process follow the pipeline rank).
+
+    With `seed`, its weights are redrawn layout-invariantly (training/model/init.py): any parallel layout starts
+    from the model one process would build. Without it, megatron's own (layout-dependent) init stays."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -113,6 +117,10 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initializ
         rotary_base=int(model.rotary_base),
         mtp_block_spec=mtp_spec,
     )
+    if seed is not None:
+        from training.model.init import reinitialize
+
+        reinitialize(gpt, config, seed)
     return gpt, config
 
 

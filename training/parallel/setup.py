@@ -66,11 +66,14 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=world, local_rank=local_rank, device=device)
 
 
-def shutdown() -> None:
+def shutdown(failed: bool = False) -> None:
+    """Tear down the process groups. A `failed` rank skips the final barrier: the other ranks may be waiting in a
+    different collective, and a rank that exits (rather than waits) lets torchrun stop the whole job."""
     from megatron.core import parallel_state
 
     if dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 

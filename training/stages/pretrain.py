@@ -46,9 +46,11 @@ def run(cfg: PretrainConfig) -> dict:
                           "release_checkpoint": outputs["release_checkpoint"], "mlflow_run_id": outputs["mlflow_run_id"]}
                 manifest = write_manifest(cfg.run_root, STAGE, config_hash=chash, inputs=inputs, outputs=outputs,
                                           metrics=metrics, started=started, result=result)
-        return manifest
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(failed=True)
+        raise
+    shutdown()
+    return manifest
 
 
 class Trainer:
@@ -74,7 +76,7 @@ class Trainer:
                              f"micro_batch_size x data-parallel size ({per_step})")
         self.num_microbatches = train.global_batch_size // per_step
 
-        self.gpt, tconfig = build_gpt(cfg.model, cfg.parallel)
+        self.gpt, tconfig = build_gpt(cfg.model, cfg.parallel, seed=cfg.seed)
         self.model = DistributedDataParallel(
             tconfig, DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
             self.gpt)
@@ -105,7 +107,8 @@ class Trainer:
         self.ckpt_root = stage_dir(cfg.run_root, STAGE) / "checkpoints"
         self.ckpt_root.mkdir(exist_ok=True)
         self.ckpt_remote = storage.uri_of(self.ckpt_root, cfg.run_root) if storage.is_remote(cfg.run_root) else None
-        resumed = checkpoint.load(self.ckpt_root, self.gpt, self.optimizer, self.scheduler, remote=self.ckpt_remote)
+        resumed = checkpoint.load(self.ckpt_root, self.gpt, self.optimizer, self.scheduler, remote=self.ckpt_remote,
+                                  model_config=cfg.model)
         self.step = resumed["step"] if resumed else 0
         consumed = resumed["consumed_samples"] if resumed else 0
         if resumed and info.is_main:
@@ -239,7 +242,8 @@ class Trainer:
 
     def _save(self):
         started = time.time()
-        common = {"step": self.step, "consumed_samples": self.batches.consumed_samples}
+        common = {"step": self.step, "consumed_samples": self.batches.consumed_samples,
+                  checkpoint.MODEL_CONFIG: self.cfg.model.model_dump(mode="json")}
         path = checkpoint.save(self.ckpt_root, self.step, self.gpt, self.optimizer, self.scheduler, common,
                                keep_last=self.cfg.train.keep_last, remote=self.ckpt_remote)
         if self.info.is_main:
