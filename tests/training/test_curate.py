@@ -149,8 +149,9 @@ def test_funnel_accounts_for_every_item_read(curated):
         m = manifest["metrics"][source.label]
         assert funnel[-1]["documents"] == m["documents"] and funnel[-1]["tokens"] == m["tokens"]
     steps = [s["step"] for s in manifest["outputs"]["funnel"]["package_metadata"]]
-    assert steps[:4] == ["read package_metadata", "bad input", "exact dedup", "Language ID (packaged lid.176)"]
-    assert {"Gopher Repetition", "Gopher Quality", "Decontaminate", "tokenize + pack"} <= set(steps)
+    assert steps[:5] == ["read package_metadata", "bad input", "exact dedup", "Decontaminate",
+                         "Language ID (packaged lid.176)"]
+    assert {"Gopher Repetition", "Gopher Quality", "tokenize + pack"} <= set(steps)
     assert "code quality" in [s["step"] for s in manifest["outputs"]["funnel"]["package_code"]]
     code = manifest["metrics"]["package_code"]
     assert code["too_short"] > 0   # real packages have near-empty __init__.py files
