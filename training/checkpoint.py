@@ -6,7 +6,8 @@ Layout under the stage directory:
     checkpoints/iter_…/complete.json   written last, after every rank finished: the size of every file of the save
     checkpoints/latest          the step of the newest *complete* save; written atomically after every rank finished
     release/                    model weights only, for registration and evaluation
-A save that dies half-way never becomes `latest`. A checkpoint whose files no longer match its `complete.json` (a
+A save that dies half-way never becomes `latest` (an asynchronous save writes `complete.json` and `latest` only
+when every rank's background writer has finished). A checkpoint whose files no longer match its `complete.json` (a
 truncated file, a lost upload) or that has none is torn: loading skips it with a warning and takes the newest complete
 older one, or starts fresh when there is none. A torn checkpoint is never loaded.
 
@@ -113,8 +114,12 @@ def _choose_step(root: Path) -> int | None:
 
 
 def _model_sharded_state_dict(model):
+    """A model's sharded state dict; for a list of virtual-pipeline chunks, one entry per chunk. Tensors are keyed
+    by global layer numbers either way, so any parallel layout loads what another saved."""
     from megatron.core import parallel_state
 
+    if isinstance(model, list):
+        return {f"chunk{i}": _model_sharded_state_dict(chunk) for i, chunk in enumerate(model)}
     return model.sharded_state_dict(
         metadata={"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)})
 
@@ -137,8 +142,13 @@ def _full_state_dict(model, optimizer, scheduler, common: dict, loading: bool) -
 
 
 def save(root: Path, step: int, model, optimizer, scheduler, common: dict, keep_last: int,
-         remote: str | None = None) -> Path:
-    """Save a full training checkpoint for `step`, then mark it latest and prune older ones (keep `keep_last`)."""
+         remote: str | None = None, async_queue=None) -> Path:
+    """Save a full training checkpoint for `step`, then mark it latest and prune older ones (keep `keep_last`).
+
+    With `async_queue` (megatron-core's AsyncCallsQueue) a forked process writes the tensors while training goes
+    on; everything after the write (complete.json, upload, the `latest` marker, pruning) is a finalize function
+    that runs when every rank calls `async_queue.maybe_finalize_async_calls` and all writers are done, so the
+    marker still appears only after a complete save."""
     from megatron.core import dist_checkpointing
 
     target = step_dir(root, step)
@@ -146,7 +156,19 @@ def save(root: Path, step: int, model, optimizer, scheduler, common: dict, keep_
         shutil.rmtree(target, ignore_errors=True)   # leftovers of a save that crashed half-way
         target.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_full_state_dict(model, optimizer, scheduler, common, loading=False), str(target))
+    state = _full_state_dict(model, optimizer, scheduler, common, loading=False)
+    if async_queue is None:
+        dist_checkpointing.save(state, str(target))
+        _mark_complete(root, target, step, keep_last, remote)
+    else:
+        request = dist_checkpointing.save(state, str(target), async_sharded_save=True)
+        request.add_finalize_fn(lambda: _mark_complete(root, target, step, keep_last, remote))
+        async_queue.schedule_async_request(request)
+    return target
+
+
+def _mark_complete(root: Path, target: Path, step: int, keep_last: int, remote: str | None) -> None:
+    """After every rank wrote its files: record them, upload, name the save `latest`, prune older saves."""
     dist.barrier()
     _write_complete(target, step)
     if remote and _node_leader():
@@ -164,7 +186,6 @@ def save(root: Path, step: int, model, optimizer, scheduler, common: dict, keep_
         for old in [name for name in storage.children(remote) if name.startswith("iter_")][:-keep_last]:
             storage.delete(storage.join(remote, old))
     dist.barrier()
-    return target
 
 
 def _write_complete(target: Path, step: int) -> None:
@@ -208,7 +229,8 @@ def load(root: Path, model, optimizer, scheduler, remote: str | None = None, mod
     template = _full_state_dict(model, optimizer, scheduler, {}, loading=True)
     template.pop("scheduler")
     loaded = dist_checkpointing.load(template, str(step_dir(root, step)))
-    model.load_state_dict(loaded["model"])
+    for i, chunk in enumerate(model if isinstance(model, list) else [model]):
+        chunk.load_state_dict(loaded["model"][f"chunk{i}"] if isinstance(model, list) else loaded["model"])
     with torch.no_grad():   # the distributed optimizer copies into leaf tensors
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)

@@ -34,6 +34,26 @@ def test_deepseek_v3_carries_the_papers_architecture():
     assert m.moe_router_score_function == "sigmoid" and m.moe_router_enable_expert_bias
 
 
+def test_deepseek_v3_ramps_its_batch_size_over_469b_tokens():
+    train = resolve_stage_config("pretrain", "deepseek-v3").train
+    ramp = train.batch_size_rampup
+    assert (ramp.start_batch_size, train.global_batch_size, ramp.ramp_tokens) == (3072, 15360, 469e9)
+
+
+def test_virtual_pipeline_and_context_parallel_are_checked_up_front():
+    vpp = ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
+           "model.num_layers=4"]
+    assert resolve_stage_config("pretrain", "tiny", overrides=vpp).parallel.virtual_pipeline_model_parallel_size == 2
+    with pytest.raises(ConfigError, match="needs pipeline_model_parallel_size >= 2"):
+        resolve_stage_config("pretrain", "tiny", overrides=["parallel.virtual_pipeline_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"model.num_layers \(6\) must be divisible by .* \(2 x 2\)"):
+        resolve_stage_config("pretrain", "tiny", overrides=[*vpp, "model.num_layers=6"])
+    with pytest.raises(ConfigError, match="unset decoder_first/last_pipeline_num_layers"):
+        resolve_stage_config("pretrain", "tiny", overrides=[*vpp, "parallel.decoder_first_pipeline_num_layers=1"])
+    with pytest.raises(ConfigError, match="context_parallel_size 2 is not supported: .*Transformer Engine"):
+        resolve_stage_config("pretrain", "tiny", overrides=["parallel.context_parallel_size=2"])
+
+
 def test_deepseek_v2_lite_uses_softmax_gating_without_q_compression():
     m = resolve_stage_config("pretrain", "deepseek-v2-lite").model
     assert m.q_lora_rank is None and m.moe_router_score_function == "softmax"

@@ -16,7 +16,14 @@ def fake_curate(run_root):
     write_synthetic_curate(run_root, vocab_size=VOCAB, documents=200)
 
 
+# A batch-size ramp 2 → 4 over the first 6 samples (192 tokens): steps take 2, 2, 2, then 4 sequences (megatron's
+# calculator: start + increment x int(consumed / 6) until consumed > 6). Checkpoints are written in the background.
+RAMP = ["train.batch_size_rampup.start_batch_size=2", "train.batch_size_rampup.batch_size_increment=2",
+        "train.batch_size_rampup.ramp_tokens=192", "train.async_save=true"]
+
+
 def pretrain(run_root, steps, *extra):
+    extra = [arg for item in RAMP for arg in ("--set", item)] + list(extra)
     return run_training(
         "pretrain", "--preset", "tiny", "--set", f"run_root={run_root}", "--set", f"model.vocab_size={VOCAB}",
         "--set", f"train.steps={steps}", "--set", "optimizer.warmup_steps=1", "--set", "train.seq_length=32",
@@ -43,7 +50,7 @@ def test_pretrain_trains_checkpoints_resumes_and_logs(tmp_path):
 
     longer = pretrain(tmp_path, 6)   # a new config (more steps) resumes from the latest checkpoint
     assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr[-3000:]
-    assert "resumed from step 4 (16 samples consumed)" in longer.stdout
+    assert "resumed from step 4 (10 samples consumed)" in longer.stdout   # 2 + 2 + 2 + 4: the async save was complete
     assert "step 5/6" in longer.stdout and "step 1/6" not in longer.stdout
 
     import mlflow
@@ -53,6 +60,8 @@ def test_pretrain_trains_checkpoints_resumes_and_logs(tmp_path):
                               order_by=["attributes.start_time ASC"])
     assert [r.data.tags["seekflow.stage"] for r in runs] == ["pretrain", "pretrain"]
     assert runs[0].data.tags["dag_run_id"] == "test-run"
+    assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "batch_size")] == [2, 2, 2, 4]
+    assert [m.value for m in client.get_metric_history(runs[1].info.run_id, "batch_size")] == [4, 4]   # continued
     history = client.get_metric_history(runs[0].info.run_id, "lm_loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert all(5.0 < m.value < 7.0 for m in history)   # around ln(512) = 6.24 at the start
@@ -63,3 +72,40 @@ def test_pretrain_without_curate_output_fails_clearly(tmp_path):
     out = pretrain(tmp_path, 2)
     assert out.returncode != 0
     assert "no manifest at" in out.stderr and "curate" in out.stderr
+
+
+def test_batch_ramp_follows_megatron_rampup_and_a_resumed_run_continues_it():
+    from training.data.gpt_data import BatchRamp
+
+    # 2 → 8 sequences in increments of 2, over 12 samples: megatron's calculator grows the batch every 4 samples.
+    ramp = BatchRamp(8, 2, 1, rampup=(2, 2, 12))
+    microbatches, consumed = [], 0
+    for _ in range(6):
+        microbatches.append(ramp.num_microbatches(consumed))
+        consumed += ramp.batch_size(consumed)
+    assert microbatches == [1, 1, 2, 3, 4, 4]
+    assert [ramp.samples_after(n) for n in range(7)] == [0, 2, 4, 8, 14, 22, 30]
+    resumed = BatchRamp(8, 2, 1, rampup=(2, 2, 12))   # a new process, from a checkpoint's consumed_samples
+    assert [resumed.num_microbatches(c) for c in (8, 14, 22)] == [3, 4, 4]
+    assert resumed.samples_after(100) == 22 + 95 * 8
+    assert BatchRamp(8, 2, 2, rampup=(4, 4, 12)).num_microbatches(0) == 1   # per data-parallel rank
+    with pytest.raises(ValueError, match=r"train.batch_size_rampup.start_batch_size \(2\) must be a multiple of "
+                                         r"micro_batch_size x data-parallel size \(4\)"):
+        BatchRamp(8, 2, 2, rampup=(2, 2, 12))
+    fixed = BatchRamp(4, 2, 2)
+    assert (fixed.num_microbatches(123), fixed.samples_after(3)) == (1, 12)
+
+
+def test_token_scheduled_lr_counts_the_ramps_smaller_batches():
+    from training.config import PretrainConfig
+    from training.data.gpt_data import BatchRamp
+    from training.stages.pretrain import _lr_function
+
+    # Peak lr for the first 8 samples x 64 tokens, then cosine decay: a fixed batch of 8 leaves the peak after
+    # step 1, the ramp (2, 2, 4, ...) only after step 3.
+    cfg = PretrainConfig(optimizer={"decay_style": "deepseek-v3", "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 0,
+                                    "constant_tokens": 8 * 64, "decay_tokens": 64 * 64},
+                         train={"steps": 20, "global_batch_size": 8, "seq_length": 64})
+    fixed, ramped = _lr_function(cfg), _lr_function(cfg, BatchRamp(8, 2, 1, rampup=(2, 2, 12)).samples_after)
+    assert fixed(1) == ramped(3) == 1e-3
+    assert fixed(2) < 1e-3 and ramped(4) < 1e-3

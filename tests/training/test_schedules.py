@@ -68,13 +68,21 @@ def test_bias_update_speed_and_mtp_weight_switch_by_tokens():
     assert switch_at(99 * T, 1e-3, 0.0, None) == 1e-3      # no threshold: no switch
 
 
-def test_config_refuses_batch_size_rampup_and_needs_v3_token_counts():
+def test_config_checks_batch_size_rampup_and_needs_v3_token_counts():
     from pydantic import ValidationError
 
     from training.config import PretrainConfig
 
-    with pytest.raises(ValidationError, match="batch_size_rampup is not supported yet"):
-        PretrainConfig(train={"batch_size_rampup": [3072, 469e9]})
+    ramp = {"start_batch_size": 3072, "batch_size_increment": 768, "ramp_tokens": 469e9}
+    assert PretrainConfig(train={"global_batch_size": 15360, "batch_size_rampup": ramp}).train.batch_size_rampup
+    with pytest.raises(ValidationError, match=r"global_batch_size - start_batch_size \(12288\) must be a positive "
+                                              r"multiple of batch_size_increment \(1000\)"):
+        PretrainConfig(train={"global_batch_size": 15360, "batch_size_rampup": {**ramp, "batch_size_increment": 1000}})
+    with pytest.raises(ValidationError, match="positive multiple"):   # a ramp must grow the batch
+        PretrainConfig(train={"global_batch_size": 3072, "batch_size_rampup": ramp})
+    with pytest.raises(ValidationError, match=r"batch_size_rampup.start_batch_size \(3072\) must be a multiple of "
+                                              r"train.micro_batch_size \(5\)"):
+        PretrainConfig(train={"global_batch_size": 15360, "micro_batch_size": 5, "batch_size_rampup": ramp})
     with pytest.raises(ValidationError, match="needs optimizer.constant_tokens"):
         PretrainConfig(optimizer={"decay_style": "deepseek-v3"})
     cfg = PretrainConfig(optimizer={"decay_style": "deepseek-v3", "constant_tokens": 10e12, "decay_tokens": 4.3e12,

@@ -83,3 +83,51 @@ class MicroBatches:
         samples = [self.dataset[i] for i in indices]
         return {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+class BatchRamp:
+    """The global batch size of each step, and the samples consumed after n steps.
+
+    With a ramp, megatron-core's RampupBatchsizeNumMicroBatchesCalculator decides the size from the samples consumed
+    so far (a pure function of the data position, so a resumed run continues the ramp where it stopped); without
+    one, every step takes global_batch_size. `samples_after` is what token-scheduled learning rates read."""
+
+    def __init__(self, global_batch_size: int, micro_batch_size: int, dp_size: int,
+                 rampup: tuple[int, int, int] | None = None):
+        from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+        self.global_batch_size, self.per_step = global_batch_size, micro_batch_size * dp_size
+        sizes = {"train.global_batch_size": global_batch_size}
+        if rampup is not None:
+            sizes.update({"train.batch_size_rampup.start_batch_size": rampup[0],
+                          "train.batch_size_rampup.batch_size_increment": rampup[1]})
+        for name, size in sizes.items():
+            if size % self.per_step:
+                raise ValueError(f"{name} ({size}) must be a multiple of micro_batch_size x data-parallel size "
+                                 f"({self.per_step})")
+        self.calculator = None
+        if rampup is not None:
+            start, increment, samples = rampup
+            self.calculator = RampupBatchsizeNumMicroBatchesCalculator(
+                global_batch_size, micro_batch_size, dp_size, decrease_batch_size_if_needed=False, rank=1,
+                start_global_batch_size=start, batch_size_increment=increment, ramup_samples=samples)
+        self._after = [0]   # samples consumed after i steps, while the ramp lasts
+
+    def batch_size(self, consumed_samples: int) -> int:
+        if self.calculator is None:
+            return self.global_batch_size
+        self.calculator.update(consumed_samples, consistency_check=True)
+        return self.calculator.get_current_global_batch_size()
+
+    def num_microbatches(self, consumed_samples: int) -> int:
+        """Micro-batches each data-parallel rank runs in the step that starts at `consumed_samples`."""
+        return self.batch_size(consumed_samples) // self.per_step
+
+    def samples_after(self, steps: int) -> int:
+        while len(self._after) <= steps:
+            size = self.batch_size(self._after[-1])
+            if size == self.global_batch_size:   # the ramp is over: every later step is a full batch
+                break
+            self._after.append(self._after[-1] + size)
+        done = min(steps, len(self._after) - 1)
+        return self._after[done] + (steps - done) * self.global_batch_size

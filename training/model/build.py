@@ -37,6 +37,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_
         masked_softmax_fusion=False,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
@@ -88,8 +89,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_
 
 
 def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initialization: bool = True,
-              seed: int | None = None):
-    """The GPTModel for this pipeline stage (pre/post process follow the pipeline rank).
+              seed: int | None = None, vp_stage: int | None = None):
+    """The GPTModel for this pipeline stage (pre/post process follow the pipeline rank), or, with a virtual pipeline,
+    its model chunk `vp_stage` (chunk v of stage p holds the layers of virtual stage v x PP + p).
 
     With `seed`, its weights are redrawn layout-invariantly (training/model/init.py): any parallel layout starts
     from the model one process would build. Without it, megatron's own (layout-dependent) init stays."""
@@ -99,23 +101,25 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initializ
 
     config = transformer_config(model, parallel, use_cpu_initialization=use_cpu_initialization)
     use_te = False  # the "local" spec: pure megatron-core + torch (Transformer Engine is not installed here)
-    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage)
     if model.num_experts is not None and model.moe_router_type == "deepseek_v2":
         _use_deepseek_v2_router(block_spec, model, parallel)
     mtp_spec = None
     if model.mtp_num_layers:
-        mtp_spec = get_gpt_mtp_block_spec(config, block_spec.layer_specs[-1], use_transformer_engine=use_te)
+        mtp_spec = get_gpt_mtp_block_spec(config, block_spec.layer_specs[-1], use_transformer_engine=use_te,
+                                          vp_stage=vp_stage)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=False,   # DeepSeek models keep a separate output head
         position_embedding_type="rope",
         rotary_base=int(model.rotary_base),
         mtp_block_spec=mtp_spec,
+        vp_stage=vp_stage,
     )
     if seed is not None:
         from training.model.init import reinitialize

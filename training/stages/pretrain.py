@@ -61,7 +61,7 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from training.data.gpt_data import MicroBatches, build_train_dataset, fetch_datasets
+        from training.data.gpt_data import BatchRamp, MicroBatches, build_train_dataset, fetch_datasets
         from training.model.build import build_gpt
 
         self.cfg, self.info = cfg, info
@@ -70,33 +70,39 @@ class Trainer:
         if vocab > cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({vocab})")
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        per_step = train.micro_batch_size * self.dp_size
-        if train.global_batch_size % per_step:
-            raise ValueError(f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
-                             f"micro_batch_size x data-parallel size ({per_step})")
-        self.num_microbatches = train.global_batch_size // per_step
+        ramp = train.batch_size_rampup   # megatron counts the ramp in samples
+        self.ramp = BatchRamp(train.global_batch_size, train.micro_batch_size, self.dp_size, rampup=ramp and (
+            ramp.start_batch_size, ramp.batch_size_increment, int(ramp.ramp_tokens // train.seq_length)))
 
-        self.gpt, tconfig = build_gpt(cfg.model, cfg.parallel, seed=cfg.seed)
-        self.model = DistributedDataParallel(
-            tconfig, DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
-            self.gpt)
-        self.tconfig = tconfig
-        self.expert_load = moe_metrics.ExpertLoadTracker(self.gpt)
+        # With a virtual pipeline, each rank holds `vpp` model chunks (megatron's interleaved 1F1B schedule).
+        vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+        built = [build_gpt(cfg.model, cfg.parallel, seed=cfg.seed, vp_stage=v) for v in (range(vpp) if vpp else [None])]
+        chunks, self.tconfigs = [gpt for gpt, _ in built], [config for _, config in built]
+        self.gpt = chunks if vpp else chunks[0]   # what checkpoints save: one model, or the list of chunks
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        self.model = [DistributedDataParallel(config, ddp_config, gpt) for gpt, config in built]
+        tconfig = self.tconfigs[0]   # the schedule and finalize_model_grads read the first chunk's
+        self.expert_load = moe_metrics.ExpertLoadTracker(torch.nn.ModuleList(chunks))
+        if vpp and self.ramp.num_microbatches(0) < cfg.parallel.pipeline_model_parallel_size:
+            raise ValueError(f"the interleaved schedule (parallel.virtual_pipeline_model_parallel_size) needs at "
+                             f"least pipeline_model_parallel_size micro-batches per step; the first step has "
+                             f"{self.ramp.num_microbatches(0)} (train.global_batch_size or batch_size_rampup."
+                             f"start_batch_size / micro_batch_size / data-parallel size)")
 
         def finalize(*args, **kwargs):   # read the routers' token counts before finalize_model_grads zeroes them
             self.expert_load.snapshot()
             return finalize_model_grads(*args, **kwargs)
 
         tconfig.finalize_model_grads_func = finalize   # also updates the expert-bias (aux-loss-free)
-        tconfig.no_sync_func = self.model.no_sync
+        tconfig.no_sync_func = [m.no_sync for m in self.model] if vpp else self.model[0].no_sync
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
             adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, clip_grad=opt.clip_grad,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, params_dtype=torch.float32,
-        ), [self.model])
+        ), self.model)
         scheduler_cls = OptimizerParamScheduler
         if opt.decay_style in ("deepseek-v3", "multi-step"):
-            scheduler_cls = _token_scheduler_class(OptimizerParamScheduler, _lr_function(cfg))
+            scheduler_cls = _token_scheduler_class(OptimizerParamScheduler, _lr_function(cfg, self.ramp.samples_after))
         self.scheduler = scheduler_cls(
             self.optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr, lr_warmup_steps=opt.warmup_steps,
             lr_decay_steps=train.steps,
@@ -107,21 +113,32 @@ class Trainer:
         self.ckpt_root = stage_dir(cfg.run_root, STAGE) / "checkpoints"
         self.ckpt_root.mkdir(exist_ok=True)
         self.ckpt_remote = storage.uri_of(self.ckpt_root, cfg.run_root) if storage.is_remote(cfg.run_root) else None
+        self.async_queue = None
+        if train.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
         resumed = checkpoint.load(self.ckpt_root, self.gpt, self.optimizer, self.scheduler, remote=self.ckpt_remote,
                                   model_config=cfg.model)
         self.step = resumed["step"] if resumed else 0
         consumed = resumed["consumed_samples"] if resumed else 0
         if resumed and info.is_main:
             print(f"pretrain: resumed from step {self.step} ({consumed} samples consumed)", flush=True)
+            if consumed != self.ramp.samples_after(self.step):   # the batch sizes changed since the checkpoint
+                print(f"pretrain: warning: {self.ramp.samples_after(self.step)} samples would be consumed after "
+                      f"{self.step} steps with this batch size (ramp); a token-scheduled lr follows the step count, "
+                      f"the data position (and γ, λ) the checkpoint's {consumed} samples", flush=True)
         if info.local_rank == 0:   # the ranks of a node share its disk: one download per node
             fetch_datasets(curate_manifest)
         dist.barrier()
         dataset = build_train_dataset(curate_manifest, seq_length=train.seq_length,
-                                      num_samples=train.steps * train.global_batch_size, seed=cfg.seed,
+                                      num_samples=self.ramp.samples_after(train.steps), seed=cfg.seed,
                                       cache_dir=stage_dir(cfg.run_root, STAGE) / "index_cache")
-        self.batches = MicroBatches(dataset, micro_batch_size=train.micro_batch_size,
-                                    dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.dp_size,
-                                    consumed_samples=consumed)
+        # One reader per model chunk, in step: each chunk's forward reads the micro-batch it is at.
+        self.chunk_batches = [MicroBatches(dataset, micro_batch_size=train.micro_batch_size,
+                                           dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.dp_size,
+                                           consumed_samples=consumed) for _ in self.model]
+        self.batches = self.chunk_batches[0]
 
     # -- one step ------------------------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -143,35 +160,41 @@ class Trainer:
         `mtp_loss_scaling_factor` in GPTModel's MTP loss (so a live change takes effect on the next step)."""
         m = self.cfg.model
         tokens = self.batches.consumed_samples * self.cfg.train.seq_length
-        if self.tconfig.moe_router_enable_expert_bias:
-            self.tconfig.moe_router_bias_update_rate = schedules.switch_at(
-                tokens, m.moe_router_bias_update_rate, 0.0, m.moe_router_bias_update_until_tokens)
-        if m.mtp_num_layers:
-            self.tconfig.mtp_loss_scaling_factor = schedules.switch_at(
-                tokens, m.mtp_loss_scaling_factor, m.mtp_loss_scaling_factor_after, m.mtp_loss_scaling_switch_tokens)
+        for tconfig in self.tconfigs:   # one per model chunk
+            if tconfig.moe_router_enable_expert_bias:
+                tconfig.moe_router_bias_update_rate = schedules.switch_at(
+                    tokens, m.moe_router_bias_update_rate, 0.0, m.moe_router_bias_update_until_tokens)
+            if m.mtp_num_layers:
+                tconfig.mtp_loss_scaling_factor = schedules.switch_at(
+                    tokens, m.mtp_loss_scaling_factor, m.mtp_loss_scaling_factor_after,
+                    m.mtp_loss_scaling_switch_tokens)
 
     def train_step(self) -> dict:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         train = self.cfg.train
         self._apply_token_schedules()
-        self.model.zero_grad_buffer()
+        batch_size = self.ramp.batch_size(self.batches.consumed_samples)
+        num_microbatches = batch_size // self.ramp.per_step
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=self.batches, model=self.model,
-            num_microbatches=self.num_microbatches, seq_length=train.seq_length,
+            forward_step_func=self._forward_step, model=self.model,
+            data_iterator=self.chunk_batches if len(self.model) > 1 else self.batches,
+            num_microbatches=num_microbatches, seq_length=train.seq_length,
             micro_batch_size=train.micro_batch_size, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step += 1
         return {"lm_loss": _global_mean_loss(losses), "grad_norm": float(grad_norm or 0.0),
-                "lr": self.optimizer.param_groups[0]["lr"], **_auxiliary_losses(self.num_microbatches)}
+                "lr": self.optimizer.param_groups[0]["lr"], "batch_size": float(batch_size),
+                **_auxiliary_losses(self.cfg.model, num_microbatches)}
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def fit(self, mlflow_run) -> dict:
         """Train to `train.steps`; every `log_interval` steps print progress and log window-averaged metrics."""
         train = self.cfg.train
-        tokens_per_step = train.global_batch_size * train.seq_length
         first_step, window, window_start, logged = self.step, [], time.time(), {}
         devices = dist.get_world_size() if dist.is_initialized() else 1
         while self.step < train.steps:
@@ -182,7 +205,9 @@ class Trainer:
             if self.step % train.log_interval == 0 or self.step == train.steps:
                 steps_per_s = len(window) / max(time.time() - window_start, 1e-9)
                 logged = {key: sum(m.get(key, math.nan) for m in window) / len(window) for key in window[-1]}
-                logged.update(lr=metrics["lr"], steps_per_s=steps_per_s, tokens_per_s=steps_per_s * tokens_per_step)
+                tokens_per_step = sum(m["batch_size"] for m in window) / len(window) * train.seq_length
+                logged.update(lr=metrics["lr"], batch_size=metrics["batch_size"], steps_per_s=steps_per_s,
+                              tokens_per_s=steps_per_s * tokens_per_step)
                 logged.update(self._schedule_and_flops_metrics(logged["tokens_per_s"], devices))
                 collected = self.expert_load.collect()   # a collective: every rank takes part
                 if collected:
@@ -190,8 +215,13 @@ class Trainer:
                 if self.info.is_main:
                     self._report(logged, steps_per_s, mlflow_run)
                 window, window_start = [], time.time()
+            if self.async_queue:   # a collective: completes a background save once every rank's writer is done
+                self.async_queue.maybe_finalize_async_calls(blocking=False)
             if self.step % train.save_interval == 0 or self.step == train.steps:
                 self._save()
+        if self.async_queue:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
+            self.async_queue.close()
         if self.info.is_main and mlflow_run and self.expert_load.total is not None:
             self._log_heatmap()
         release_dir = stage_dir(self.cfg.run_root, STAGE) / "release"
@@ -207,7 +237,8 @@ class Trainer:
         if self.info.is_main:
             print(f"pretrain: release checkpoint at {storage.uri_of(release, self.cfg.run_root)}", flush=True)
         return {"final_loss": logged.get("lm_loss", math.nan), "steps": self.step,
-                "steps_this_run": self.step - first_step, "tokens": self.step * tokens_per_step}
+                "steps_this_run": self.step - first_step,
+                "tokens": self.batches.consumed_samples * train.seq_length}
 
     def _report(self, logged: dict, steps_per_s: float, mlflow_run) -> None:
         steps = self.cfg.train.steps
@@ -227,10 +258,11 @@ class Trainer:
                                       devices)
         if math.isfinite(utilisation):
             out["mfu"] = utilisation
-        if self.tconfig.moe_router_enable_expert_bias:
-            out["moe/bias_update_rate"] = float(self.tconfig.moe_router_bias_update_rate)
+        tconfig = self.tconfigs[0]
+        if tconfig.moe_router_enable_expert_bias:
+            out["moe/bias_update_rate"] = float(tconfig.moe_router_bias_update_rate)
         if self.cfg.model.mtp_num_layers:
-            out["mtp_loss_weight"] = float(self.tconfig.mtp_loss_scaling_factor)
+            out["mtp_loss_weight"] = float(tconfig.mtp_loss_scaling_factor)
         return out
 
     def _log_heatmap(self) -> None:
@@ -241,25 +273,34 @@ class Trainer:
         mlflow.log_artifact(str(path), artifact_path="moe")
 
     def _save(self):
+        if self.async_queue:   # one background save at a time: the previous one must be complete first
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
         started = time.time()
         common = {"step": self.step, "consumed_samples": self.batches.consumed_samples,
                   checkpoint.MODEL_CONFIG: self.cfg.model.model_dump(mode="json")}
         path = checkpoint.save(self.ckpt_root, self.step, self.gpt, self.optimizer, self.scheduler, common,
-                               keep_last=self.cfg.train.keep_last, remote=self.ckpt_remote)
+                               keep_last=self.cfg.train.keep_last, remote=self.ckpt_remote,
+                               async_queue=self.async_queue)
         if self.info.is_main:
-            print(f"pretrain: saved {path.name} in {time.time() - started:.1f}s", flush=True)
+            how = "started a background save of" if self.async_queue else "saved"
+            print(f"pretrain: {how} {path.name} in {time.time() - started:.1f}s", flush=True)
 
 
-def _lr_function(cfg: PretrainConfig):
-    """lr(step) for the token-scheduled decay styles (fixed batch size: tokens = step x tokens per step)."""
+def _lr_function(cfg: PretrainConfig, samples_after=None):
+    """lr(step) for the token-scheduled decay styles. `samples_after(step)` gives the samples consumed before the
+    step (a batch-size ramp makes it non-linear); default: a fixed global_batch_size."""
     opt, train = cfg.optimizer, cfg.train
-    per_step = train.global_batch_size * train.seq_length
+    samples_after = samples_after or (lambda step: step * train.global_batch_size)
+
+    def tokens(step: int) -> float:
+        return samples_after(step) * train.seq_length
+
     if opt.decay_style == "deepseek-v3":
         return lambda step: schedules.deepseek_v3_lr(
-            step, step * per_step, peak=opt.lr, min_lr=opt.min_lr, warmup_steps=opt.warmup_steps,
+            step, tokens(step), peak=opt.lr, min_lr=opt.min_lr, warmup_steps=opt.warmup_steps,
             constant_tokens=opt.constant_tokens, decay_tokens=opt.decay_tokens, tail=opt.lr_tail)
     return lambda step: schedules.multi_step_lr(
-        step, step * per_step, peak=opt.lr, warmup_steps=opt.warmup_steps, total_tokens=train.steps * per_step,
+        step, tokens(step), peak=opt.lr, warmup_steps=opt.warmup_steps, total_tokens=tokens(train.steps),
         steps=opt.lr_steps)
 
 
@@ -283,20 +324,55 @@ def _global_mean_loss(losses: list[dict]) -> float:
     return (local[0] / local[1].clamp(min=1)).item()
 
 
-def _auxiliary_losses(num_microbatches: int) -> dict:
-    """MTP and MoE balance losses from megatron-core's trackers (local to this rank), then reset them."""
+def balance_loss_names(model) -> list[str]:
+    """The MoE balance losses megatron-core's tracker will hold for this model config, in a fixed order."""
+    if model.num_experts is None:
+        return []
+    if model.moe_router_type == "deepseek_v2":
+        from training.model.routers import LOSS_NAMES
+
+        return [name for name, alpha in zip(LOSS_NAMES, model.moe_aux_loss_coeffs) if alpha > 0]
+    return ["seq_load_balancing_loss"] if model.moe_aux_loss_coeff > 0 else []
+
+
+def _auxiliary_losses(model, num_microbatches: int) -> dict:
+    """MTP and MoE balance losses from megatron-core's trackers, reduced over every rank, then reset.
+
+    megatron's own reduction (`reduce_aux_losses_tracker_across_ranks`) needs ReduceOp.AVG, which gloo lacks, and
+    deadlocks unless every rank holds every tracker name. Here every rank contributes the same fixed-size vector
+    (names known from the config; zeros for what it lacks) to one SUM over the world, which combines:
+    pipeline stages (disjoint layers), tensor/context-parallel ranks (each holds its sequence shard's share of a
+    balance loss, which megatron sums), data-parallel ranks (different data, averaged); the MTP loss is whole on
+    every tensor-parallel rank of the last stage, so it is averaged over TP x CP x DP. Then, as megatron's
+    track_moe_metrics: a balance loss is its sum over the MoE layers (MTP's included) / their count, and every value
+    is divided by the micro-batches of the step."""
+    from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+    names, tracker = balance_loss_names(model), get_moe_layer_wise_logging_tracker()
+    unexpected = sorted(set(tracker) - set(names))
+    if unexpected:
+        raise RuntimeError(f"megatron-core tracked losses {unexpected} that the config does not predict "
+                           f"(expected {names}); balance_loss_names must learn them")
+    slots = model.num_layers + model.mtp_num_layers   # the tracker's length: one slot per layer, MTP's included
+    parts = [tracker[n]["values"].detach().float().cpu() if n in tracker else torch.zeros(slots) for n in names]
+    mtp = MTPLossLoggingHelper.tracker.get("values")
+    parts.append(mtp.detach().float().cpu() if mtp is not None else torch.zeros(model.mtp_num_layers))
+    flat = torch.cat([p.view(-1) for p in parts])
+    if flat.numel() and dist.is_initialized() and dist.get_world_size() > 1:   # a dense model without MTP: nothing
+        dist.all_reduce(flat)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dp = parallel_state.get_data_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
     out = {}
-    mtp = MTPLossLoggingHelper.tracker
-    if "values" in mtp:
-        out["mtp_loss"] = (mtp["values"].sum() / num_microbatches).item()
+    moe_layers = model.num_layers - model.first_k_dense_layers + model.mtp_num_layers
+    for i, name in enumerate(names):
+        out[name] = (flat[i * slots:(i + 1) * slots].sum() / (moe_layers * dp * num_microbatches)).item()
+    if model.mtp_num_layers:   # the mean over the D depths, as L_MTP = λ/D Σ_k L_MTP^k (DeepSeek-V3 §2.2, eq. 25)
+        out["mtp_loss"] = (flat[len(names) * slots:].sum()
+                           / (model.mtp_num_layers * (world // pp) * num_microbatches)).item()
+    if mtp is not None:
         MTPLossLoggingHelper.clean_loss_in_tracker()
-    for name, entry in get_moe_layer_wise_logging_tracker().items():
-        values = entry["values"]
-        used = values[values != 0]
-        if used.numel():
-            out[name] = (used.mean() / num_microbatches).item()
     clear_aux_losses_tracker()
     return out
