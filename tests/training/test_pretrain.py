@@ -22,8 +22,9 @@ RAMP = ["train.batch_size_rampup.start_batch_size=2", "train.batch_size_rampup.b
         "train.batch_size_rampup.ramp_tokens=192", "train.async_save=true"]
 
 
-def pretrain(run_root, steps, *extra):
-    extra = [arg for item in RAMP for arg in ("--set", item)] + list(extra)
+def pretrain(run_root, steps, *extra, ramp: bool = False):
+    """The tiny model for `steps` steps on `fake_curate`'s data (`ramp`: with the batch-size ramp and async saves)."""
+    extra = [arg for item in RAMP for arg in ("--set", item)] * ramp + list(extra)
     return run_training(
         "pretrain", "--preset", "tiny", "--set", f"run_root={run_root}", "--set", f"model.vocab_size={VOCAB}",
         "--set", f"train.steps={steps}", "--set", "optimizer.warmup_steps=1", "--set", "train.seq_length=32",
@@ -35,7 +36,7 @@ def pretrain(run_root, steps, *extra):
 @pytest.mark.slow
 def test_pretrain_trains_checkpoints_resumes_and_logs(tmp_path):
     fake_curate(tmp_path)
-    first = pretrain(tmp_path, 4)
+    first = pretrain(tmp_path, 4, ramp=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "step 4/4 loss" in first.stdout and "ETA" in first.stdout
     manifest = json.loads((tmp_path / "pretrain" / "manifest.json").read_text())
@@ -45,10 +46,10 @@ def test_pretrain_trains_checkpoints_resumes_and_logs(tmp_path):
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000002", "iter_0000004"]
     assert (tmp_path / "pretrain" / "release" / "metadata.json").is_file()
 
-    again = pretrain(tmp_path, 4)
+    again = pretrain(tmp_path, 4, ramp=True)
     assert again.returncode == 0 and "skipping" in again.stdout
 
-    longer = pretrain(tmp_path, 6)   # a new config (more steps) resumes from the latest checkpoint
+    longer = pretrain(tmp_path, 6, ramp=True)   # a new config (more steps) resumes from the latest checkpoint
     assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr[-3000:]
     assert "resumed from step 4 (10 samples consumed)" in longer.stdout   # 2 + 2 + 2 + 4: the async save was complete
     assert "step 5/6" in longer.stdout and "step 1/6" not in longer.stdout
