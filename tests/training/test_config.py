@@ -54,6 +54,32 @@ def test_virtual_pipeline_and_context_parallel_are_checked_up_front():
         resolve_stage_config("pretrain", "tiny", overrides=["parallel.context_parallel_size=2"])
 
 
+def test_stage_layers_follow_megatrons_pipeline_split():
+    from training.config.models import ParallelConfig, stage_layers
+
+    uneven = ParallelConfig(pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=1,
+                            decoder_last_pipeline_num_layers=3)
+    assert stage_layers(8, uneven) == [[0], [1, 2, 3, 4], [5, 6, 7]]
+    interleaved = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    assert stage_layers(8, interleaved) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+
+
+def test_an_all_dense_stage_under_expert_parallel_distributed_optimizer_is_refused_without_te_or_apex():
+    layout = ["model.num_layers=4", "parallel.pipeline_model_parallel_size=2",
+              "parallel.decoder_first_pipeline_num_layers=1", "parallel.expert_model_parallel_size=2"]
+    with pytest.raises(ValueError, match=r"pipeline stage 0 holds only dense layers \(1; model.first_k_dense_layers "
+                                         r"is 1\).*parallel.expert_model_parallel_size 2"):
+        resolve_stage_config("pretrain", "tiny", overrides=layout).check_checkpointable_without_fused_adam()
+    # an MoE layer on every stage, or no distributed optimizer, is fine
+    fine = [[*layout[:2], "parallel.decoder_first_pipeline_num_layers=2", layout[3]],
+            [*layout, "parallel.use_distributed_optimizer=false"]]
+    for overrides in fine:
+        resolve_stage_config("pretrain", "tiny", overrides=overrides).check_checkpointable_without_fused_adam()
+    # V3's own layout (3 dense layers on stage 0) needs TE or Apex, which GPU clusters have
+    with pytest.raises(ValueError, match=r"pipeline stage 0 holds only dense layers \(1, 2, 3;"):
+        resolve_stage_config("pretrain", "deepseek-v3").check_checkpointable_without_fused_adam()
+
+
 def test_deepseek_v2_lite_uses_softmax_gating_without_q_compression():
     m = resolve_stage_config("pretrain", "deepseek-v2-lite").model
     assert m.q_lora_rank is None and m.moe_router_score_function == "softmax"

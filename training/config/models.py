@@ -300,6 +300,45 @@ class PretrainConfig(StageConfig):
             raise ValueError(f"model.num_experts ({self.model.num_experts}) not divisible by expert parallel size {ep}")
         return self
 
+    def check_checkpointable_without_fused_adam(self) -> None:
+        """Refuse a layout megatron-core 0.16 cannot checkpoint when neither Transformer Engine nor Apex is installed
+        (CPU runs): its distributed optimizer then asserts on saving a rank whose expert optimizer holds no parameter,
+        which is any pipeline stage made only of dense layers under expert parallelism
+        (DistributedOptimizer.state_dict: `assert len(steps) == 1`). With TE/Apex (GPU clusters) it works, so the
+        stage calls this only there; the DeepSeek-V3 preset's first stage (the 3 dense layers) is such a stage."""
+        par, model = self.parallel, self.model
+        ep = par.expert_model_parallel_size
+        if model.num_experts is None or ep == 1 or not par.use_distributed_optimizer:
+            return
+        for stage, held in enumerate(stage_layers(model.num_layers, par)):
+            has_mtp = stage == par.pipeline_model_parallel_size - 1 and model.mtp_num_layers
+            if not has_mtp and all(i < model.first_k_dense_layers for i in held):
+                raise ValueError(
+                    f"pipeline stage {stage} holds only dense layers ({', '.join(str(i + 1) for i in held)}; "
+                    f"model.first_k_dense_layers is {model.first_k_dense_layers}): with "
+                    f"parallel.expert_model_parallel_size {ep} and parallel.use_distributed_optimizer, megatron-core "
+                    f"cannot checkpoint its empty expert optimizer without Transformer Engine or Apex. Give the stage "
+                    f"an MoE layer (parallel.decoder_first_pipeline_num_layers) or set "
+                    f"parallel.use_distributed_optimizer: false")
+
+
+def stage_layers(num_layers: int, par: ParallelConfig) -> list[list[int]]:
+    """0-based decoder layer indices each pipeline stage holds (megatron's layout: optional uneven first/last stage,
+    the rest split evenly; with virtual pipelining stage s holds chunks s, s+P, s+2P, ... of equal size)."""
+    stages = par.pipeline_model_parallel_size
+    vpp = par.virtual_pipeline_model_parallel_size
+    if vpp:
+        size = num_layers // (stages * vpp)
+        return [[i for chunk in range(s, stages * vpp, stages) for i in range(chunk * size, (chunk + 1) * size)]
+                for s in range(stages)]
+    first, last = par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers
+    middle = stages - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    sizes = ([first] if first is not None else []) + [rest // middle if middle else 0] * middle \
+        + ([last] if last is not None else [])
+    starts = [sum(sizes[:s]) for s in range(stages)]
+    return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
+
 
 # -------------------------------------------------------------------------------------------------------- register --
 class RegisterConfig(StageConfig):

@@ -64,6 +64,9 @@ class Trainer:
         from training.data.gpt_data import BatchRamp, MicroBatches, build_train_dataset, fetch_datasets
         from training.model.build import build_gpt
 
+        from megatron.core.optimizer import distrib_optimizer
+        if not distrib_optimizer.HAVE_APEX_OR_TE:
+            cfg.check_checkpointable_without_fused_adam()
         self.cfg, self.info = cfg, info
         train, opt = cfg.train, cfg.optimizer
         vocab = curate_manifest["outputs"]["tokenizer"]["vocab_size"]
