@@ -120,6 +120,20 @@ def test_plan_matches_hand_computed_values():
     assert p.model_flops_per_token * p.data_tokens == pytest.approx(1e20, rel=1e-3)   # C = M·D
 
 
+# DeepSeek LLM Table 2 sets its two models' batch size and learning rate from eq. (1), so the fitted constants must
+# give them back: 7B (30 layers, d 4096) and 67B (95 layers, d 8192, GQA with 8 of 64 heads for K/V, FFN 22016),
+# both 2T tokens at sequence length 4096, with M from §3.2 eq. (2) (6 x non-embedding parameters + 12 n d l).
+@pytest.mark.parametrize("layers, attention, ffn, d, batch, lr", [
+    (30, 4.0, 3 * 11008, 4096, 2304, 4.2e-4),      # 7B:  Table 2 batch 2304 sequences, lr 4.2e-4
+    (95, 2.25, 3 * 22016, 8192, 4608, 3.2e-4),     # 67B: Table 2 batch 4608 sequences, lr 3.2e-4
+])
+def test_plan_gives_back_deepseek_llm_table_2(layers, attention, ffn, d, batch, lr):
+    flops_per_token = 6 * layers * (attention * d * d + ffn * d) + 12 * layers * d * 4096
+    p = plan(flops_per_token * 2e12)
+    assert p.batch_tokens / 4096 == pytest.approx(batch, rel=0.05)   # the paper rounds to whole multiples of 256
+    assert p.learning_rate == pytest.approx(lr, rel=0.015)
+
+
 def test_plan_cli_prints_every_quantity_and_sizes_a_preset():
     proc = _cli("plan", "--compute", "1e20", "--preset", "deepseek-moe-16b")
     assert proc.returncode == 0, proc.stderr
