@@ -1,9 +1,11 @@
 """Pretraining metrics beyond the loss: expert load and MaxVio per MoE layer, router expert-bias norms, model FLOPs
 per token and utilisation, and the expert-load heatmap.
 
-Expert load comes from the routers' `local_tokens_per_expert` buffers: megatron-core adds each micro-batch's routing
-map to them (for the aux-loss-free bias update) and zeroes them at the end of `finalize_model_grads`, so the Trainer
-snapshots them just before that call (`ExpertLoadTracker.snapshot`). Snapshots stay on each rank until a log step;
+Expert load comes from the routers' token counts. megatron-core's TopKRouter (the V3 path, with expert bias) adds each
+micro-batch's routing map to `local_tokens_per_expert` (for the aux-loss-free bias update) and zeroes it at the end of
+`finalize_model_grads`, so the Trainer snapshots the counts just before that call (`ExpertLoadTracker.snapshot`). Our
+DeepSeekV2Router has no bias and keeps its own `load_counts` (same tokens: each rank's own, sequence-parallel shard
+included), which megatron does not know: the snapshot zeroes those itself. Snapshots stay on each rank until a log step;
 then one `all_gather_object` sums them over the ranks that hold each layer (data/tensor/expert parallel replicas) and
 brings every pipeline stage's layers to rank 0.
 """
@@ -35,34 +37,52 @@ def _router_label(name: str) -> str:
     return f"{kind}{index}"
 
 
+V2_COUNTS = "load_counts"   # DeepSeekV2Router's buffer (training/model/routers.py); the tracker zeroes it
+V3_COUNTS = "local_tokens_per_expert"   # megatron's TopKRouter buffer; finalize_model_grads zeroes it
+
+
+def _counts_buffer(module: torch.nn.Module) -> str | None:
+    if getattr(module, V2_COUNTS, None) is not None:
+        return V2_COUNTS
+    if getattr(module, V3_COUNTS, None) is not None and hasattr(module, "expert_bias"):
+        return V3_COUNTS
+    return None
+
+
 class ExpertLoadTracker:
     """Per-step token counts per expert for every MoE router of this rank's model chunk."""
 
     def __init__(self, model: torch.nn.Module):
-        self.routers: list[tuple[str, torch.nn.Module]] = []
+        self.routers: list[tuple[str, torch.nn.Module, str]] = []   # (label, router, its counts buffer)
         for name, module in model.named_modules():
-            if getattr(module, "local_tokens_per_expert", None) is not None and hasattr(module, "expert_bias"):
+            if (buffer := _counts_buffer(module)) is not None:
                 number = getattr(module, "layer_number", None)
                 label = _router_label(name)
                 if label.startswith("layer") and number is not None:
                     label = f"layer{number}"   # global layer number: unique across pipeline stages
-                self.routers.append((label, module))
+                self.routers.append((label, module, buffer))
         self.window: list[torch.Tensor] = []   # one [routers, experts] tensor per step
         self.total: torch.Tensor | None = None   # whole-run counts, [labels, experts], filled by collect()
         self.labels: list[str] = []
 
     def snapshot(self) -> None:
-        """Record this step's counts (call right before finalize_model_grads zeroes them)."""
+        """Record this step's counts (call right before finalize_model_grads zeroes megatron's); zero V2's."""
         if self.routers:
-            self.window.append(torch.stack([m.local_tokens_per_expert.detach().float().cpu().clone()
-                                            for _, m in self.routers]))
+            rows = []
+            for _, module, buffer in self.routers:
+                counts = getattr(module, buffer)
+                rows.append(counts.detach().float().cpu().clone())
+                if buffer == V2_COUNTS:
+                    counts.zero_()   # nothing else resets it: the next step starts from zero
+            self.window.append(torch.stack(rows))
 
     def collect(self) -> tuple[dict[str, torch.Tensor], dict[str, float]] | None:
         """Every rank calls this at a log step. Returns ({label: [steps, experts] global counts}, {label: bias norm})
         on every rank (all ranks see the same), or None where no rank has a router. Clears the window."""
-        local = ({label: torch.stack([w[i] for w in self.window]) for i, (label, _) in enumerate(self.routers)}
+        local = ({label: torch.stack([w[i] for w in self.window]) for i, (label, *_) in enumerate(self.routers)}
                  if self.window else {},
-                 {label: float(m.expert_bias.detach().float().norm()) for label, m in self.routers})
+                 {label: float(m.expert_bias.detach().float().norm()) for label, m, _ in self.routers
+                  if getattr(m, "expert_bias", None) is not None})   # V2 routers have no bias
         self.window = []
         parts = [local]
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -142,6 +142,11 @@ def _define_router():
                 raise ValueError(f"device limit M={limit} with {settings.num_devices} devices of {per_device} "
                                  f"experts cannot hold top-{self.topk} routing")
             self.settings = settings
+            # Tokens routed to each expert since metrics.ExpertLoadTracker last read (and zeroed) it: the load and
+            # MaxVio metrics. megatron's `local_tokens_per_expert` exists only with an expert bias, which V2 lacks.
+            # Not persistent: checkpoints stay as they were. int64: exact, and untouched by a bf16/fp16 model cast.
+            self.register_buffer("load_counts", torch.zeros(config.num_moe_experts, dtype=torch.int64,
+                                                            device=self.weight.device), persistent=False)
 
         def _reduce_counts(self, x: torch.Tensor) -> torch.Tensor:
             return reduce_from_tensor_model_parallel_region(x, self.tp_cp_group)
@@ -156,6 +161,12 @@ def _define_router():
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32)                 # s_{i,t}, eq. 11
             routing_map = device_limited_topk(scores.detach(), self.topk, s.num_devices, s.device_limit)
             probs = scores * routing_map                                                 # g_{i,t}, eq. 10
+            if self.training and torch.is_grad_enabled():
+                # The router's choices BEFORE device-level token dropping: the balance its losses act on. Like
+                # megatron's V3 count, grad mode only, so neither eval nor the no-grad first pass of activation
+                # recomputation counts a token twice; padding tokens are not counted.
+                counted = routing_map if padding_mask is None else routing_map & ~padding_mask[:, None]
+                self.load_counts += counted.sum(dim=0)
             if self.config.moe_router_topk_scaling_factor:
                 probs = probs * self.config.moe_router_topk_scaling_factor
 
