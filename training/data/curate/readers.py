@@ -117,12 +117,16 @@ def _local_copy(uri: str, size: int, max_bytes: int | None) -> tuple[Path | None
         return None, bad_input(uri, "unreadable_object", str(err))
 
 
+def _record_file(uri: str, size: int, suffixes: tuple[str, ...]) -> tuple[Path | None, Document | None]:
+    """A record file (JSONL, Parquet) on local disk, or a bad-input document when its suffix or object is wrong."""
+    if not uri.endswith(suffixes):
+        return None, bad_input(uri, "unsupported_file", f"not one of {suffixes}")
+    return _local_copy(uri, size, None)
+
+
 def jsonl_items(uri: str, size: int, source) -> Iterator[Document]:
     """One document per JSON line; `source.text_key` holds the text, `source.id_key` (optional) the id."""
-    if not uri.endswith(JSONL_SUFFIXES):
-        yield bad_input(uri, "unsupported_file", f"not one of {JSONL_SUFFIXES}")
-        return
-    path, bad = _local_copy(uri, size, None)
+    path, bad = _record_file(uri, size, JSONL_SUFFIXES)
     if bad:
         yield bad
         return
@@ -157,10 +161,7 @@ def parquet_items(uri: str, size: int, source) -> Iterator[Document]:
     """One document per row of the `source.text_key` column."""
     import pyarrow.parquet as pq
 
-    if not uri.endswith(PARQUET_SUFFIXES):
-        yield bad_input(uri, "unsupported_file", f"not one of {PARQUET_SUFFIXES}")
-        return
-    path, bad = _local_copy(uri, size, None)
+    path, bad = _record_file(uri, size, PARQUET_SUFFIXES)
     if bad:
         yield bad
         return
