@@ -10,6 +10,8 @@ import pytest
 
 from tests.training.test_pretrain import VOCAB, fake_curate
 
+STEPS = 12   # the first try is killed right after its step-3 save, long before step 12
+
 
 def _pretrain_operator(run_root, steps):
     from operators.job import TrainingJobOperator
@@ -25,7 +27,7 @@ def _pretrain_operator(run_root, steps):
 @pytest.mark.slow
 def test_job_killed_mid_run_resumes_on_retry(tmp_path, airflow_db):
     fake_curate(tmp_path)
-    first_try = _pretrain_operator(tmp_path, steps=40)
+    first_try = _pretrain_operator(tmp_path, steps=STEPS)
     lines: list[str] = []
     errors: list[BaseException] = []
     first_try.log.info = lambda msg, *args: lines.append(msg % args if args else msg)
@@ -48,7 +50,7 @@ def test_job_killed_mid_run_resumes_on_retry(tmp_path, airflow_db):
     thread.join(180)
     assert errors and "failed with exit status" in str(errors[0]), (thread.is_alive(), lines[-15:])
 
-    retry = _pretrain_operator(tmp_path, steps=40)
+    retry = _pretrain_operator(tmp_path, steps=STEPS)
     retry_lines: list[str] = []
     retry.log.info = lambda msg, *args: retry_lines.append(msg % args if args else msg)
     result = retry.execute({})
@@ -56,5 +58,5 @@ def test_job_killed_mid_run_resumes_on_retry(tmp_path, airflow_db):
     assert resumed, retry_lines[-30:]
     step = int(resumed[0].split("resumed from step ")[1].split()[0])
     assert step >= 3 and step % 3 == 0
-    assert not any(f"step {s}/40 " in line for line in retry_lines for s in range(1, step + 1))
-    assert result["steps"] == 40
+    assert not any(f"step {s}/{STEPS} " in line for line in retry_lines for s in range(1, step + 1))
+    assert result["steps"] == STEPS

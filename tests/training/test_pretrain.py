@@ -22,7 +22,7 @@ RAMP = ["train.batch_size_rampup.start_batch_size=2", "train.batch_size_rampup.b
         "train.batch_size_rampup.ramp_tokens=192", "train.async_save=true"]
 
 
-def pretrain(run_root, steps, *extra, ramp: bool = False):
+def pretrain(run_root, steps, *extra, ramp: bool = False, env: dict | None = None):
     """The tiny model for `steps` steps on `fake_curate`'s data (`ramp`: with the batch-size ramp and async saves)."""
     extra = [arg for item in RAMP for arg in ("--set", item)] * ramp + list(extra)
     return run_training(
@@ -30,7 +30,7 @@ def pretrain(run_root, steps, *extra, ramp: bool = False):
         "--set", f"train.steps={steps}", "--set", "optimizer.warmup_steps=1", "--set", "train.seq_length=32",
         "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=4", "--set", "train.log_interval=1",
         "--set", "train.save_interval=2", "--set", f"tracking.uri=sqlite:///{run_root}/mlflow.db",
-        "--set", "tracking.tags.dag_run_id=test-run", *extra)
+        "--set", "tracking.tags.dag_run_id=test-run", *extra, env=env)
 
 
 @pytest.mark.slow

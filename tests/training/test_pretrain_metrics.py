@@ -2,6 +2,8 @@
 norms, FLOPs/MFU, token-scheduled γ / λ / lr, the expert-load heatmap; and that aux-loss-free balancing balances."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import mlflow
 import pytest
 
@@ -57,7 +59,9 @@ def test_pretrain_logs_moe_metrics_schedules_and_heatmap(tmp_path):
 
 def _maxvio_curve(tmp_path, *extra):
     fake_curate(tmp_path)
-    out = pretrain(tmp_path, 100, "--set", "train.log_interval=10", "--set", "train.save_interval=1000", *extra)
+    # one thread each: the two runs go side by side on a 2-core machine
+    out = pretrain(tmp_path, 100, "--set", "train.log_interval=10", "--set", "train.save_interval=1000", *extra,
+                   env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, run = _run(tmp_path)
     return _history(client, run, "moe/maxvio")
@@ -67,8 +71,10 @@ def _maxvio_curve(tmp_path, *extra):
 def test_aux_loss_free_balancing_lowers_maxvio(tmp_path):
     """The same 100 steps with γ = 1e-3 and with γ = 0: the biases must lower the final MaxVio (mean of the last
     three 10-step windows, across the MoE layers and the MTP module)."""
-    balanced = _maxvio_curve(tmp_path / "gamma")
-    unbalanced = _maxvio_curve(tmp_path / "no-gamma", "--set", "model.moe_router_bias_update_rate=0")
+    with ThreadPoolExecutor(2) as pool:
+        balanced = pool.submit(_maxvio_curve, tmp_path / "gamma")
+        unbalanced = pool.submit(_maxvio_curve, tmp_path / "no-gamma", "--set", "model.moe_router_bias_update_rate=0")
+        balanced, unbalanced = balanced.result(), unbalanced.result()
     print(f"MaxVio per 10-step window, γ=1e-3: {balanced}\nγ=0: {unbalanced}")
 
     def final(curve):

@@ -4,6 +4,7 @@ directory, as separate Kubernetes pods would."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -73,10 +74,11 @@ def test_stages_share_only_the_object_store(s3_env, tmp_path, mlflow_server):
     env = {**s3_env["env"], "MLFLOW_TRACKING_URI": mlflow_server}
     curate_sets = ["shards=2", "sources=[{kind: package_metadata, max_documents: 20}, "
                    "{kind: package_code, max_documents: 30, max_file_bytes: 50000}]"]
-    for index in (0, 1):                                   # two shard pods
-        out = _stage("curate", root, tmp_path / f"shard{index}", *curate_sets,
-                     env={**env, "SEEKFLOW_NUM_SHARDS": "2", "JOB_COMPLETION_INDEX": str(index)})
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    with ThreadPoolExecutor(2) as pool:                   # two shard pods, side by side
+        shards = pool.map(lambda index: _stage("curate", root, tmp_path / f"shard{index}", *curate_sets, env={
+            **env, "SEEKFLOW_NUM_SHARDS": "2", "JOB_COMPLETION_INDEX": str(index)}), (0, 1))
+        for out in shards:
+            assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     merge = _stage("curate", root, tmp_path / "merge", *curate_sets, env=env)
     assert merge.returncode == 0, merge.stdout[-2000:] + merge.stderr[-3000:]
     assert merge.stdout.count("already done, skipping") == 2

