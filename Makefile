@@ -1,7 +1,7 @@
 # seekflow: one command to a trained, registered model.
 #   make run [PROFILE=tiny] [STEPS=N]   start MLflow + Airflow locally, trigger the pipeline, follow it
 #   make status | make stop | make clean
-#   make test [PYTEST_ARGS='-m "not slow"']
+#   make test [PYTEST_ARGS='-m "not slow"'] [PYTEST_WORKERS=2]
 # Ports: SEEKFLOW_MLFLOW_PORT (default 5000), SEEKFLOW_AIRFLOW_PORT (default 8080).
 
 PYTHON3 ?= python3.11
@@ -12,6 +12,7 @@ STAMP   := $(VENV)/.seekflow-installed
 PROFILE ?= tiny
 STEPS   ?=
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
 
 .PHONY: venv run stop status test clean constraints
 
@@ -39,7 +40,7 @@ status:
 	@python3 scripts/local_platform.py status
 
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean: stop
 	rm -rf .seekflow

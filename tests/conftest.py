@@ -115,7 +115,10 @@ def s3_server(tmp_path_factory):
     log = open(root / "weed.log", "w")
     proc = subprocess.Popen(
         [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root}", f"-master.port={master}",
-         f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={s3}", "-volume.max=0",
+         f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={s3}",
+         # Fixed volume slots of 64 MB: with -volume.max=0 SeaweedFS sizes its slots from the free disk space
+         # (30 GB per volume), and two servers on one disk (two test workers) ran out of writable volumes.
+         "-volume.max=64", "-master.volumeSizeLimitMB=64",
          "-s3.port.iceberg=0", "-s3.port.lance=0"],   # these listen on fixed ports otherwise; not needed here
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{s3}", "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
