@@ -37,28 +37,33 @@ def bare_steps(trainer, steps: int) -> float:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     train = trainer.cfg.train
-    saved = trainer.tconfig.finalize_model_grads_func
-    trainer.tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig = trainer.tconfigs[0]   # the schedule reads the first model chunk's config
+    saved = tconfig.finalize_model_grads_func
+    tconfig.finalize_model_grads_func = finalize_model_grads
     forward_backward = get_forward_backward_func()
+    num_microbatches = train.global_batch_size // trainer.ramp.per_step
     started = time.perf_counter()
     for _ in range(steps):
-        trainer.model.zero_grad_buffer()
+        for chunk in trainer.model:
+            chunk.zero_grad_buffer()
         trainer.optimizer.zero_grad()
         forward_backward(forward_step_func=trainer._forward_step, data_iterator=trainer.batches, model=trainer.model,
-                         num_microbatches=trainer.num_microbatches, seq_length=train.seq_length,
+                         num_microbatches=num_microbatches, seq_length=train.seq_length,
                          micro_batch_size=train.micro_batch_size, forward_only=False)
         trainer.optimizer.step()
         trainer.scheduler.step(increment=1)
     elapsed = time.perf_counter() - started
-    trainer.tconfig.finalize_model_grads_func = saved
-    _clear_trackers()
+    tconfig.finalize_model_grads_func = saved
+    _clear_trackers(trainer)
     return elapsed
 
 
-def _clear_trackers():
-    from training.stages.pretrain import _auxiliary_losses
+def _clear_trackers(trainer):
+    """Drop what the bare loop left in megatron's loss trackers and the routers' counts, so the Trainer's next
+    window starts clean."""
+    from training.stages.pretrain_losses import auxiliary_losses
 
-    _auxiliary_losses(1)
+    auxiliary_losses(trainer.cfg.model, 1)
 
 
 def trainer_steps(trainer, steps: int, fit_loop) -> float:

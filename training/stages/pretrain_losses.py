@@ -1,0 +1,70 @@
+"""The pretrain step's logged losses, reduced over every rank: the LM loss, and megatron-core's MTP and MoE balance
+loss trackers (which megatron itself would reduce with ReduceOp.AVG, which gloo lacks)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def global_mean_loss(losses: list[dict]) -> float:
+    """Token-weighted mean LM loss over micro-batches and data-parallel ranks (only last pipeline stages have it)."""
+    local = torch.zeros(2)
+    for item in losses or []:
+        local += item["lm loss"].detach().float().cpu()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(local)
+    return (local[0] / local[1].clamp(min=1)).item()
+
+
+def balance_loss_names(model) -> list[str]:
+    """The MoE balance losses megatron-core's tracker will hold for this model config, in a fixed order."""
+    if model.num_experts is None:
+        return []
+    if model.moe_router_type == "deepseek_v2":
+        from training.model.routers import LOSS_NAMES
+
+        return [name for name, alpha in zip(LOSS_NAMES, model.moe_aux_loss_coeffs) if alpha > 0]
+    return ["seq_load_balancing_loss"] if model.moe_aux_loss_coeff > 0 else []
+
+
+def auxiliary_losses(model, num_microbatches: int) -> dict:
+    """MTP and MoE balance losses from megatron-core's trackers, reduced over every rank, then reset.
+
+    megatron's own reduction (`reduce_aux_losses_tracker_across_ranks`) needs ReduceOp.AVG, which gloo lacks, and
+    deadlocks unless every rank holds every tracker name. Here every rank contributes the same fixed-size vector
+    (names known from the config; zeros for what it lacks) to one SUM over the world, which combines:
+    pipeline stages (disjoint layers), tensor/context-parallel ranks (each holds its sequence shard's share of a
+    balance loss, which megatron sums), data-parallel ranks (different data, averaged); the MTP loss is whole on
+    every tensor-parallel rank of the last stage, so it is averaged over TP x CP x DP. Then, as megatron's
+    track_moe_metrics: a balance loss is its sum over the MoE layers (MTP's included) / their count, and every value
+    is divided by the micro-batches of the step."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    names, tracker = balance_loss_names(model), get_moe_layer_wise_logging_tracker()
+    unexpected = sorted(set(tracker) - set(names))
+    if unexpected:
+        raise RuntimeError(f"megatron-core tracked losses {unexpected} that the config does not predict "
+                           f"(expected {names}); balance_loss_names must learn them")
+    slots = model.num_layers + model.mtp_num_layers   # the tracker's length: one slot per layer, MTP's included
+    parts = [tracker[n]["values"].detach().float().cpu() if n in tracker else torch.zeros(slots) for n in names]
+    mtp = MTPLossLoggingHelper.tracker.get("values")
+    parts.append(mtp.detach().float().cpu() if mtp is not None else torch.zeros(model.mtp_num_layers))
+    flat = torch.cat([p.view(-1) for p in parts])
+    if flat.numel() and dist.is_initialized() and dist.get_world_size() > 1:   # a dense model without MTP: nothing
+        dist.all_reduce(flat)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dp = parallel_state.get_data_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    out = {}
+    moe_layers = model.num_layers - model.first_k_dense_layers + model.mtp_num_layers
+    for i, name in enumerate(names):
+        out[name] = (flat[i * slots:(i + 1) * slots].sum() / (moe_layers * dp * num_microbatches)).item()
+    if model.mtp_num_layers:   # the mean over the D depths, as L_MTP = λ/D Σ_k L_MTP^k (DeepSeek-V3 §2.2, eq. 25)
+        out["mtp_loss"] = (flat[len(names) * slots:].sum()
+                           / (model.mtp_num_layers * (world // pp) * num_microbatches)).item()
+    if mtp is not None:
+        MTPLossLoggingHelper.clean_loss_in_tracker()
+    clear_aux_losses_tracker()
+    return out
