@@ -304,8 +304,9 @@ class PretrainConfig(StageConfig):
         """Refuse a layout megatron-core 0.16 cannot checkpoint when neither Transformer Engine nor Apex is installed
         (CPU runs): its distributed optimizer then asserts on saving a rank whose expert optimizer holds no parameter,
         which is any pipeline stage made only of dense layers under expert parallelism
-        (DistributedOptimizer.state_dict: `assert len(steps) == 1`). With TE/Apex (GPU clusters) it works, so the
-        stage calls this only there; the DeepSeek-V3 preset's first stage (the 3 dense layers) is such a stage."""
+        (DistributedOptimizer.state_dict: `assert len(steps) == 1`). With TE or Apex (GPU clusters) it works, so the
+        pretrain stage calls this only when neither is installed: the DeepSeek-V3 preset's first stage (its 3 dense
+        layers) is such a stage and is fine on a cluster."""
         par, model = self.parallel, self.model
         ep = par.expert_model_parallel_size
         if model.num_experts is None or ep == 1 or not par.use_distributed_optimizer:
