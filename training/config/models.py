@@ -283,15 +283,11 @@ class PretrainConfig(StageConfig):
         if self.train.seq_length > self.model.max_position_embeddings:
             raise ValueError("train.seq_length exceeds model.max_position_embeddings")
         par = self.parallel
-        layers, stages = self.model.num_layers, par.pipeline_model_parallel_size
-        for uneven in (par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers):
-            if uneven is not None:
-                layers, stages = layers - uneven, stages - 1
-        if stages < 0 or layers < 0 or (stages == 0 and layers) or (stages and layers % stages):
+        if stage_sizes(self.model.num_layers, par) is None:
             raise ValueError(f"model.num_layers ({self.model.num_layers}) cannot be split evenly over "
                              f"{par.pipeline_model_parallel_size} pipeline stages (see parallel.decoder_*_num_layers)")
-        vpp = par.virtual_pipeline_model_parallel_size
-        if vpp is not None and self.model.num_layers % (stages * vpp):
+        vpp, stages = par.virtual_pipeline_model_parallel_size, par.pipeline_model_parallel_size
+        if vpp is not None and self.model.num_layers % (stages * vpp):   # (VPP leaves first/last unset)
             raise ValueError(f"model.num_layers ({self.model.num_layers}) must be divisible by "
                              f"parallel.pipeline_model_parallel_size x virtual_pipeline_model_parallel_size "
                              f"({stages} x {vpp}): every model chunk holds the same number of layers")
@@ -323,20 +319,28 @@ class PretrainConfig(StageConfig):
                     f"parallel.use_distributed_optimizer: false")
 
 
+def stage_sizes(num_layers: int, par: ParallelConfig) -> list[int] | None:
+    """Decoder layers on each pipeline stage, megatron's split: the optional uneven first/last stage, the rest
+    evenly; None when the rest cannot be split evenly."""
+    first, last = par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers
+    middle = par.pipeline_model_parallel_size - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    if middle < 0 or rest < 0 or (middle == 0 and rest) or (middle and rest % middle):
+        return None
+    return ([first] if first is not None else []) + [rest // middle if middle else 0] * middle \
+        + ([last] if last is not None else [])
+
+
 def stage_layers(num_layers: int, par: ParallelConfig) -> list[list[int]]:
-    """0-based decoder layer indices each pipeline stage holds (megatron's layout: optional uneven first/last stage,
-    the rest split evenly; with virtual pipelining stage s holds chunks s, s+P, s+2P, ... of equal size)."""
+    """0-based decoder layer indices each pipeline stage holds (`stage_sizes`; with virtual pipelining stage s holds
+    chunks s, s+P, s+2P, ... of equal size). The layout must be valid (PretrainConfig checks it)."""
     stages = par.pipeline_model_parallel_size
     vpp = par.virtual_pipeline_model_parallel_size
     if vpp:
         size = num_layers // (stages * vpp)
         return [[i for chunk in range(s, stages * vpp, stages) for i in range(chunk * size, (chunk + 1) * size)]
                 for s in range(stages)]
-    first, last = par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers
-    middle = stages - (first is not None) - (last is not None)
-    rest = num_layers - (first or 0) - (last or 0)
-    sizes = ([first] if first is not None else []) + [rest // middle if middle else 0] * middle \
-        + ([last] if last is not None else [])
+    sizes = stage_sizes(num_layers, par)
     starts = [sum(sizes[:s]) for s in range(stages)]
     return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
 

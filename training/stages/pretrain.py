@@ -59,13 +59,12 @@ class Trainer:
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig, distrib_optimizer, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from training.data.gpt_data import BatchRamp, MicroBatches, build_train_dataset, fetch_datasets
         from training.model.build import build_gpt
 
-        from megatron.core.optimizer import distrib_optimizer
         if not distrib_optimizer.HAVE_APEX_OR_TE:
             cfg.check_checkpointable_without_fused_adam()
         self.cfg, self.info = cfg, info
