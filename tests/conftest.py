@@ -5,6 +5,7 @@ AIRFLOW_HOME must be set before anything imports airflow, so it happens at impor
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import socket
@@ -145,6 +146,16 @@ def s3_server(tmp_path_factory):
     except subprocess.TimeoutExpired:   # weed sometimes ignores SIGTERM while its filer flushes; its data is scratch
         os.killpg(proc.pid, 9)
         proc.wait(timeout=10)
+
+
+def run_probe(test_file: str) -> dict:
+    """Run `test_file` as a script with the argument `probe` in a fresh process (megatron-core under the CPU shim
+    changes process-global state) and return the last JSON object it printed."""
+    out = subprocess.run([sys.executable, "-W", "ignore", str(pathlib.Path(test_file).resolve()), "probe"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def run_training(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -184,11 +184,9 @@ def _mtp_probe() -> dict:
 
 @pytest.fixture(scope="module")
 def mcore():
-    out = subprocess.run([sys.executable, "-W", "ignore", str(Path(__file__).resolve()), "probe"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    from tests.conftest import run_probe   # here, not at the top: this file also runs as the probe script
+
+    return run_probe(__file__)
 
 
 # ------------------------------------------------------------------------------------------------- V3 (megatron) --

@@ -8,8 +8,6 @@ The router-level checks need megatron-core under the CPU shim (process-global st
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -78,11 +76,9 @@ def _probe() -> dict:
 
 @pytest.fixture(scope="module")
 def probe():
-    out = subprocess.run([sys.executable, "-W", "ignore", str(Path(__file__).resolve()), "probe"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    from tests.conftest import run_probe   # here, not at the top: this file also runs as the probe script
+
+    return run_probe(__file__)
 
 
 def test_v2_router_counts_choices_before_dropping_in_training_only(probe):
