@@ -41,7 +41,7 @@ def bare_steps(trainer, steps: int) -> float:
     saved = tconfig.finalize_model_grads_func
     tconfig.finalize_model_grads_func = finalize_model_grads
     forward_backward = get_forward_backward_func()
-    num_microbatches = train.global_batch_size // trainer.ramp.per_step
+    num_microbatches = trainer.ramp.num_microbatches(trainer.batches.consumed_samples)   # no ramp here: fixed
     started = time.perf_counter()
     for _ in range(steps):
         for chunk in trainer.model:
