@@ -50,8 +50,16 @@ def test_virtual_pipeline_and_context_parallel_are_checked_up_front():
         resolve_stage_config("pretrain", "tiny", overrides=[*vpp, "model.num_layers=6"])
     with pytest.raises(ConfigError, match="unset decoder_first/last_pipeline_num_layers"):
         resolve_stage_config("pretrain", "tiny", overrides=[*vpp, "parallel.decoder_first_pipeline_num_layers=1"])
-    with pytest.raises(ConfigError, match="context_parallel_size 2 is not supported: .*Transformer Engine"):
-        resolve_stage_config("pretrain", "tiny", overrides=["parallel.context_parallel_size=2"])
+    cp = ["parallel.context_parallel_size=2"]
+    assert resolve_stage_config("pretrain", "tiny", overrides=cp).parallel.context_parallel_size == 2
+    with pytest.raises(ConfigError, match=r"train.seq_length \(42\) must be divisible by 2 x "
+                                          r"parallel.context_parallel_size \(4\)"):
+        resolve_stage_config("pretrain", "tiny", overrides=[*cp, "train.seq_length=42"])
+    with pytest.raises(ConfigError, match=r"train.seq_length / parallel.context_parallel_size \(12\) must be "
+                                          r"divisible by parallel.tensor_model_parallel_size \(8\)"):
+        resolve_stage_config("pretrain", "tiny", overrides=[*cp, "train.seq_length=24",
+                                                            "parallel.sequence_parallel=true",
+                                                            "parallel.tensor_model_parallel_size=8"])
 
 
 def test_stage_layers_follow_megatrons_pipeline_split():

@@ -138,8 +138,9 @@ class ParallelConfig(Section):
                                 "(smaller pipeline bubble). Needs pipeline_model_parallel_size >= 2 and num_layers "
                                 "divisible by pipeline x virtual size. None: no interleaving.")
     context_parallel_size: int = Field(
-        1, ge=1, description="Splits each sequence over this many ranks. Values above 1 are refused: megatron-core "
-                             "implements context parallelism only in Transformer Engine's attention.")
+        1, ge=1, description="Splits each sequence over this many ranks (2 x CP chunks, causal load balanced); "
+                             "attention all-gathers the keys and values of the CP group "
+                             "(training/model/cp_attention.py).")
     expert_model_parallel_size: int = Field(1, ge=1)
     sequence_parallel: bool = False
     decoder_first_pipeline_num_layers: int | None = Field(None, ge=1, description="Layers on the first stage.")
@@ -158,13 +159,6 @@ class ParallelConfig(Section):
             if self.decoder_first_pipeline_num_layers or self.decoder_last_pipeline_num_layers:
                 raise ValueError("virtual_pipeline_model_parallel_size needs an even split: unset "
                                  "decoder_first/last_pipeline_num_layers")
-        if self.context_parallel_size > 1:
-            # megatron-core's local DotProductAttention asserts context_parallel_size == 1; ring attention over the
-            # sequence exists only in TEDotProductAttention (Transformer Engine, CUDA only), and the model builder
-            # uses the local spec (Transformer Engine is not a dependency of this project).
-            raise ValueError(f"context_parallel_size {self.context_parallel_size} is not supported: megatron-core's "
-                             "context parallelism needs Transformer Engine's attention (CUDA only), and models here "
-                             "are built from the local, non-Transformer-Engine spec")
         return self
 
 
@@ -291,6 +285,15 @@ class PretrainConfig(StageConfig):
             raise ValueError(f"model.num_layers ({self.model.num_layers}) must be divisible by "
                              f"parallel.pipeline_model_parallel_size x virtual_pipeline_model_parallel_size "
                              f"({stages} x {vpp}): every model chunk holds the same number of layers")
+        cp, tp = par.context_parallel_size, par.tensor_model_parallel_size
+        if self.train.seq_length % (2 * cp):
+            raise ValueError(f"train.seq_length ({self.train.seq_length}) must be divisible by 2 x "
+                             f"parallel.context_parallel_size ({2 * cp}): each context-parallel rank holds two of the "
+                             f"sequence's 2 x CP equal chunks")
+        if par.sequence_parallel and (self.train.seq_length // cp) % tp:
+            raise ValueError(f"train.seq_length / parallel.context_parallel_size ({self.train.seq_length // cp}) "
+                             f"must be divisible by parallel.tensor_model_parallel_size ({tp}): sequence "
+                             f"parallelism splits each rank's tokens over the tensor-parallel ranks")
         ep = self.parallel.expert_model_parallel_size
         if self.model.num_experts is not None and self.model.num_experts % ep:
             raise ValueError(f"model.num_experts ({self.model.num_experts}) not divisible by expert parallel size {ep}")

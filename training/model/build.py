@@ -39,6 +39,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=parallel.decoder_last_pipeline_num_layers,
@@ -104,6 +105,8 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initializ
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage)
     if model.num_experts is not None and model.moe_router_type == "deepseek_v2":
         _use_deepseek_v2_router(block_spec, model, parallel)
+    if parallel.context_parallel_size > 1:
+        _use_context_parallel_attention(block_spec)
     mtp_spec = None
     if model.mtp_num_layers:
         mtp_spec = get_gpt_mtp_block_spec(config, block_spec.layer_specs[-1], use_transformer_engine=use_te,
@@ -144,3 +147,14 @@ def _use_deepseek_v2_router(block_spec, model: ModelConfig, parallel: ParallelCo
         moe = getattr(layer_spec.submodules, "mlp", None)
         if moe is not None and hasattr(getattr(moe, "submodules", None), "router"):
             moe.submodules.router = functools.partial(DeepSeekV2Router, settings=settings)
+
+
+def _use_context_parallel_attention(block_spec) -> None:
+    """megatron-core's local DotProductAttention refuses context parallelism (only Transformer Engine's ring
+    attention has it): every layer (and so the MTP layer, which copies the last) attends through ours instead, and
+    the MTP loss counts its tokens over the CP group."""
+    from training.model.cp_attention import AllGatherContextParallelAttention, count_mtp_tokens_over_the_cp_group
+
+    count_mtp_tokens_over_the_cp_group()
+    for layer_spec in block_spec.layer_specs:
+        layer_spec.submodules.self_attention.submodules.core_attention = AllGatherContextParallelAttention

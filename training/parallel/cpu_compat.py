@@ -48,6 +48,8 @@ class CudaToCpu(TorchFunctionMode):
             return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs:
             kwargs["device"] = _to_cpu(kwargs["device"])
+        if kwargs.get("pin_memory"):   # no pinned-memory allocator without an accelerator (e.g. CP's rope slicing)
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1:
             args = (args[0], _to_cpu(args[1]), *args[2:])
         return func(*args, **kwargs)

@@ -44,9 +44,11 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend)
     world = dist.get_world_size()
-    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    model_parallel = (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+                      * parallel.context_parallel_size)
     if world % model_parallel:
-        raise ValueError(f"world size {world} is not divisible by tensor x pipeline parallel size {model_parallel}")
+        raise ValueError(f"world size {world} is not divisible by tensor x pipeline x context parallel size "
+                         f"{model_parallel}")
     if (world // parallel.pipeline_model_parallel_size) % parallel.expert_model_parallel_size:
         raise ValueError(f"world size {world} cannot host expert_model_parallel_size "
                          f"{parallel.expert_model_parallel_size} per pipeline stage")
@@ -58,6 +60,7 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistInfo:
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=1,
     )

@@ -146,6 +146,10 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
+        if self.cfg.parallel.context_parallel_size > 1:   # this rank's 2 of the sequence's 2 x CP chunks
+            from megatron.core.utils import get_batch_on_this_cp_rank
+
+            batch = get_batch_on_this_cp_rank(batch)
         loss_mask = batch["loss_mask"].float()
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=loss_mask)
 
@@ -246,8 +250,9 @@ class Trainer:
     def _report(self, logged: dict, steps_per_s: float, mlflow_run) -> None:
         steps = self.cfg.train.steps
         eta = (steps - self.step) / steps_per_s
+        mtp = f"mtp {logged['mtp_loss']:.4f} " if "mtp_loss" in logged else ""   # a model without MTP: none
         print(f"pretrain: step {self.step}/{steps} loss {logged['lm_loss']:.4f} "
-              f"mtp {logged.get('mtp_loss', math.nan):.4f} lr {logged['lr']:.2e} gnorm {logged['grad_norm']:.3f} "
+              f"{mtp}lr {logged['lr']:.2e} gnorm {logged['grad_norm']:.3f} "
               f"{steps_per_s:.2f} steps/s {logged['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s", flush=True)
         if mlflow_run:
             import mlflow

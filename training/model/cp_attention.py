@@ -1,0 +1,109 @@
+"""Context parallelism for the local (non-Transformer-Engine) layer spec: all-gather attention.
+
+megatron-core splits each sequence over the context-parallel (CP) ranks in 2 x CP chunks, rank r holding chunks r and
+2 x CP - 1 - r so that causal attention costs every rank the same (`get_batch_on_this_cp_rank`). It already slices
+the rotary embedding, shifts MTP labels across ranks and reduces losses and gradients over CP; only the attention
+itself, which needs every earlier key of the sequence, exists solely in Transformer Engine's ring attention. This
+module is that missing piece, in plain torch: each rank all-gathers the keys and values of its CP group (backward:
+reduce-scatter, so every key's gradient sums the queries of all ranks), then attends its own queries to them under
+the causal mask of the tokens' global positions. It is the all-gather form of context parallelism (Llama 3, §3.3.2),
+which trades ring attention's overlap for one collective per layer; the keys held are the whole sequence's.
+
+It has no parameters, so a model built with it loads and saves the same checkpoints as one built without it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def global_positions(seq_length_local: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Positions in the full sequence of the tokens a CP rank holds: its chunks r and 2 x CP - 1 - r."""
+    chunk = seq_length_local // 2
+    first = torch.arange(chunk, device=device) + cp_rank * chunk
+    second = torch.arange(chunk, device=device) + (2 * cp_size - 1 - cp_rank) * chunk
+    return torch.cat([first, second])
+
+
+def causal_mask_across_ranks(seq_length_local: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """[local queries, gathered keys] bool, True where attention is allowed: a key at or before the query."""
+    queries = global_positions(seq_length_local, cp_size, cp_rank, device)
+    keys = torch.cat([global_positions(seq_length_local, cp_size, r, device) for r in range(cp_size)])
+    return queries[:, None] >= keys[None, :]
+
+
+class AllGatherContextParallelAttention(torch.nn.Module):
+    """Drop-in for megatron-core's `DotProductAttention` (core attention: [s, b, heads, dim] in, [s, b, heads x v]
+    out) under context parallelism. Causal self-attention only; packed sequences and explicit masks are refused."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None, k_channels: int | None = None,
+                 v_channels: int | None = None):
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        from megatron.core.transformer.enums import AttnMaskType
+
+        super().__init__()
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"context-parallel attention supports causal masks only, got {attn_mask_type}")
+        self.config = config
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["cp"])
+        self.cp_group = pg_collection.cp
+        head_dim = k_channels or config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **unused):
+        from megatron.core import tensor_parallel
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        if packed_seq_params is not None or attention_mask is not None or attention_bias is not None:
+            raise NotImplementedError("context-parallel attention here supports unpacked causal sequences only "
+                                      "(no packed_seq_params, attention_mask or attention_bias)")
+        cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
+        # [s_local, b, heads, dim] -> [s_local x CP, b, heads, dim], in CP-rank order
+        key = gather_from_sequence_parallel_region(key, tensor_parallel_output_grad=True, group=self.cp_group)
+        value = gather_from_sequence_parallel_region(value, tensor_parallel_output_grad=True, group=self.cp_group)
+        mask = causal_mask_across_ranks(query.size(0), cp_size, cp_rank, device=query.device)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, heads, s, dim]
+        if k.size(1) != q.size(1):   # grouped-query attention: each key/value head serves a group of query heads
+            k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+        dropout = self.dropout if self.training else 0.0
+        if dropout and not self.config.sequence_parallel:   # as megatron: the TP ranks' heads draw apart
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                     scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale)
+        b, heads, s, v_dim = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, heads * v_dim)
+
+
+def count_mtp_tokens_over_the_cp_group() -> None:
+    """Make GPTModel's MTP loss the token mean of the whole sequence under context parallelism, as one process has it.
+
+    megatron-core 0.16 divides each rank's MTP loss sum by the rank's own count of MTP targets (`roll_tensor`'s
+    sum of the shifted loss mask), then averages the ranks. The rank holding the sequence's end has one target fewer
+    per depth, so that mean of means weights the ranks' tokens unequally (the LM loss has no such gap: its counts
+    are equal). Here the count becomes the CP group's mean count, so the average over ranks is the exact token mean
+    (DeepSeek-V3 §2.2, eq. 24). Idempotent; a no-op for CP = 1 and for packed sequences."""
+    import torch.distributed as dist
+    from megatron.core.models.gpt import gpt_model
+
+    original = gpt_model.roll_tensor
+    if getattr(original, "counts_over_cp_group", False):
+        return
+
+    def roll_tensor(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
+        rolled, total = original(tensor, shifts=shifts, dims=dims, cp_group=cp_group,
+                                 packed_seq_params=packed_seq_params)
+        if cp_group is not None and cp_group.size() > 1 and packed_seq_params is None:
+            total = total.detach().clone()
+            dist.all_reduce(total, group=cp_group)
+            total = total / cp_group.size()
+        return rolled, total
+
+    roll_tensor.counts_over_cp_group = True
+    gpt_model.roll_tensor = roll_tensor
