@@ -148,9 +148,10 @@ def _kill_one_rank_after(cmd, line: str, log) -> str:
     return log.read_text()
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_is_exact_and_other_architecture_is_refused(curate_root, tmp_path, layout_losses):
-    nproc, overrides = LAYOUTS["EP2"]
+def _kill_then_resume(layout: str, curate_root, tmp_path, layout_losses) -> list[str]:
+    """Train `layout` saving every 2 steps, SIGKILL rank 1 after the step-2 save, rerun: the rerun resumes at step 2
+    and its losses equal the uninterrupted run's bit for bit. Returns the command, for more reruns."""
+    nproc, overrides = LAYOUTS[layout]
     cmd = _command(tmp_path, curate_root, nproc, *overrides, "train.save_interval=2")
     killed = _kill_one_rank_after(cmd, "pretrain: saved iter_0000002", tmp_path / "killed.log")
     assert "Traceback" not in killed.split("pretrain: saved iter_0000002")[0], killed[-3000:]
@@ -158,9 +159,21 @@ def test_kill_9_then_resume_is_exact_and_other_architecture_is_refused(curate_ro
 
     resumed = _run(cmd)
     assert "resumed from step 2 (8 samples consumed)" in resumed.stdout, resumed.stdout[-3000:]
-    losses, uninterrupted = _losses(tmp_path), layout_losses("EP2")["lm_loss"]
+    losses, uninterrupted = _losses(tmp_path), layout_losses(layout)["lm_loss"]
     assert sorted(losses) == [3, 4]
     assert [losses[3], losses[4]] == [uninterrupted[3], uninterrupted[4]]   # bit for bit
+    return cmd
+
+
+@pytest.mark.slow
+def test_kill_9_under_context_parallelism_then_resume_is_exact(curate_root, tmp_path, layout_losses):
+    """The killed rank holds half of every sequence (CP2): the rerun must still pick up exactly where it stopped."""
+    _kill_then_resume("CP2", curate_root, tmp_path, layout_losses)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_exact_and_other_architecture_is_refused(curate_root, tmp_path, layout_losses):
+    cmd = _kill_then_resume("EP2", curate_root, tmp_path, layout_losses)
 
     # More steps may be asked of a resumed run; another architecture may not, and fails before any step.
     other = subprocess.run(cmd + ["--set", f"train.steps={STEPS + 2}", "--set", "model.moe_ffn_hidden_size=32",
