@@ -1,7 +1,8 @@
 """Context-parallel attention (training/model/cp_attention.py) against plain causal attention over the whole sequence.
 
-The 2-process test runs this file under torchrun as a probe: each rank holds megatron's two chunks of the sequence,
-and its outputs and its share of the query/key/value gradients must equal the single-sequence reference's."""
+The multi-process test runs this file under torchrun as a probe (CP = 2 and 4): each rank holds megatron's two chunks
+of the sequence, and its outputs and its share of the query/key/value gradients must equal the whole-sequence
+reference's."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from training.model.cp_attention import causal_mask_across_ranks, global_positions
+from training.model.cp_attention import global_positions, position_order
 
 SEQ, BATCH, HEADS, QK_DIM, V_DIM, SCALE = 16, 2, 3, 6, 5, 0.37
 
@@ -26,12 +27,9 @@ def test_each_rank_holds_chunks_r_and_2cp_minus_1_minus_r():
     assert sorted(held.tolist()) == list(range(16))
 
 
-def test_mask_lets_a_query_see_exactly_the_keys_at_or_before_it():
-    mask = causal_mask_across_ranks(8, 2, 1)   # rank 1's queries (positions 4..11) x the gathered keys (ranks 0, 1)
-    keys = global_positions(8, 2, 0).tolist() + global_positions(8, 2, 1).tolist()
-    query_4 = [k for k, allowed in zip(keys, mask[0].tolist()) if allowed]
-    assert sorted(query_4) == [0, 1, 2, 3, 4]   # not 12..15 (rank 0's second chunk), not 5..11
-    assert mask.sum(dim=1).tolist() == [p + 1 for p in global_positions(8, 2, 1).tolist()]
+def test_position_order_sorts_the_gathered_keys():
+    gathered = torch.cat([global_positions(8, 2, r) for r in range(2)])   # rank 0's 8 tokens, then rank 1's
+    assert gathered[position_order(8, 2)].tolist() == list(range(16))
 
 
 def _reference(q, k, v):
@@ -47,7 +45,8 @@ def _probe() -> None:
     from training.config import ParallelConfig
     from training.parallel.setup import init_distributed, shutdown
 
-    info = init_distributed(ParallelConfig(context_parallel_size=2), seed=7)
+    cp = int(os.environ["WORLD_SIZE"])
+    info = init_distributed(ParallelConfig(context_parallel_size=cp), seed=7)
     from megatron.core import parallel_state
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -55,9 +54,9 @@ def _probe() -> None:
     from training.model.cp_attention import AllGatherContextParallelAttention
 
     config = TransformerConfig(num_layers=1, hidden_size=HEADS * QK_DIM, num_attention_heads=HEADS,
-                               context_parallel_size=2, attention_dropout=0.0)
+                               context_parallel_size=cp, attention_dropout=0.0)
     attention = AllGatherContextParallelAttention(config, 1, AttnMaskType.causal, "self", softmax_scale=SCALE)
-    mine = global_positions(SEQ // 2, 2, parallel_state.get_context_parallel_rank())
+    mine = global_positions(SEQ // cp, cp, parallel_state.get_context_parallel_rank())
     generator = torch.Generator().manual_seed(0)   # the same full-sequence tensors on both ranks
     errors = {}
     for case, kv_heads in (("mha", HEADS), ("gqa", 1)):
@@ -72,7 +71,7 @@ def _probe() -> None:
         errors[f"{case} out"] = (out - expected.detach()[mine]).abs().max().item()
         for name, full, part in zip("qkv", (q, k, v), local):
             errors[f"{case} grad_{name}"] = (part.grad - full.grad[mine]).abs().max().item()
-    gathered = [None, None]
+    gathered = [None] * cp
     torch.distributed.all_gather_object(gathered, errors)
     if info.is_main:
         print(json.dumps({"ranks": gathered}), flush=True)
@@ -80,15 +79,16 @@ def _probe() -> None:
 
 
 @pytest.mark.slow
-def test_two_context_parallel_ranks_equal_attention_over_the_whole_sequence():
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_ranks_equal_attention_over_the_whole_sequence(cp):
     from tests.conftest import REPO
 
-    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc-per-node=2",
+    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", f"--nproc-per-node={cp}",
                           __file__, "probe"], capture_output=True, text=True, timeout=300, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ranks = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])["ranks"]
-    assert len(ranks) == 2
+    assert len(ranks) == cp
     for errors in ranks:
         # forward, and the key/value gradients after the reduce-scatter of both ranks' contributions
         assert set(errors) == {f"{case} {what}" for case in ("mha", "gqa")

@@ -1,20 +1,24 @@
 """Context parallelism for the local (non-Transformer-Engine) layer spec: all-gather attention.
 
 megatron-core splits each sequence over the context-parallel (CP) ranks in 2 x CP chunks, rank r holding chunks r and
-2 x CP - 1 - r so that causal attention costs every rank the same (`get_batch_on_this_cp_rank`). It already slices
-the rotary embedding, shifts MTP labels across ranks and reduces losses and gradients over CP; only the attention
-itself, which needs every earlier key of the sequence, exists solely in Transformer Engine's ring attention. This
-module is that missing piece, in plain torch: each rank all-gathers the keys and values of its CP group (backward:
-reduce-scatter, so every key's gradient sums the queries of all ranks), then attends its own queries to them under
-the causal mask of the tokens' global positions. It is the all-gather form of context parallelism (Llama 3, §3.3.2),
-which trades ring attention's overlap for one collective per layer; the keys held are the whole sequence's.
+2 x CP - 1 - r so that causal attention costs every rank the same (`get_batch_on_this_cp_rank`). It already slices the
+rotary embedding, shifts MTP labels across ranks and reduces losses and gradients over CP; only the attention itself,
+which needs every earlier key of the sequence, exists solely in Transformer Engine's ring attention. This module is
+that missing piece, in plain torch: each rank all-gathers the keys and values of its CP group (backward:
+reduce-scatter, so every key's gradient sums the queries of all ranks), puts them in sequence order, and attends each
+of its two query chunks to the keys up to the chunk's end, causally (no [queries x keys] mask is built). It is the
+all-gather form of context parallelism (Llama 3, §3.3.2), which trades ring attention's overlap for one collective per
+layer; the keys held are the whole sequence's.
 
 It has no parameters, so a model built with it loads and saves the same checkpoints as one built without it.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def global_positions(seq_length_local: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -25,11 +29,10 @@ def global_positions(seq_length_local: int, cp_size: int, cp_rank: int, device=N
     return torch.cat([first, second])
 
 
-def causal_mask_across_ranks(seq_length_local: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
-    """[local queries, gathered keys] bool, True where attention is allowed: a key at or before the query."""
-    queries = global_positions(seq_length_local, cp_size, cp_rank, device)
-    keys = torch.cat([global_positions(seq_length_local, cp_size, r, device) for r in range(cp_size)])
-    return queries[:, None] >= keys[None, :]
+def position_order(seq_length_local: int, cp_size: int, device=None) -> torch.Tensor:
+    """The permutation that puts the all-gathered keys (rank 0's tokens, then rank 1's, ...) in sequence order."""
+    gathered = torch.cat([global_positions(seq_length_local, cp_size, r, device) for r in range(cp_size)])
+    return torch.argsort(gathered)
 
 
 class AllGatherContextParallelAttention(torch.nn.Module):
@@ -63,23 +66,28 @@ class AllGatherContextParallelAttention(torch.nn.Module):
             raise NotImplementedError("context-parallel attention here supports unpacked causal sequences only "
                                       "(no packed_seq_params, attention_mask or attention_bias)")
         cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
-        # [s_local, b, heads, dim] -> [s_local x CP, b, heads, dim], in CP-rank order
-        key = gather_from_sequence_parallel_region(key, tensor_parallel_output_grad=True, group=self.cp_group)
-        value = gather_from_sequence_parallel_region(value, tensor_parallel_output_grad=True, group=self.cp_group)
-        mask = causal_mask_across_ranks(query.size(0), cp_size, cp_rank, device=query.device)
+        # [s_local, b, heads, dim] -> [s_local x CP, b, heads, dim], in sequence order
+        order = position_order(query.size(0), cp_size, device=query.device)
+        key, value = (gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=self.cp_group)
+                      .index_select(0, order) for t in (key, value))
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, heads, s, dim]
         if k.size(1) != q.size(1):   # grouped-query attention: each key/value head serves a group of query heads
             k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
         dropout = self.dropout if self.training else 0.0
-        if dropout and not self.config.sequence_parallel:   # as megatron: the TP ranks' heads draw apart
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                     scale=self.softmax_scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale)
+        rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel
+               else contextlib.nullcontext())   # as megatron: without SP the TP ranks' heads draw apart
+        outs, chunk = [], query.size(0) // 2
+        with rng:
+            # Each of the rank's two chunks sees every key up to its own end, causally at the diagonal: a
+            # lower-right-aligned causal bias, which SDPA's fused kernels take without building a mask.
+            for i, chunk_index in enumerate((cp_rank, 2 * cp_size - 1 - cp_rank)):
+                end = (chunk_index + 1) * chunk
+                outs.append(F.scaled_dot_product_attention(
+                    q[:, :, i * chunk:(i + 1) * chunk], k[:, :, :end], v[:, :, :end],
+                    attn_mask=causal_lower_right(chunk, end), dropout_p=dropout, scale=self.softmax_scale))
+        out = torch.cat(outs, dim=2)
         b, heads, s, v_dim = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * v_dim)
-
 
 def count_mtp_tokens_over_the_cp_group() -> None:
     """Make GPTModel's MTP loss the token mean of the whole sequence under context parallelism, as one process has it.
