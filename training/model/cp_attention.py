@@ -89,6 +89,7 @@ class AllGatherContextParallelAttention(torch.nn.Module):
         b, heads, s, v_dim = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * v_dim)
 
+
 def count_mtp_tokens_over_the_cp_group() -> None:
     """Make GPTModel's MTP loss the token mean of the whole sequence under context parallelism, as one process has it.
 
