@@ -23,11 +23,30 @@ def test_shim_refuses_to_run_where_cuda_exists(monkeypatch):
     assert not cpu_compat.is_applied()
 
 
-def test_backend_choice_follows_the_hardware(monkeypatch):
-    from training.parallel import setup
+# What a GPU machine gets from prepare_backend, in a fresh process (it imports megatron-core without the CPU shim).
+_ON_A_GPU = """
+import inspect, json, torch
+torch.cuda.is_available = lambda: True
+from training.parallel import cpu_compat, local_spec_gaps, setup
+backend = setup.prepare_backend()
+from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+print(json.dumps({"backend": backend, "shim": cpu_compat.is_applied(), "gaps": local_spec_gaps.is_applied(),
+                  "k_channels": "k_channels" in inspect.signature(DotProductAttention.__init__).parameters,
+                  "recompute_fp8": [CheckpointWithoutOutput().fp8, CheckpointWithoutOutput(fp8="e4m3").fp8]}))
+"""
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert setup.prepare_backend() == "nccl"   # and the shim is left alone on a GPU machine
+
+def test_a_gpu_machine_gets_nccl_and_the_local_spec_patches_but_not_the_cpu_shim():
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _ON_A_GPU], capture_output=True, text=True,
+                         timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    # CUDA tensors over NCCL; the stages' few CPU-tensor reductions (logged losses) over gloo, in one group
+    assert seen["backend"] == "cpu:gloo,cuda:nccl"
+    assert not seen["shim"] and seen["gaps"]
+    assert seen["k_channels"]                      # MLA's core attention can be the local DotProductAttention
+    assert seen["recompute_fp8"] == [False, True]  # megatron's default fp8=False no longer means "FP8 on"
 
 
 def _steps(cmd: list[str]) -> list[dict]:

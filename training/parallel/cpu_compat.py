@@ -2,8 +2,8 @@
 
 megatron-core assumes CUDA throughout: `device="cuda"`, `.cuda()`, CUDA streams, events and RNG state. On a machine
 without CUDA we (1) rewrite cuda devices to cpu with a TorchFunctionMode, (2) give `torch.cuda` harmless stand-ins for
-streams, events and RNG, (3) fill two gaps of megatron-core's non-Transformer-Engine "local" layer spec that are not
-CPU-specific (MLA + local attention, torch norms + sequence parallel). Measured in ../shared/FACTS.md.
+streams, events and RNG, (3) fill the gaps of megatron-core's non-Transformer-Engine "local" layer spec, which are
+not CPU-specific and so live in `local_spec_gaps` (applied on GPUs too). Measured in ../shared/FACTS.md.
 
 `apply()` must run before megatron is imported, and only when CUDA is absent: on a GPU it refuses to run.
 """
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import sys
 import types
 
 import torch
 from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
+
+from training.parallel import local_spec_gaps
 
 _applied = False
 
@@ -150,47 +151,6 @@ def _patch_megatron_cpu_paths() -> None:
         moe_utils.te_general_gemm = None
 
 
-def _patch_mla_local_attention() -> None:
-    """Upstream gap: MLASelfAttention passes k_channels/v_channels, which only TE's attention accepts."""
-    import megatron.core.transformer.multi_latent_attention as mla
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    if not isinstance(getattr(mla, "TELinear", None), type):   # 0.16: TELinear is a MagicMock without TE
-        mla.HAVE_TE = False
-    original_init = DotProductAttention.__init__
-
-    def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
-        original_init(self, *args, **kwargs)
-        if k_channels is not None and kwargs.get("softmax_scale") is None:
-            self.softmax_scale = 1.0 / math.sqrt(k_channels)
-        if v_channels is not None:
-            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
-
-    DotProductAttention.__init__ = __init__
-
-
-def _patch_torch_norm_sequence_parallel() -> None:
-    """Upstream gap: the local spec's torch norm refuses sequence_parallel (only TE/Apex norms accept it)."""
-    from megatron.core.transformer import torch_norm
-
-    wrapped = torch_norm.WrappedTorchNorm
-    original_new = wrapped.__new__
-
-    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
-        if not config.sequence_parallel:
-            return original_new(cls, config, hidden_size, eps, **kwargs)
-        config.sequence_parallel = False
-        try:
-            norm = original_new(cls, config, hidden_size, eps, **kwargs)
-        finally:
-            config.sequence_parallel = True
-        for param in norm.parameters():
-            param.sequence_parallel = True   # so their grads are all-reduced over the TP group
-        return norm
-
-    wrapped.__new__ = staticmethod(__new__)
-
-
 def apply() -> None:
     """Install the shim (idempotent). Call before building any megatron-core model; never on a CUDA machine."""
     global _applied
@@ -204,7 +164,6 @@ def apply() -> None:
     _stub_torch_cuda()
     BackwardCFunction.apply = _backward_apply_under_mode
     _patch_megatron_cpu_paths()
-    _patch_mla_local_attention()
-    _patch_torch_norm_sequence_parallel()
+    local_spec_gaps.apply()
     _MODE.__enter__()
     _applied = True

@@ -23,12 +23,17 @@ class DistInfo:
 
 
 def prepare_backend() -> str:
-    """Pick the collective backend; on a CPU-only machine install the megatron-core CPU shim first."""
+    """Pick the collective backend and patch megatron-core's local layer spec; on a CPU-only machine install the
+    megatron-core CPU shim first. On GPUs, CUDA tensors go through NCCL and the few CPU tensors the stages reduce
+    (logged losses) through gloo, from one process group."""
+    from training.parallel import local_spec_gaps
+
     if torch.cuda.is_available():
-        return "nccl"
+        local_spec_gaps.apply()
+        return "cpu:gloo,cuda:nccl"
     from training.parallel import cpu_compat
 
-    cpu_compat.apply()
+    cpu_compat.apply()   # applies local_spec_gaps too, after its stubs
     return "gloo"
 
 
@@ -39,7 +44,8 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistInfo:
                        "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(key, value)
     local_rank = int(os.environ["LOCAL_RANK"])
-    if backend == "nccl":
+    on_gpu = backend != "gloo"
+    if on_gpu:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend)
@@ -66,7 +72,7 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistInfo:
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return DistInfo(rank=dist.get_rank(), world_size=world, local_rank=local_rank, device=device)
 
 

@@ -60,7 +60,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
     from training.parallel.setup import init_distributed, shutdown
 
-    init_distributed(ParallelConfig(), cfg.seed)
+    info = init_distributed(ParallelConfig(), cfg.seed)
     try:
         with stage_run(cfg, STAGE, chash) as mlflow_run:
             import mlflow
@@ -71,6 +71,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
             print(f"evaluate: loading {release} ({model_cfg.name})", flush=True)
             gpt, _ = load_release(release)
+            gpt.to(info.device)   # loaded on the CPU; the generator's inputs follow the weights
             gen = Generator(gpt, model_cfg.max_position_embeddings, cfg.batch_size)
             results = run_enabled(cfg, gen)
             metrics = {f"{suite}.{k}": v for suite, r in results.items() for k, v in r.metrics.items()}

@@ -81,6 +81,8 @@ class Trainer:
         vpp = cfg.parallel.virtual_pipeline_model_parallel_size
         built = [build_gpt(cfg.model, cfg.parallel, seed=cfg.seed, vp_stage=v) for v in (range(vpp) if vpp else [None])]
         chunks, self.tconfigs = [gpt for gpt, _ in built], [config for _, config in built]
+        for gpt in chunks:   # built (and seeded) on the CPU; trained on this rank's device
+            gpt.to(info.device)
         self.gpt = chunks if vpp else chunks[0]   # what checkpoints save: one model, or the list of chunks
         ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
         self.model = [DistributedDataParallel(config, ddp_config, gpt) for gpt, config in built]
@@ -145,7 +147,7 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        batch = {key: value.to(self.info.device, non_blocking=True) for key, value in next(data_iterator).items()}
         if self.cfg.parallel.context_parallel_size > 1:   # this rank's 2 of the sequence's 2 x CP chunks
             from megatron.core.utils import get_batch_on_this_cp_rank
 

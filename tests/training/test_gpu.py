@@ -1,0 +1,34 @@
+"""The pretrain stage on a CUDA device: the same run as on the CPU, on the GPU. Needs a GPU, so CI (CPU-only)
+reports these as skipped; on a GPU machine run `pytest -m gpu`.
+
+The CPU run on the same machine hides the GPU (CUDA_VISIBLE_DEVICES=""), so it takes the CPU shim as CI does."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.training.test_parallel_layouts import _command, _losses, curate_root  # noqa: F401 (a fixture)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _train(cmd, run_root, hide_gpu: bool) -> dict[int, float]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **({"CUDA_VISIBLE_DEVICES": ""} if hide_gpu else {})}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return _losses(run_root)
+
+
+@pytest.mark.parametrize("overrides", [[], ["parallel.recompute=[core_attn,layernorm,mla_up_proj,moe]"]],
+                         ids=["plain", "recompute"])
+def test_pretrain_on_the_gpu_matches_the_cpu(curate_root, tmp_path, overrides):  # noqa: F811
+    on_gpu = _train(_command(tmp_path / "gpu", curate_root, 1, *overrides), tmp_path / "gpu", hide_gpu=False)
+    on_cpu = _train(_command(tmp_path / "cpu", curate_root, 1, *overrides), tmp_path / "cpu", hide_gpu=True)
+    assert sorted(on_gpu) == sorted(on_cpu)
+    for step in on_cpu:   # fp32 both; the GPU's kernels sum in other orders
+        assert abs(on_gpu[step] - on_cpu[step]) <= 1e-4 * on_cpu[step], (step, on_gpu, on_cpu)
+    assert len(set(on_gpu.values())) == len(on_gpu)   # the weights moved
