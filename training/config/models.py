@@ -128,6 +128,11 @@ class ModelConfig(Section):
         return self
 
 
+# megatron-core's selective-recompute modules that run on the local (non-Transformer-Engine) layer spec. Its
+# "moe_act" is left out: it needs grouped GEMM, i.e. Transformer Engine.
+RecomputeModule = Literal["core_attn", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"]
+
+
 class ParallelConfig(Section):
     """Model-parallel sizes; data parallelism is whatever world size is left over."""
 
@@ -147,6 +152,13 @@ class ParallelConfig(Section):
     decoder_last_pipeline_num_layers: int | None = Field(None, ge=1, description="Layers on the last stage.")
     use_distributed_optimizer: bool = True
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    recompute: list[RecomputeModule] = Field(
+        default_factory=list,
+        description="Activations to recompute in the backward pass instead of keeping (megatron-core's selective "
+                    "recompute): core_attn (attention scores; under context parallelism also the gathered keys "
+                    "and values), layernorm (the RMSNorms), mla_up_proj (MLA's q/kv up-projections and RoPE), mlp "
+                    "(dense FFNs), moe (whole MoE layers), shared_experts. Trades compute for memory; losses are "
+                    "unchanged. Empty: keep everything.")
 
     @model_validator(mode="after")
     def _check(self) -> "ParallelConfig":
@@ -294,6 +306,13 @@ class PretrainConfig(StageConfig):
             raise ValueError(f"train.seq_length / parallel.context_parallel_size ({self.train.seq_length // cp}) "
                              f"must be divisible by parallel.tensor_model_parallel_size ({tp}): sequence "
                              f"parallelism splits each rank's tokens over the tensor-parallel ranks")
+        needs = {"mla_up_proj": ("model.multi_latent_attention", self.model.multi_latent_attention),
+                 "moe": ("model.num_experts", self.model.num_experts is not None),
+                 "shared_experts": ("model.moe_shared_experts", bool(self.model.moe_shared_experts))}
+        for module in par.recompute:
+            field, present = needs.get(module, (None, True))
+            if not present:
+                raise ValueError(f"parallel.recompute lists {module!r}, but this model has none ({field})")
         ep = self.parallel.expert_model_parallel_size
         if self.model.num_experts is not None and self.model.num_experts % ep:
             raise ValueError(f"model.num_experts ({self.model.num_experts}) not divisible by expert parallel size {ep}")

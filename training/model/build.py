@@ -43,6 +43,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_
         sequence_parallel=parallel.sequence_parallel,
         num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=parallel.decoder_last_pipeline_num_layers,
+        recompute_granularity="selective" if parallel.recompute else None,
+        recompute_modules=list(parallel.recompute) or None,
     )
     if moe:
         common.update(
