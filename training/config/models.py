@@ -245,6 +245,9 @@ class TrainLoopConfig(Section):
     log_interval: int = Field(10, ge=1, description="Steps between progress lines and MLflow metrics.")
     save_interval: int = Field(100, ge=1, description="Steps between checkpoints (the last step always saves).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32: everything in float32. bf16: megatron-core mixed precision, bf16 weights and "
+                            "activations with fp32 master weights, optimizer state and gradient reduction.")
     peak_flops_per_device: float | None = Field(None, gt=0, description="Peak FLOP/s of one device, for model "
                                                                         "FLOPs utilisation (None: no MFU metric).")
     batch_size_rampup: BatchSizeRampup | None = Field(

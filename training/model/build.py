@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from training.config import ModelConfig, ParallelConfig
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initialization: bool):
-    """Translate our config into megatron-core's (MLA)TransformerConfig."""
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initialization: bool,
+                       bf16: bool = False):
+    """Translate our config into megatron-core's (MLA)TransformerConfig (`bf16`: mixed precision, see build_gpt)."""
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     moe = model.num_experts is not None
@@ -25,9 +26,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_
         activation_func=F.silu,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bf16=False,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,   # what pipeline stages send each other
         use_cpu_initialization=use_cpu_initialization,
         # These fusions need Transformer Engine or Apex; megatron-core falls back to plain torch with them off.
         persist_layer_norm=False,
@@ -92,9 +93,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_
 
 
 def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initialization: bool = True,
-              seed: int | None = None, vp_stage: int | None = None):
+              seed: int | None = None, vp_stage: int | None = None, bf16: bool = False):
     """The GPTModel for this pipeline stage (pre/post process follow the pipeline rank), or, with a virtual pipeline,
     its model chunk `vp_stage` (chunk v of stage p holds the layers of virtual stage v x PP + p).
+
+    With `bf16` the config asks for megatron-core's mixed precision; the caller wraps the model in its
+    `Float16Module` (bf16 weights, fp32 outputs) and gives the optimizer fp32 master weights.
 
     With `seed`, its weights are redrawn layout-invariantly (training/model/init.py): any parallel layout starts
     from the model one process would build. Without it, megatron's own (layout-dependent) init stays."""
@@ -102,7 +106,7 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initializ
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    config = transformer_config(model, parallel, use_cpu_initialization=use_cpu_initialization)
+    config = transformer_config(model, parallel, use_cpu_initialization=use_cpu_initialization, bf16=bf16)
     use_te = False  # the "local" spec: pure megatron-core + torch (Transformer Engine is not installed here)
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage)
     if model.num_experts is not None and model.moe_router_type == "deepseek_v2":

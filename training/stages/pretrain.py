@@ -61,6 +61,7 @@ class Trainer:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, distrib_optimizer, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
 
         from training.data.gpt_data import BatchRamp, MicroBatches, build_train_dataset, fetch_datasets
         from training.model.build import build_gpt
@@ -79,13 +80,19 @@ class Trainer:
 
         # With a virtual pipeline, each rank holds `vpp` model chunks (megatron's interleaved 1F1B schedule).
         vpp = cfg.parallel.virtual_pipeline_model_parallel_size
-        built = [build_gpt(cfg.model, cfg.parallel, seed=cfg.seed, vp_stage=v) for v in (range(vpp) if vpp else [None])]
+        bf16 = train.precision == "bf16"
+        built = [build_gpt(cfg.model, cfg.parallel, seed=cfg.seed, vp_stage=v, bf16=bf16)
+                 for v in (range(vpp) if vpp else [None])]
         chunks, self.tconfigs = [gpt for gpt, _ in built], [config for _, config in built]
         for gpt in chunks:   # built (and seeded) on the CPU; trained on this rank's device
             gpt.to(info.device)
         self.gpt = chunks if vpp else chunks[0]   # what checkpoints save: one model, or the list of chunks
-        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-        self.model = [DistributedDataParallel(config, ddp_config, gpt) for gpt, config in built]
+        # bf16: megatron's mixed precision. Float16Module casts the weights (and first-stage inputs) to bf16 and the
+        # outputs back to fp32; gradients are reduced in fp32 and the optimizer steps fp32 master weights.
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+                                                   grad_reduce_in_fp32=bf16)
+        self.model = [DistributedDataParallel(config, ddp_config, Float16Module(config, gpt) if bf16 else gpt)
+                      for gpt, config in built]
         tconfig = self.tconfigs[0]   # the schedule and finalize_model_grads read the first chunk's
         self.expert_load = moe_metrics.ExpertLoadTracker(torch.nn.ModuleList(chunks))
         if vpp and self.ramp.num_microbatches(0) < cfg.parallel.pipeline_model_parallel_size:
@@ -103,7 +110,8 @@ class Trainer:
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
             adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, clip_grad=opt.clip_grad,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, params_dtype=torch.float32,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
         ), self.model)
         scheduler_cls = OptimizerParamScheduler
         if opt.decay_style in ("deepseek-v3", "multi-step"):

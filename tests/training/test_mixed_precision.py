@@ -1,0 +1,39 @@
+"""`train.precision: bf16`, megatron-core's mixed precision: bf16 weights and activations with fp32 master weights.
+It trains close to fp32 without being fp32, and resumes bit for bit (the master weights are in the checkpoint)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.training.test_parallel_layouts import STEPS, _command, _losses, _run, curate_root  # noqa: F401 (fixture)
+
+
+@pytest.mark.slow
+def test_bf16_trains_close_to_fp32_and_resumes_exactly(curate_root, tmp_path):  # noqa: F811
+    _run(_command(tmp_path / "fp32", curate_root, 1))
+    bf16 = _command(tmp_path / "bf16", curate_root, 1, "train.precision=bf16", "train.save_interval=2")
+    _run(bf16)
+    full, mixed = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
+    assert sorted(mixed) == sorted(full) == list(range(1, STEPS + 1))
+    assert all(abs(mixed[s] - full[s]) < 1e-2 for s in full), (mixed, full)   # near ln(512) = 6.24
+    assert any(mixed[s] != full[s] for s in full)   # and really computed in bf16
+
+    # As if the job died right after the step-2 save: the step-4 checkpoint, its marker and the manifest are gone.
+    stage = tmp_path / "bf16" / "pretrain"
+    shutil.rmtree(stage / "checkpoints" / "iter_0000004")
+    (stage / "checkpoints" / "latest").write_text("2")
+    (stage / "manifest.json").unlink()
+    rerun = _run(bf16)
+    assert "resumed from step 2 (8 samples consumed)" in rerun.stdout, rerun.stdout[-3000:]
+    resumed = _losses(tmp_path / "bf16")
+    assert sorted(resumed) == [3, 4]
+    assert [resumed[3], resumed[4]] == [mixed[3], mixed[4]]   # bit for bit
+
+
+def test_paper_presets_train_in_bf16_and_tiny_in_fp32():
+    from training.config import resolve_stage_config
+
+    for preset in ("deepseek-v3", "deepseek-v2", "deepseek-v2-lite", "deepseek-moe-16b"):
+        assert resolve_stage_config("pretrain", preset).train.precision == "bf16", preset
+    assert resolve_stage_config("pretrain", "tiny").train.precision == "fp32"   # exact layout parity on CPU
