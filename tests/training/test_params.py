@@ -108,6 +108,8 @@ def test_params_cli_prints_total_activated_and_mtp():
     assert lines["total"].startswith("total     671.03 B")
     assert lines["activated"].split()[1:3] == ["36.63", "B"]
     assert lines["mtp"].split()[1:3] == ["11.61", "B"]
+    without_mtp = _cli("params", "--preset", "deepseek-v2")
+    assert without_mtp.returncode == 0 and "\nmtp " not in without_mtp.stdout
 
 
 def test_plan_matches_hand_computed_values():

@@ -127,8 +127,9 @@ def format_count(name: str, c: ParamCount) -> str:
     lines = [f"model     {name}",
              f"total     {b(c.total)}   ({c.total:,} parameters, MTP excluded as in the papers)",
              f"activated {b(c.activated)}   ({c.activated:,} per token; one embedding row)",
-             f"  (activated counting the whole embedding table: {c.activated_with_embedding_table / 1e9:.2f} B)",
-             f"mtp       {b(c.mtp)}   ({c.mtp:,}; {c.mtp_activated:,} activated; embedding and head shared)"]
+             f"  (activated counting the whole embedding table: {c.activated_with_embedding_table / 1e9:.2f} B)"]
+    if c.mtp:   # only models with multi-token prediction modules
+        lines.append(f"mtp       {b(c.mtp)}   ({c.mtp:,}; {c.mtp_activated:,} activated; embedding and head shared)")
     for key in ("embedding", "output_head", "attention", "norms", "dense_ffn", "router", "shared_experts",
                 "routed_experts"):
         if key in c.parts:
