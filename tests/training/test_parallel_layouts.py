@@ -28,7 +28,7 @@ LAYOUTS = {   # name: (processes, overrides)
     "DP2+DistOpt": (2, ["parallel.use_distributed_optimizer=true"]),
     "PP2xEP2": (4, ["parallel.pipeline_model_parallel_size=2", "parallel.decoder_first_pipeline_num_layers=2",
                     "parallel.expert_model_parallel_size=2"]),
-    # each rank holds 2 of the sequence's 4 chunks; attention all-gathers keys and values (cp_attention.py). With
+    # each rank holds 2 of the sequence's 4 chunks; attention all-gathers keys and values (attention.py). With
     # selective recompute: the attention (so the gathered keys and values are not kept), norms, MLA up-projections.
     "CP2": (2, ["parallel.context_parallel_size=2", "parallel.recompute=[core_attn,layernorm,mla_up_proj]"]),
     "CP2xDP2xEP2": (4, ["parallel.context_parallel_size=2", "parallel.expert_model_parallel_size=2"]),

@@ -145,7 +145,7 @@ class ParallelConfig(Section):
     context_parallel_size: int = Field(
         1, ge=1, description="Splits each sequence over this many ranks (2 x CP chunks, causal load balanced); "
                              "attention all-gathers the keys and values of the CP group "
-                             "(training/model/cp_attention.py).")
+                             "(training/model/attention.py).")
     expert_model_parallel_size: int = Field(1, ge=1)
     sequence_parallel: bool = False
     decoder_first_pipeline_num_layers: int | None = Field(None, ge=1, description="Layers on the first stage.")

@@ -1,8 +1,9 @@
-"""Context-parallel attention (training/model/cp_attention.py) against plain causal attention over the whole sequence.
+"""Core attention (training/model/attention.py) against plain causal attention over the whole sequence.
 
-The multi-process test runs this file under torchrun as a probe (CP = 2 and 4): each rank holds megatron's two chunks
-of the sequence, and its outputs and its share of the query/key/value gradients must equal the whole-sequence
-reference's."""
+The test runs this file under torchrun as a probe (CP = 1, 2 and 4): each rank holds megatron's two chunks of the
+sequence, and its outputs and its share of the query/key/value gradients must equal the whole-sequence reference's.
+In one process, megatron-core's own local DotProductAttention, which it replaces, is checked against the reference
+too."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from training.model.cp_attention import global_positions, position_order
+from training.model.attention import global_positions, position_order
 
 SEQ, BATCH, HEADS, QK_DIM, V_DIM, SCALE = 16, 2, 3, 6, 5, 0.37
 
@@ -51,11 +52,16 @@ def _probe() -> None:
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from training.model.cp_attention import AllGatherContextParallelAttention
+    from training.model.attention import CausalSdpaAttention
 
     config = TransformerConfig(num_layers=1, hidden_size=HEADS * QK_DIM, num_attention_heads=HEADS,
                                context_parallel_size=cp, attention_dropout=0.0)
-    attention = AllGatherContextParallelAttention(config, 1, AttnMaskType.causal, "self", softmax_scale=SCALE)
+    implementations = {"": CausalSdpaAttention(config, 1, AttnMaskType.causal, "self", softmax_scale=SCALE)}
+    if cp == 1:   # megatron's, as MLA builds it: its own key and value head sizes
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        implementations["megatron "] = DotProductAttention(config, 1, AttnMaskType.causal, "self",
+                                                           softmax_scale=SCALE, k_channels=QK_DIM, v_channels=V_DIM)
     mine = global_positions(SEQ // cp, cp, parallel_state.get_context_parallel_rank())
     generator = torch.Generator().manual_seed(0)   # the same full-sequence tensors on both ranks
     errors = {}
@@ -65,12 +71,15 @@ def _probe() -> None:
         upstream = torch.randn(SEQ, BATCH, HEADS * V_DIM, generator=generator)
         expected = _reference(q, k, v)
         expected.backward(upstream)
-        local = [t.detach()[mine].clone().requires_grad_() for t in (q, k, v)]
-        out = attention(*local, None)
-        out.backward(upstream[mine])
-        errors[f"{case} out"] = (out - expected.detach()[mine]).abs().max().item()
-        for name, full, part in zip("qkv", (q, k, v), local):
-            errors[f"{case} grad_{name}"] = (part.grad - full.grad[mine]).abs().max().item()
+        for label, attention in implementations.items():
+            if label and kv_heads != HEADS:   # megatron's expects one key/value head per group of its config
+                continue
+            local = [t.detach()[mine].clone().requires_grad_() for t in (q, k, v)]
+            out = attention(*local, None)
+            out.backward(upstream[mine])
+            errors[f"{label}{case} out"] = (out - expected.detach()[mine]).abs().max().item()
+            for name, full, part in zip("qkv", (q, k, v), local):
+                errors[f"{label}{case} grad_{name}"] = (part.grad - full.grad[mine]).abs().max().item()
     gathered = [None] * cp
     torch.distributed.all_gather_object(gathered, errors)
     if info.is_main:
@@ -78,9 +87,8 @@ def _probe() -> None:
     shutdown()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("cp", [2, 4])
-def test_context_parallel_ranks_equal_attention_over_the_whole_sequence(cp):
+@pytest.mark.parametrize("cp", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
+def test_attention_equals_attention_over_the_whole_sequence(cp):
     from tests.conftest import REPO
 
     out = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", f"--nproc-per-node={cp}",
@@ -91,8 +99,8 @@ def test_context_parallel_ranks_equal_attention_over_the_whole_sequence(cp):
     assert len(ranks) == cp
     for errors in ranks:
         # forward, and the key/value gradients after the reduce-scatter of both ranks' contributions
-        assert set(errors) == {f"{case} {what}" for case in ("mha", "gqa")
-                               for what in ("out", "grad_q", "grad_k", "grad_v")}
+        cases = ("mha", "gqa", "megatron mha") if cp == 1 else ("mha", "gqa")
+        assert set(errors) == {f"{case} {what}" for case in cases for what in ("out", "grad_q", "grad_k", "grad_v")}
         assert max(errors.values()) < 1e-5, ranks
 
 

@@ -1,14 +1,21 @@
-"""Context parallelism for the local (non-Transformer-Engine) layer spec: all-gather attention.
+"""Core attention for every layer: causal attention through torch's `scaled_dot_product_attention`, context-parallel
+by all-gather.
 
-megatron-core splits each sequence over the context-parallel (CP) ranks in 2 x CP chunks, rank r holding chunks r and
-2 x CP - 1 - r so that causal attention costs every rank the same (`get_batch_on_this_cp_rank`). It already slices the
-rotary embedding, shifts MTP labels across ranks and reduces losses and gradients over CP; only the attention itself,
-which needs every earlier key of the sequence, exists solely in Transformer Engine's ring attention. This module is
-that missing piece, in plain torch: each rank all-gathers the keys and values of its CP group (backward:
-reduce-scatter, so every key's gradient sums the queries of all ranks), puts them in sequence order, and attends each
-of its two query chunks to the keys up to the chunk's end, causally (no [queries x keys] mask is built). It is the
-all-gather form of context parallelism (Llama 3, §3.3.2), which trades ring attention's overlap for one collective per
-layer; the keys held are the whole sequence's.
+megatron-core's local (non-Transformer-Engine) `DotProductAttention` materialises the [batch x heads, queries, keys]
+scores and their softmax, and keeps the softmax for backward: O(sequence²) memory per layer (4.3 GB per micro-batch
+for DeepSeek-V3's 128 heads at 4K tokens in bf16). SDPA picks a fused kernel (flash / memory-efficient on GPUs,
+flash on CPUs) that keeps O(sequence); MLA's narrower values are zero-padded to the query head size so that flash
+kernels apply. So `build_gpt` puts this module in every layer in place of megatron's.
+
+Under context parallelism (CP) megatron-core splits each sequence over the CP ranks in 2 x CP chunks, rank r holding
+chunks r and 2 x CP - 1 - r so that causal attention costs every rank the same (`get_batch_on_this_cp_rank`). It
+already slices the rotary embedding, shifts MTP labels across ranks and reduces losses and gradients over CP; only the
+attention itself, which needs every earlier key of the sequence, exists solely in Transformer Engine's ring attention.
+Here each rank all-gathers the keys and values of its CP group (backward: reduce-scatter, so every key's gradient
+sums the queries of all ranks), puts them in sequence order, and attends each of its two query chunks to the keys up
+to the chunk's end, causally (no [queries x keys] mask is built). It is the all-gather form of context parallelism
+(Llama 3, §3.3.2), which trades ring attention's overlap for one collective per layer; the keys held are the whole
+sequence's.
 
 It has no parameters, so a model built with it loads and saves the same checkpoints as one built without it.
 """
@@ -35,9 +42,17 @@ def position_order(seq_length_local: int, cp_size: int, device=None) -> torch.Te
     return torch.argsort(gathered)
 
 
-class AllGatherContextParallelAttention(torch.nn.Module):
+def _chunk_ends(seq_length_local: int, cp_size: int, cp_rank: int) -> list[tuple[int, int]]:
+    """(chunk length, end position) of the rank's two query chunks. Each sees every key up to its own end, causally
+    at the diagonal: a lower-right-aligned causal bias, which SDPA's fused kernels take without building a mask."""
+    chunk = seq_length_local // 2
+    return [(chunk, (index + 1) * chunk) for index in (cp_rank, 2 * cp_size - 1 - cp_rank)]
+
+
+class CausalSdpaAttention(torch.nn.Module):
     """Drop-in for megatron-core's `DotProductAttention` (core attention: [s, b, heads, dim] in, [s, b, heads x v]
-    out) under context parallelism. Causal self-attention only; packed sequences and explicit masks are refused."""
+    out), with or without context parallelism. Causal self-attention only; packed sequences and explicit masks are
+    refused."""
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
@@ -48,7 +63,7 @@ class AllGatherContextParallelAttention(torch.nn.Module):
 
         super().__init__()
         if attn_mask_type != AttnMaskType.causal:
-            raise ValueError(f"context-parallel attention supports causal masks only, got {attn_mask_type}")
+            raise ValueError(f"CausalSdpaAttention supports causal masks only, got {attn_mask_type}")
         self.config = config
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["cp"])
@@ -63,31 +78,34 @@ class AllGatherContextParallelAttention(torch.nn.Module):
         from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
         if packed_seq_params is not None or attention_mask is not None or attention_bias is not None:
-            raise NotImplementedError("context-parallel attention here supports unpacked causal sequences only "
+            raise NotImplementedError("CausalSdpaAttention supports unpacked causal sequences only "
                                       "(no packed_seq_params, attention_mask or attention_bias)")
         cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
-        # [s_local, b, heads, dim] -> [s_local x CP, b, heads, dim], in sequence order
-        order = position_order(query.size(0), cp_size, device=query.device)
-        key, value = (gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=self.cp_group)
-                      .index_select(0, order) for t in (key, value))
+        if cp_size > 1:   # [s_local, b, heads, dim] -> [s_local x CP, b, heads, dim], in sequence order
+            order = position_order(query.size(0), cp_size, device=query.device)
+            key, value = (gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True,
+                                                               group=self.cp_group).index_select(0, order)
+                          for t in (key, value))
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, heads, s, dim]
         if k.size(1) != q.size(1):   # grouped-query attention: each key/value head serves a group of query heads
             k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+        v_dim = v.size(-1)
+        if v_dim < q.size(-1):   # MLA: values 128 wide, queries and keys 192. Flash kernels need one head size, so
+            v = F.pad(v, (0, q.size(-1) - v_dim))   # pad the values with zeros and drop those output columns
         dropout = self.dropout if self.training else 0.0
         rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel
                else contextlib.nullcontext())   # as megatron: without SP the TP ranks' heads draw apart
-        outs, chunk = [], query.size(0) // 2
         with rng:
-            # Each of the rank's two chunks sees every key up to its own end, causally at the diagonal: a
-            # lower-right-aligned causal bias, which SDPA's fused kernels take without building a mask.
-            for i, chunk_index in enumerate((cp_rank, 2 * cp_size - 1 - cp_rank)):
-                end = (chunk_index + 1) * chunk
-                outs.append(F.scaled_dot_product_attention(
+            if cp_size == 1:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                                     scale=self.softmax_scale)
+            else:
+                out = torch.cat([F.scaled_dot_product_attention(
                     q[:, :, i * chunk:(i + 1) * chunk], k[:, :, :end], v[:, :, :end],
-                    attn_mask=causal_lower_right(chunk, end), dropout_p=dropout, scale=self.softmax_scale))
-        out = torch.cat(outs, dim=2)
-        b, heads, s, v_dim = out.shape
-        return out.permute(2, 0, 1, 3).reshape(s, b, heads * v_dim)
+                    attn_mask=causal_lower_right(chunk, end), dropout_p=dropout, scale=self.softmax_scale)
+                    for i, (chunk, end) in enumerate(_chunk_ends(query.size(0), cp_size, cp_rank))], dim=2)
+        b, heads, s, _ = out.shape
+        return out[..., :v_dim].permute(2, 0, 1, 3).reshape(s, b, heads * v_dim)
 
 
 def count_mtp_tokens_over_the_cp_group() -> None:
