@@ -4,7 +4,10 @@ seekflow builds every model from the local spec, on CPUs and GPUs alike, so thes
 stage runs (`training.parallel.setup.prepare_backend`); the CPU shim (`cpu_compat`) is a separate, CPU-only layer.
 Each gap is a megatron-core 0.16 code path that only works when Transformer Engine provides the module:
 
-- MLA passes `k_channels`/`v_channels` to its core attention, which only TE's attention accepts;
+- MLA passes `k_channels`/`v_channels` to its core attention, which only TE's attention accepts (seekflow's layers
+  attend through `training/model/attention.py`, which takes them; the patch keeps megatron's own `DotProductAttention`
+  usable as the reference it is tested and benchmarked against), and tests `isinstance(..., TELinear)` against a
+  stand-in that is not a class without TE;
 - the torch RMSNorm refuses sequence parallelism, which only TE/Apex norms accept;
 - selective recompute of the RMSNorms (and MoE activations) builds `CheckpointWithoutOutput()`, whose default
   `fp8=False` it reads as "FP8 on" (`fp8 is not None`) and then calls TE's FP8 state manager: a NameError without TE.
