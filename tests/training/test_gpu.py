@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.training.test_parallel_layouts import _command, _losses, curate_root  # noqa: F401 (a fixture)
+from tests.training.test_parallel_layouts import _command, _losses
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -28,7 +28,7 @@ def _train(cmd, run_root, hide_gpu: bool) -> dict[int, float]:
     (["parallel.recompute=[core_attn,layernorm,mla_up_proj,moe]"], 1e-4),
     (["train.precision=bf16"], 2e-3),   # bf16 matmuls round differently on each device
 ], ids=["fp32", "recompute", "bf16"])
-def test_pretrain_on_the_gpu_matches_the_cpu(curate_root, tmp_path, overrides, tolerance):  # noqa: F811
+def test_pretrain_on_the_gpu_matches_the_cpu(curate_root, tmp_path, overrides, tolerance):
     on_gpu = _train(_command(tmp_path / "gpu", curate_root, 1, *overrides), tmp_path / "gpu", hide_gpu=False)
     on_cpu = _train(_command(tmp_path / "cpu", curate_root, 1, *overrides), tmp_path / "cpu", hide_gpu=True)
     assert sorted(on_gpu) == sorted(on_cpu)

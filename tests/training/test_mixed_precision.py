@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from tests.training.test_parallel_layouts import STEPS, _command, _losses, _run, curate_root  # noqa: F401 (fixture)
+from tests.training.test_parallel_layouts import STEPS, _command, _losses, _run
 
 
 @pytest.mark.slow
-def test_bf16_trains_close_to_fp32_and_resumes_exactly(curate_root, tmp_path):  # noqa: F811
+def test_bf16_trains_close_to_fp32_and_resumes_exactly(curate_root, tmp_path):
     _run(_command(tmp_path / "fp32", curate_root, 1))
     bf16 = _command(tmp_path / "bf16", curate_root, 1, "train.precision=bf16", "train.save_interval=2")
     _run(bf16)

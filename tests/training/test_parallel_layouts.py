@@ -15,7 +15,6 @@ import pytest
 
 from tests.conftest import REPO
 from tests.training.test_pretrain import VOCAB
-from training.data.synthetic import write_synthetic_curate
 
 STEPS = 4
 LAYERS = 4   # dense layer 1, MoE layers 2-4, then the MTP module (itself MoE)
@@ -69,13 +68,6 @@ def _losses(run_root, metric: str = "lm_loss") -> dict[int, float]:
     runs = client.search_runs([client.get_experiment_by_name("seekflow").experiment_id],
                               order_by=["attributes.start_time DESC"])
     return {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, metric)}
-
-
-@pytest.fixture(scope="module")
-def curate_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("curate")
-    write_synthetic_curate(root, vocab_size=VOCAB, documents=200)
-    return root
 
 
 @pytest.fixture(scope="module")
