@@ -107,6 +107,9 @@ def airflow_spec():
         # Tasks reach the Execution API through base_url; its default assumes port 8080.
         "AIRFLOW__API__BASE_URL": AIRFLOW_URL,
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",  # Airflow 3 name of dag_dir_list_interval
+        # Local tasks share the cores with training processes. The 5 s default let a 39 s api-server stall (CI,
+        # 2 cores) time out all five start attempts, which failed the task while it was still queued.
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_TRACKING_URI": MLFLOW_URL,
         "SEEKFLOW_HOME": str(STATE),

@@ -196,7 +196,7 @@ def test_filled_form_starts_a_run_that_curates_with_the_forms_values(page, airfl
     if state == "failed" or "failed" in tasks.values() or tasks.get("pretrain") not in ("running", "success"):
         logs = {t: airflow.api.log_entries(run["dag_run_id"], t, 1) for t, s in tasks.items() if s == "failed"}
         lines = {t: [line for _, entry in entries for line in entry][-30:] for t, entries in logs.items()}
-        pytest.fail(f"run {state}: {tasks}\n{json.dumps(lines, indent=1)}\n{airflow.log_tail(30)}")
+        pytest.fail(f"run {state}: {tasks}\n{json.dumps(lines, indent=1)}\n{airflow.log_tail(60)}")
     assert {t: tasks[t] for t in ("validate_config", "curate_shards", "curate")} == {
         t: "success" for t in ("validate_config", "curate_shards", "curate")}, tasks
 
