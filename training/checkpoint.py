@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -124,11 +126,40 @@ def _model_sharded_state_dict(model):
         metadata={"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)})
 
 
+def rng_states() -> dict:
+    """Every generator a step may draw from, as megatron-LM saves them: Python, NumPy, torch's CPU generator, the
+    CUDA generator on GPUs, and megatron's tensor-parallel tracker (dropout under TP/SP and in experts)."""
+    from megatron.core import tensor_parallel
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # NumPy's key array travels as a tensor: dist_checkpointing loads with torch.load(weights_only=True).
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    """Inverse of `rng_states`. Checkpoints from before it saved only torch's CPU state: restore what is there."""
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(states["torch"])
+    if "python" in states:
+        random.setstate(states["python"])
+        name, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
 def _rng_sharded_object():
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    return ShardedObject("rng_state", {"torch": torch.get_rng_state()}, (world,), (rank,), replica_id=0)
+    return ShardedObject("rng_state", rng_states(), (world,), (rank,), replica_id=0)
 
 
 def _full_state_dict(model, optimizer, scheduler, common: dict, loading: bool) -> dict:
@@ -235,8 +266,7 @@ def load(root: Path, model, optimizer, scheduler, remote: str | None = None, mod
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
-    rng = loaded["rng_state"]
-    torch.set_rng_state(rng["torch"])
+    restore_rng_states(loaded["rng_state"])
     return {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "rng_state")}
 
 
