@@ -105,6 +105,25 @@ def sharpened(trained):
             "megatron": megatron_logits(root / "release_sharp", root / "tokens.pt", root / "megatron_sharp.pt")}
 
 
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+        "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+@pytest.fixture(scope="module")
+def yarn(sharpened, trained):
+    """The sharpened weights under YaRN, s = 4 from an 8-token context (the test tokens are 3x longer), imported to
+    megatron-core from an HF config.json that carries DeepSeek's `rope_scaling`."""
+    root = trained["root"]
+    dst = root / "hf_yarn"
+    shutil.copytree(sharpened["hf"], dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(rope_scaling=YARN, max_position_embeddings=32)
+    (dst / "config.json").write_text(json.dumps(config))
+    ok(run("-m", "training.export", "import-hf", "--hf", str(dst), "--out", str(root / "release_yarn")))
+    return {"hf": dst, "release": root / "release_yarn",
+            "megatron": megatron_logits(root / "release_yarn", root / "tokens.pt", root / "megatron_yarn.pt")}
+
+
 # ------------------------------------------------------------------------------------------------- logit parity --
 def test_trained_tiny_model_logits_match_transformers(trained):
     model, info = hf_model(trained["hf"])
@@ -152,6 +171,28 @@ def test_imported_weights_match_with_sharp_logits_and_mtp(sharpened, trained):
         mtp_logits = model.lm_head(draft)
     # The last position has no next token (megatron zeroes it, torch.roll wraps): compare the others.
     assert (mtp_logits - sharpened["megatron"]["mtp_logits"][0])[:, :-1].abs().max() < TOL
+
+
+def test_yarn_logits_match_transformers(yarn, sharpened, trained):
+    """megatron-core's YaRN (frequency ramp between β and α, cos/sin and softmax mscale) equals HF DeepseekV3's."""
+    import transformers
+
+    released = json.loads((yarn["release"] / "seekflow_model.json").read_text())
+    assert released["rope_scaling"] == {k: v for k, v in YARN.items() if k != "type"}
+    ref, tokens = yarn["megatron"]["logits"], trained["tokens"]
+    model, _ = hf_model(yarn["hf"])
+    assert model.config.rope_parameters["rope_type"] == "yarn"
+    diff = (hf_logits(model, tokens) - ref).abs().max().item()
+    print(f"YaRN: max |logit diff| = {diff:.2e} (logit std {ref.std():.2f})")
+    assert diff < TOL
+    # The comparison can fail: YaRN moves the logits far from plain RoPE's, and so does dropping its softmax
+    # temperature (mscale_all_dim 0) or moving its ramp (α 0.1: one more rotary frequency only partly interpolated).
+    assert (ref - sharpened["megatron"]["logits"]).abs().max() > 100 * TOL
+    for wrong in ({"mscale_all_dim": 0.0}, {"beta_slow": 0.1}):
+        config = transformers.AutoConfig.from_pretrained(yarn["hf"])
+        config.rope_parameters.update(wrong)
+        bad = transformers.DeepseekV3ForCausalLM.from_pretrained(yarn["hf"], config=config, dtype=torch.float32)
+        assert (hf_logits(bad.eval(), tokens) - ref).abs().max() > 100 * TOL, wrong
 
 
 # -------------------------------------------------------------------------------------- files and round trip --
@@ -250,9 +291,13 @@ def test_existing_output_is_not_replaced_without_overwrite(trained, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- configs --
-@pytest.mark.parametrize("preset", ["tiny", "deepseek-v3"])
-def test_config_round_trip(preset):
-    model = resolve_stage_config("pretrain", preset).model
+@pytest.mark.parametrize("preset, overrides", [
+    ("tiny", []),
+    ("deepseek-v3", []),
+    ("deepseek-v3", ["model.rope_scaling={}", "model.max_position_embeddings=163840"]),   # V3 §4.3's YaRN
+])
+def test_config_round_trip(preset, overrides):
+    model = resolve_stage_config("pretrain", preset, overrides=overrides).model
     config = hf_config(model, bos_token_id=0, eos_token_id=1)
     training_fields = model.model_dump()
     assert model_config_from_hf(json.loads(json.dumps(config)), training_fields) == model
@@ -269,3 +314,30 @@ def test_configs_hf_cannot_represent_are_refused(override, field):
     model = resolve_stage_config("pretrain", "tiny", overrides=override).model
     with pytest.raises(ExportError, match=rf"model\.{field}"):
         hf_config(model, bos_token_id=0, eos_token_id=1)
+
+
+@pytest.mark.parametrize("rope_scaling, message", [
+    ({"type": "linear", "factor": 2.0}, "only YaRN"),
+    ({**YARN, "attention_factor": 1.2}, "attention_factor"),
+    ({**YARN, "truncate": False}, "truncate"),
+    ({**YARN, "mscale": None}, "mscale_all_dim without mscale"),
+    ({k: v for k, v in YARN.items() if k != "factor"}, "lacks 'factor'"),
+])
+def test_rope_scalings_megatron_cannot_mirror_are_refused(rope_scaling, message):
+    config = hf_config(resolve_stage_config("pretrain", "tiny").model, bos_token_id=0, eos_token_id=1)
+    with pytest.raises(ExportError, match=message):
+        model_config_from_hf({**config, "rope_scaling": rope_scaling})
+
+
+def test_quantised_checkpoints_are_refused():
+    config = hf_config(resolve_stage_config("pretrain", "tiny").model, bos_token_id=0, eos_token_id=1)
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    with pytest.raises(ExportError, match="quantization_config .*'fp8'.* dequantise"):
+        model_config_from_hf({**config, "quantization_config": fp8})
+
+
+def test_yarn_defaults_are_deepseek_v3s():
+    """V3 §4.3: s = 40, α = 1, β = 32 and √t = 0.1 ln s + 1 (megatron's mscale with mscale_all_dim 1), from 4K."""
+    yarn = resolve_stage_config("pretrain", "deepseek-v3", overrides=["model.rope_scaling={}"]).model.rope_scaling
+    assert (yarn.factor, yarn.beta_slow, yarn.beta_fast, yarn.original_max_position_embeddings) == (40, 1, 32, 4096)
+    assert yarn.mscale_all_dim == yarn.mscale == 1.0

@@ -21,6 +21,7 @@ from training.config.models import (
     PromoteConfig,
     RegisterConfig,
     StageConfig,
+    YarnConfig,
 )
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "PromoteConfig",
     "RegisterConfig",
     "StageConfig",
+    "YarnConfig",
 ]

@@ -18,6 +18,29 @@ class Section(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------------------- model --
+class YarnConfig(Section):
+    """YaRN RoPE scaling of MLA's decoupled query/key rotary part (DeepSeek-V3 §4.3, DeepSeek-V2 §3.1.4). The
+    defaults are the papers': s = 40, α = 1, β = 32, √t = 0.1 ln s + 1, from a 4K pretraining context."""
+
+    factor: float = Field(40.0, gt=1, description="s, the context scaling factor (DeepSeek-V3 §4.3: 40).")
+    original_max_position_embeddings: int = Field(
+        4096, ge=1, description="The context the model was pretrained with (DeepSeek-V3 §4.3: 4K).")
+    beta_fast: float = Field(32.0, gt=0, description="β: rotary dims turning more than β times over the original "
+                             "context keep their frequency (DeepSeek-V3 §4.3: 32).")
+    beta_slow: float = Field(1.0, gt=0, description="α: dims turning fewer than α times are interpolated by s "
+                             "(DeepSeek-V3 §4.3: 1).")
+    mscale_all_dim: float = Field(1.0, ge=0, description="Attention temperature: softmax scale multiplied by "
+                                  "(0.1 · mscale_all_dim · ln s + 1)², i.e. √t = 0.1 ln s + 1 (DeepSeek-V3 §4.3: 1).")
+    mscale: float = Field(1.0, ge=0, description="With mscale_all_dim, scales cos/sin by the ratio of their "
+                          "(0.1 · m · ln s + 1) terms; equal values (DeepSeek's released configs) leave them at 1.")
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> "YarnConfig":
+        if self.beta_slow >= self.beta_fast:
+            raise ValueError(f"beta_slow ({self.beta_slow}) must be below beta_fast ({self.beta_fast})")
+        return self
+
+
 class ModelConfig(Section):
     """A DeepSeek-V3-shaped decoder. Defaults are the `tiny` CPU model; presets carry the papers' architectures."""
 
@@ -29,6 +52,8 @@ class ModelConfig(Section):
     vocab_size: int = Field(129280, ge=1, description="Embedding rows; DeepSeek-V3's 128K tokenizer padded to 129280.")
     max_position_embeddings: int = Field(4096, ge=1)
     rotary_base: float = Field(10000.0, gt=0)
+    rope_scaling: YarnConfig | None = Field(
+        None, description="YaRN context extension of MLA's rotary part (None: plain RoPE, as in pretraining).")
     norm_epsilon: float = Field(1e-6, gt=0)
     init_method_std: float = Field(0.006, gt=0, description="DeepSeek-V3 §4.2: weights initialised with std 0.006.")
     # Multi-head latent attention (DeepSeek-V2 §2.1): d_c, d'_c, d_h and d_h^R.
@@ -97,6 +122,9 @@ class ModelConfig(Section):
     def _check_shapes(self) -> "ModelConfig":
         if not self.multi_latent_attention and self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.rope_scaling is not None and not self.multi_latent_attention:
+            raise ValueError("rope_scaling (YaRN) applies to multi-latent attention's rotary part: it needs "
+                             "multi_latent_attention true")
         if self.num_experts is not None:
             if self.moe_router_topk > self.num_experts:
                 raise ValueError(f"moe_router_topk ({self.moe_router_topk}) exceeds num_experts ({self.num_experts})")

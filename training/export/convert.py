@@ -8,6 +8,8 @@ How megatron-core (local spec, MLA, SwiGLU, sigmoid router) lines up with `Deeps
   [qk nope; v]) = kv_b_proj. Both per-head layouts are [nope; rope] and copy as they are.
 - RoPE: megatron's MLA de-interleaves the rope dims (x[0::2], x[1::2]) before rotate-half, exactly what HF does with
   `rope_interleave: true` (DeepSeek's own weight layout), so no permutation is needed.
+- YaRN (`model.rope_scaling`) is `rope_scaling` {type: yarn, factor, original_max_position_embeddings, beta_fast,
+  beta_slow, mscale, mscale_all_dim}, as in DeepSeek-V3's released config; both apply the softmax scale mscale².
 - SwiGLU: megatron's fused linear_fc1 is [gate; up] along the output dim; HF keeps gate_proj and up_proj apart.
 - Router: router.weight = gate.weight, expert_bias = e_score_correction_bias; megatron normalises the sigmoid top-k
   scores whenever topk > 1 (norm_topk_prob) and multiplies by moe_router_topk_scaling_factor (routed_scaling_factor).
@@ -68,7 +70,7 @@ def hf_config(model: ModelConfig, *, bos_token_id: int, eos_token_id: int) -> di
         "hidden_act": "silu",
         "max_position_embeddings": model.max_position_embeddings,
         "rope_theta": model.rotary_base,
-        "rope_scaling": None,
+        "rope_scaling": _hf_rope_scaling(model),
         "rope_interleave": True,
         "rms_norm_eps": model.norm_epsilon,
         "initializer_range": model.init_method_std,
@@ -80,6 +82,45 @@ def hf_config(model: ModelConfig, *, bos_token_id: int, eos_token_id: int) -> di
         "use_cache": True,
         "torch_dtype": "float32",
     }
+
+
+def _hf_rope_scaling(model: ModelConfig) -> dict | None:
+    """YaRN as DeepSeek's released config.json writes it (transformers reads it into `rope_parameters`)."""
+    yarn = model.rope_scaling
+    if yarn is None:
+        return None
+    return {"type": "yarn", "factor": yarn.factor,
+            "original_max_position_embeddings": yarn.original_max_position_embeddings,
+            "beta_fast": yarn.beta_fast, "beta_slow": yarn.beta_slow, "mscale": yarn.mscale,
+            "mscale_all_dim": yarn.mscale_all_dim}
+
+
+def _yarn_from_hf(config: dict) -> dict | None:
+    """The `rope_scaling` field of an HF config (legacy `rope_scaling` or transformers 5's `rope_parameters`).
+
+    Without both `mscale` and `mscale_all_dim`, HF scales cos/sin by 0.1 ln s + 1 whatever `mscale` says; megatron
+    computes that from mscale = 1 over mscale_all_dim = 0, so a lone mscale_all_dim (which also scales the softmax
+    in both) has no megatron equivalent and is refused."""
+    params = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise ExportError(f"config.json rope type {kind!r}: only YaRN RoPE scaling is supported")
+    if params.get("attention_factor") is not None:
+        raise ExportError(f"config.json rope_scaling.attention_factor={params['attention_factor']!r}: an explicit "
+                          "attention factor has no megatron equivalent")
+    if params.get("truncate", True) is not True:
+        raise ExportError(f"config.json rope_scaling.truncate={params['truncate']!r}: megatron always rounds YaRN's "
+                          "correction range to whole dims")
+    if params.get("factor") is None:
+        raise ExportError("config.json rope_scaling lacks 'factor', the YaRN scaling factor s")
+    mscale, mscale_all_dim = params.get("mscale") or 0.0, params.get("mscale_all_dim") or 0.0
+    if mscale_all_dim and not mscale:
+        raise ExportError("config.json rope_scaling sets mscale_all_dim without mscale, which megatron cannot mirror")
+    return dict(factor=params["factor"], original_max_position_embeddings=params["original_max_position_embeddings"],
+                beta_fast=params.get("beta_fast") or 32.0, beta_slow=params.get("beta_slow") or 1.0,
+                mscale=mscale if mscale_all_dim else 1.0, mscale_all_dim=mscale_all_dim)
 
 
 def _check_representable(model: ModelConfig) -> None:
@@ -130,7 +171,10 @@ def _fields_from_hf(config: dict) -> dict:
         if config.get(key, expected) != expected:
             raise ExportError(f"config.json {key}={config.get(key)!r}: {why}")
 
-    need("rope_scaling", None, "RoPE scaling (YaRN) is not supported by this importer")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise ExportError(f"config.json quantization_config (quant_method {method!r}): quantised weights (such as "
+                          "DeepSeek-V3's blockwise FP8 release) cannot be imported; dequantise them to bf16 first")
     need("rope_interleave", True, "megatron's MLA expects DeepSeek's interleaved rope layout")
     need("hidden_act", "silu", "megatron's SwiGLU is silu-gated")
     need("attention_bias", False, "seekflow models have no linear biases")
@@ -146,7 +190,7 @@ def _fields_from_hf(config: dict) -> dict:
         num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
         num_attention_heads=config["num_attention_heads"], ffn_hidden_size=config["intermediate_size"],
         vocab_size=config["vocab_size"], max_position_embeddings=config["max_position_embeddings"],
-        rotary_base=float(rope_theta), norm_epsilon=config.get("rms_norm_eps", 1e-6),
+        rotary_base=float(rope_theta), rope_scaling=_yarn_from_hf(config), norm_epsilon=config.get("rms_norm_eps", 1e-6),
         init_method_std=config.get("initializer_range", 0.006), multi_latent_attention=True,
         q_lora_rank=config.get("q_lora_rank"), kv_lora_rank=config["kv_lora_rank"],
         qk_head_dim=config["qk_nope_head_dim"], qk_pos_emb_head_dim=config["qk_rope_head_dim"],

@@ -87,9 +87,20 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_
         v_head_dim=model.v_head_dim,
         # RMSNorm on the compressed q and kv latents (DeepSeek-V2 §2.1; HF's q_a_layernorm / kv_a_layernorm).
         qk_layernorm=True,
-        rope_type="rope",
         rotary_base=model.rotary_base,
+        **_rope(model),
     )
+
+
+def _rope(model: ModelConfig) -> dict:
+    """megatron-core MLA's RoPE settings: plain RoPE, or YaRN (which also scales MLA's softmax by its mscale²)."""
+    yarn = model.rope_scaling
+    if yarn is None:
+        return {"rope_type": "rope"}
+    return dict(rope_type="yarn", rotary_scaling_factor=yarn.factor,
+                original_max_position_embeddings=yarn.original_max_position_embeddings,
+                beta_fast=yarn.beta_fast, beta_slow=yarn.beta_slow, mscale=yarn.mscale,
+                mscale_all_dim=yarn.mscale_all_dim)
 
 
 def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initialization: bool = True,
