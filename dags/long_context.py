@@ -1,11 +1,11 @@
 """seekflow_long_context: Long-context extension — not implemented yet.
 
 Will extend a checkpoint's context window with YaRN (DeepSeek-V3 §4.3: 4K → 32K → 128K) and train briefly on long
-sequences.
+sequences. The model side exists (`model.rope_scaling`, see the README's YaRN paragraph); the stage does not.
 
 Until the stage is built, this DAG's only task, `long_context_not_implemented`, fails with "not implemented yet:
-long_context" whenever the DAG is triggered: a placeholder never reports a success it did not earn. Tracked in issue
-4.
+long_context" whenever the DAG is triggered: a placeholder never reports a success it did not earn. No issue is
+filed for it yet.
 """
 from __future__ import annotations
 
