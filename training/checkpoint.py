@@ -260,8 +260,7 @@ def load(root: Path, model, optimizer, scheduler, remote: str | None = None, mod
     template = _full_state_dict(model, optimizer, scheduler, {}, loading=True)
     template.pop("scheduler")
     loaded = dist_checkpointing.load(template, str(step_dir(root, step)))
-    for i, chunk in enumerate(model if isinstance(model, list) else [model]):
-        chunk.load_state_dict(loaded["model"][f"chunk{i}"] if isinstance(model, list) else loaded["model"])
+    _load_model_state(model, loaded["model"])
     with torch.no_grad():   # the distributed optimizer copies into leaf tensors
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)
@@ -323,6 +322,19 @@ def _fetch_latest(root: Path, remote: str) -> None:
                     break
             storage.write_text(str(root / LATEST), str(step))
     dist.barrier()
+
+
+def _load_model_state(model, state: dict) -> None:
+    for i, chunk in enumerate(model if isinstance(model, list) else [model]):
+        chunk.load_state_dict(state[f"chunk{i}"] if isinstance(model, list) else state)
+
+
+def load_weights(release_dir: Path, model) -> None:
+    """A release's weights (saved by any layout) into this rank's model, or its list of model chunks."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load({"model": _model_sharded_state_dict(model)}, str(release_dir))
+    _load_model_state(model, loaded["model"])
 
 
 def save_release(target: Path, model) -> Path:

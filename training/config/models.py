@@ -111,12 +111,16 @@ class ModelConfig(Section):
         "moe_aux_loss_coeff", "moe_aux_loss_coeffs", "moe_token_drop_capacity_factor", "mtp_loss_scaling_factor",
         "mtp_loss_scaling_factor_after", "mtp_loss_scaling_switch_tokens"})
 
-    def architecture_differences(self, recorded: dict) -> list[str]:
-        """'field: recorded → this' for each architecture field where `recorded` (a checkpoint's model_dump) differs
-        from this config; fields the recording lacks (saved by an older version) are not compared."""
-        mine = self.model_dump(mode="json")
+    # What a context extension changes (DeepSeek-V3 §4.3 starts YaRN from the 4K model): same weights, new positions.
+    CONTEXT_FIELDS: ClassVar[frozenset[str]] = frozenset({"rope_scaling", "max_position_embeddings"})
+
+    def architecture_differences(self, recorded: dict, allowed: frozenset[str] = frozenset()) -> list[str]:
+        """'field: recorded → this' for each architecture field (less `allowed`) where `recorded` (a checkpoint's
+        model_dump) differs from this config; fields the recording lacks (saved by an older version) are not
+        compared."""
+        mine, free = self.model_dump(mode="json"), self.RESUMABLE_FIELDS | allowed
         return [f"model.{key}: {recorded[key]!r} in the checkpoint, {mine[key]!r} now"
-                for key in mine if key in recorded and key not in self.RESUMABLE_FIELDS and recorded[key] != mine[key]]
+                for key in mine if key in recorded and key not in free and recorded[key] != mine[key]]
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -311,6 +315,12 @@ class PretrainConfig(StageConfig):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     data_manifest: str | None = Field(None, description="Curate manifest to train on; default {run_root}/curate.")
+    init_checkpoint: str | None = Field(
+        None, min_length=1, description="Start from these weights instead of a random init: a release directory, an "
+        "s3:// URI or a registered version (models:/name/version, models:/name@alias). The optimizer, schedules and "
+        "data start fresh; the architecture must match, except the context fields (model.rope_scaling, "
+        "model.max_position_embeddings), so that a context extension can start from a 4K model. A rerun that "
+        "resumes this stage's own checkpoint ignores it.")
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":

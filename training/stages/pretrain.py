@@ -18,7 +18,7 @@ from training.model.release import write_model_config
 from training.parallel.setup import init_distributed, shutdown
 from training.stages.pretrain_losses import auxiliary_losses, global_mean_loss
 from training.storage import stage_dir
-from training.tracking import stage_run
+from training.tracking import stage_run, tracking_uri
 
 STAGE = "pretrain"
 
@@ -28,6 +28,8 @@ def run(cfg: PretrainConfig) -> dict:
     chash = config_hash(cfg)
     curate = read_manifest(cfg.data_manifest or storage.stage_uri(cfg.run_root, "curate"))
     inputs = {"data_manifest_hash": manifest_hash(curate)}
+    if cfg.init_checkpoint:
+        inputs["init_checkpoint"] = cfg.init_checkpoint
     done = finished(cfg.run_root, STAGE, chash, inputs)
     if done:
         print(f"pretrain: already finished with config {chash}; skipping", flush=True)
@@ -37,6 +39,10 @@ def run(cfg: PretrainConfig) -> dict:
         invalidate(cfg.run_root, STAGE)
     try:
         with stage_run(cfg, STAGE, chash, enabled=info.is_main) as mlflow_run:
+            if mlflow_run and cfg.init_checkpoint:
+                import mlflow
+
+                mlflow.set_tag("seekflow.init_checkpoint", cfg.init_checkpoint)
             metrics = Trainer(cfg, curate, info).fit(mlflow_run)
             outputs = {"release_checkpoint": storage.join(storage.stage_uri(cfg.run_root, STAGE), "release"),
                        "checkpoints": storage.join(storage.stage_uri(cfg.run_root, STAGE), "checkpoints"),
@@ -133,6 +139,8 @@ class Trainer:
             self.async_queue = AsyncCallsQueue()
         resumed = checkpoint.load(self.ckpt_root, self.gpt, self.optimizer, self.scheduler, remote=self.ckpt_remote,
                                   model_config=cfg.model)
+        if not resumed and cfg.init_checkpoint:
+            self._initialise_from(cfg.init_checkpoint)
         self.step = resumed["step"] if resumed else 0
         consumed = resumed["consumed_samples"] if resumed else 0
         if resumed and info.is_main:
@@ -152,6 +160,26 @@ class Trainer:
                                            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.dp_size,
                                            consumed_samples=consumed) for _ in self.model]
         self.batches = self.chunk_batches[0]
+
+    def _initialise_from(self, ref: str) -> None:
+        """Start from a release's weights: fetched once per node, checked against the configured architecture
+        (context fields may differ), loaded into every chunk, then copied into the optimizer's fp32 master weights."""
+        from training.model.release import read_model_config
+
+        if self.info.local_rank == 0:   # the ranks of a node share its disk: one download per node
+            fetch_init_release(self.cfg)
+        dist.barrier()
+        release = fetch_init_release(self.cfg)   # already local: every rank gets the path
+        differences = self.cfg.model.architecture_differences(read_model_config(release).model_dump(mode="json"),
+                                                              allowed=type(self.cfg.model).CONTEXT_FIELDS)
+        if differences:
+            raise ValueError(f"init_checkpoint {ref}: its model architecture differs from the config "
+                             f"({'; '.join(differences)}); only model.rope_scaling and "
+                             f"model.max_position_embeddings may change when starting from a checkpoint")
+        checkpoint.load_weights(release, self.gpt)
+        self.optimizer.reload_model_params()
+        if self.info.is_main:
+            print(f"pretrain: initialised the weights from {ref}", flush=True)
 
     # -- one step ------------------------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -302,6 +330,24 @@ class Trainer:
         if self.info.is_main:
             how = "started a background save of" if self.async_queue else "saved"
             print(f"pretrain: {how} {path.name} in {time.time() - started:.1f}s", flush=True)
+
+
+def fetch_init_release(cfg: PretrainConfig):
+    """The local release directory of `cfg.init_checkpoint`: a path, an s3:// URI (mirrored) or a registered version
+    (downloaded under the stage directory once)."""
+    from training.eval.registry import download_release, is_registry_ref, resolve_version
+    from training.model.release import check_release
+
+    ref = cfg.init_checkpoint
+    if is_registry_ref(ref):
+        import mlflow
+        from mlflow import MlflowClient
+
+        uri = tracking_uri(cfg)
+        mlflow.set_tracking_uri(uri)   # download_artifacts resolves mlflow-artifacts:/ through it
+        version = resolve_version(MlflowClient(tracking_uri=uri, registry_uri=uri), ref)
+        return download_release(version, stage_dir(cfg.run_root, STAGE) / "init")
+    return check_release(storage.fetch(ref))
 
 
 def _lr_function(cfg: PretrainConfig, samples_after=None):
