@@ -1,5 +1,5 @@
-"""Every DAG file: imports cleanly within Airflow's parse timeout, pulls in no torch/megatron/mlflow, has tags, docs and the expected
-tasks; placeholder DAGs fail loudly when run, never succeed."""
+"""Every DAG file: imports cleanly within Airflow's parse timeout, pulls in no torch/megatron/mlflow, has tags, docs
+and the expected tasks; placeholder DAGs fail loudly when run, never succeed."""
 from __future__ import annotations
 
 import json

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from training import checkpoint, metrics as moe_metrics, schedules, storage
-from training.config import PretrainConfig, config_hash
+from training.config import ModelConfig, PretrainConfig, config_hash
 from training.manifest import finished, invalidate, manifest_hash, read_manifest, write_manifest
 from training.model.release import write_model_config
 from training.parallel.setup import init_distributed, shutdown
@@ -171,7 +171,7 @@ class Trainer:
         dist.barrier()
         release = fetch_init_release(self.cfg)   # already local: every rank gets the path
         differences = self.cfg.model.architecture_differences(read_model_config(release).model_dump(mode="json"),
-                                                              allowed=type(self.cfg.model).CONTEXT_FIELDS)
+                                                              allowed=ModelConfig.CONTEXT_FIELDS)
         if differences:
             raise ValueError(f"init_checkpoint {ref}: its model architecture differs from the config "
                              f"({'; '.join(differences)}); only model.rope_scaling and "
