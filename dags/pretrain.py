@@ -2,7 +2,8 @@
 
 Wiring only. Trains the preset's DeepSeek-style MoE with megatron-core under torchrun on the corpus named by
 `pretrain.data_manifest` (a finished curate stage: the `manifest` in a `seekflow_curate` run's XCom, or its `curate/`
-folder); `validate_config` fails at once when it is missing. Checkpoints, the release checkpoint and the manifest land
+folder); `validate_config` fails at once when it is missing. `pretrain.init_checkpoint` (optional) starts from a release
+or a registered version (`models:/seekflow-tiny@champion`) instead of a random init. Checkpoints, the release checkpoint and the manifest land
 under `$SEEKFLOW_HOME/runs/seekflow_pretrain/<run_id>/pretrain/`; a retry resumes from the last checkpoint. The trigger
 form is generated from `PretrainConfig`; fields left at the `tiny` preset's value take the chosen profile's value.
 """
@@ -14,7 +15,7 @@ from airflow.sdk import DAG
 from operators.job import TrainingJobOperator
 from operators.params import PRETRAIN_FIELDS, SHARED_FIELDS, config_param, form_params, validate_config
 
-FIELDS = SHARED_FIELDS + ("pretrain.data_manifest",) + PRETRAIN_FIELDS
+FIELDS = SHARED_FIELDS + ("pretrain.data_manifest", "pretrain.init_checkpoint") + PRETRAIN_FIELDS
 
 with DAG(
     dag_id="seekflow_pretrain",

@@ -75,6 +75,9 @@ def test_generated_params_carry_the_schema(dags):
     assert experts.value == 8 and experts.schema["type"] == ["integer", "null"] and experts.schema["minimum"] == 1
     assert params.get_param("pretrain.data_manifest").value is None
     assert "section" not in params.get_param("pretrain.data_manifest").schema   # leads the first section
+    warm_start = params.get_param("pretrain.init_checkpoint")
+    assert warm_start.value is None and warm_start.schema["type"] == ["string", "null"]
+    assert "models:/name@alias" in warm_start.description
     sources = dags["seekflow_curate"].params.get_param("curate.sources")
     assert sources.schema["items"]["properties"]["kind"]["enum"] == ["package_metadata", "package_code", "jsonl",
                                                                     "parquet", "text", "repos"]
