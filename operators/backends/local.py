@@ -2,7 +2,8 @@
 
 Output is streamed line by line into the task log. The job gets its own process group, so `kill()` reaches torchrun
 and every worker it spawned; and each job asks the kernel to SIGTERM it if the Airflow task process dies first
-(PR_SET_PDEATHSIG), so a hard-killed worker leaves no orphans training in the background.
+(PR_SET_PDEATHSIG), so a hard-killed worker leaves no orphans training in the background. Jobs run at nice 10, below
+Airflow's own processes.
 """
 from __future__ import annotations
 
@@ -26,11 +27,17 @@ SHARD_INDEX_ENV = "JOB_COMPLETION_INDEX"    # the names a Kubernetes Indexed Job
 SHARD_COUNT_ENV = "SEEKFLOW_NUM_SHARDS"     # count; Kubernetes sets the index)
 
 
-def _die_with_parent() -> None:   # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass   # not Linux: kill() still works, only the hard-crash safety net is missing
+def _child_setup(niceness: int) -> Callable[[], None]:
+    """What runs in the child between fork and exec: lower its priority by `niceness`, and ask the kernel to
+    SIGTERM it if the Airflow task process dies first."""
+    def setup() -> None:
+        if niceness:
+            os.nice(niceness)
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass   # not Linux: kill() still works, only the hard-crash safety net is missing
+    return setup
 
 
 def _free_port() -> int:
@@ -41,8 +48,12 @@ def _free_port() -> int:
 
 class LocalBackend:
     def __init__(self, python: str = sys.executable, workdir: str | None = None, kill_grace_s: float = 15.0,
-                 tail_lines: int = 40):
+                 tail_lines: int = 40, niceness: int = 10):
         self.python = python
+        # Jobs saturate the cores; below the control plane's priority, Airflow's api-server and scheduler keep
+        # answering (on 2 cores at equal priority CI saw the api-server stall for 30-40 s). Idle cores are still
+        # the job's: nice only orders who waits.
+        self.niceness = niceness
         self.workdir = workdir
         self.kill_grace_s = kill_grace_s
         self.tail_lines = tail_lines
@@ -114,7 +125,8 @@ class LocalBackend:
             if self._killed:
                 raise JobFailed(f"{label}: killed before it started")
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    cwd=self.workdir, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                                    cwd=self.workdir, env=env, start_new_session=True,
+                                    preexec_fn=_child_setup(self.niceness))
             self._procs.append(proc)
         output.start(proc.stdout)
         returncode = proc.wait()

@@ -25,4 +25,5 @@ elif mode == "fail":
     print("something went wrong: boom", flush=True)
     sys.exit(3)
 else:
-    print("SEEKFLOW_RESULT " + json.dumps({"final_loss": 1.5, "config_seen": open(sys.argv[3]).read()}), flush=True)
+    print("SEEKFLOW_RESULT " + json.dumps({"final_loss": 1.5, "config_seen": open(sys.argv[3]).read(),
+                                           "niceness": os.nice(0)}), flush=True)

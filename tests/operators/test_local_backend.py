@@ -32,6 +32,14 @@ def test_streams_output_and_returns_the_result():
     assert any("started" in line for line in lines)
 
 
+def test_jobs_run_below_the_control_planes_priority():
+    """Training saturates the cores; at nice 10 it leaves Airflow's api-server and scheduler (nice 0) answering."""
+    before = os.nice(0)
+    result = LocalBackend().run(sleeper_spec("ok"), log=lambda line: None)
+    assert result["niceness"] == min(before + 10, 19)
+    assert LocalBackend(niceness=0).run(sleeper_spec("ok"), log=lambda line: None)["niceness"] == before
+
+
 def test_torchrun_launcher_runs_every_rank():
     lines: list[str] = []
     LocalBackend().run(sleeper_spec("ok", "torchrun", procs=2), log=lines.append)

@@ -44,6 +44,27 @@ def _stop(pgid: int, lp) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+class PatientApi:
+    """The platform's REST client, as patient as a person at the UI: on a loaded 2-core machine Airflow's api-server
+    can stall for 30-40 s (seen in CI while curation and another test's torchrun jobs held the cores), so a request
+    that gets no answer (status 0) is tried again for up to 3 minutes. Answers, errors included, come back as they
+    are."""
+
+    def __init__(self, api, patience_s: float = 180):
+        self._api, self._patience_s = api, patience_s
+
+    def __call__(self, method, path, body=None):
+        deadline = time.time() + self._patience_s
+        while True:
+            status, answer = self._api(method, path, body)
+            if status != 0 or time.time() > deadline:
+                return status, answer
+            time.sleep(2)
+
+    def __getattr__(self, name):   # log_entries and the rest of the platform's client
+        return getattr(self._api, name)
+
+
 @pytest.fixture(scope="session")
 def airflow_standalone(mlflow_server, tmp_path_factory):
     state = tmp_path_factory.mktemp("platform")
@@ -69,7 +90,7 @@ def airflow_standalone(mlflow_server, tmp_path_factory):
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"airflow standalone not healthy at {lp.AIRFLOW_URL}:\n{log_tail()}")
             time.sleep(2)
-        api = lp.Airflow()   # bearer token for admin, from the generated password file
+        api = PatientApi(lp.Airflow())   # bearer token for admin, from the generated password file
         deadline = time.time() + 120
         while True:
             status, dag = api("GET", f"/dags/{DAG_ID}")
