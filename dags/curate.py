@@ -12,10 +12,10 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG
 
-from operators.job import TrainingJobOperator
-from operators.params import CURATE_FIELDS, SHARED_FIELDS, form_params, validate_config
+from operators.job import stage_jobs
+from operators.params import stage_form, stage_form_fields, validate_config
 
-FIELDS = SHARED_FIELDS + CURATE_FIELDS
+FIELDS = stage_form_fields("curate")
 
 with DAG(
     dag_id="seekflow_curate",
@@ -26,11 +26,8 @@ with DAG(
     max_active_runs=1,
     render_template_as_native_obj=True,
     tags=["seekflow", "stage", "curate"],
-    params=form_params(FIELDS),
+    params=stage_form("curate"),
     doc_md=__doc__,
 ) as dag:
     config = validate_config(FIELDS, stages=("curate",))
-    shards = TrainingJobOperator(task_id="curate_shards", stage="curate", sharded=True, pipeline=config,
-                                 backend="{{ params.backend }}")
-    merge = TrainingJobOperator(task_id="curate", stage="curate", pipeline=config, backend="{{ params.backend }}")
-    config >> shards >> merge
+    stage_jobs("curate", config)   # curate_shards >> curate; both wait for the config (their XCom input)

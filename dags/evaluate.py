@@ -12,10 +12,10 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG
 
-from operators.job import TrainingJobOperator
-from operators.params import EVALUATE_FIELDS, SHARED_FIELDS, config_param, form_params, validate_config
+from operators.job import stage_jobs
+from operators.params import stage_form, stage_form_fields, validate_config
 
-FIELDS = SHARED_FIELDS + EVALUATE_FIELDS
+FIELDS = stage_form_fields("evaluate")
 
 with DAG(
     dag_id="seekflow_evaluate",
@@ -26,9 +26,9 @@ with DAG(
     max_active_runs=1,
     render_template_as_native_obj=True,
     tags=["seekflow", "stage", "evaluate"],
-    # What to evaluate leads the form's first section.
-    params=form_params(FIELDS, extra={"evaluate.checkpoint": config_param("evaluate.checkpoint", section=None)}),
+    # What to evaluate (an input from pretrain) leads the form's first section.
+    params=stage_form("evaluate"),
     doc_md=__doc__,
 ) as dag:
     config = validate_config(FIELDS, stages=("evaluate",))
-    TrainingJobOperator(task_id="evaluate", stage="evaluate", pipeline=config, backend="{{ params.backend }}")
+    stage_jobs("evaluate", config)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG
 
-from operators.job import TrainingJobOperator
-from operators.params import PROMOTE_FIELDS, SHARED_FIELDS, form_params, validate_config
+from operators.job import stage_jobs
+from operators.params import stage_form, stage_form_fields, validate_config
 
-FIELDS = SHARED_FIELDS + ("promote.model_name", "promote.version") + PROMOTE_FIELDS
+FIELDS = stage_form_fields("promote")
 
 with DAG(
     dag_id="seekflow_promote",
@@ -26,8 +26,8 @@ with DAG(
     max_active_runs=1,
     render_template_as_native_obj=True,
     tags=["seekflow", "stage", "promote"],
-    params=form_params(FIELDS),
+    params=stage_form("promote"),
     doc_md=__doc__,
 ) as dag:
     config = validate_config(FIELDS, stages=("promote",))
-    TrainingJobOperator(task_id="promote", stage="promote", pipeline=config, backend="{{ params.backend }}")
+    stage_jobs("promote", config)

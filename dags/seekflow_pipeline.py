@@ -1,28 +1,29 @@
 """seekflow_pipeline: the whole run, end to end — curate (shards, then merge) → pretrain → evaluate → register →
 promote.
 
-Wiring only. The trigger form is generated from the stage config schemas (`operators/params.py`): a value the config
-would reject is rejected by the form before a run exists. The first task resolves the preset plus the form into the
-full pipeline config and validates every stage, so cross-field mistakes (warm-up ≥ steps...) fail before any compute
-starts; every stage then runs `python -m training <stage>` through the chosen backend and passes its result on through
-XCom. `evaluate` scores the release checkpoint, `register` makes it a model version carrying those scores (and a
-Hugging Face export), and `promote` moves the `staging`/`champion` aliases only when the scores pass the gates. Form fields left at the `tiny` preset's value take the chosen profile's value. Parsing this file imports no
-torch, megatron or mlflow.
+Wiring only. The stages, their order and their form fields come from the stage registry
+(`training/config/pipeline.py`); the trigger form is generated from the stage config schemas (`operators/params.py`):
+a value the config would reject is rejected by the form before a run exists. The first task resolves the preset plus
+the form into the full pipeline config and validates every stage, so cross-field mistakes (warm-up ≥ steps...) fail
+before any compute starts; every stage then runs `python -m training <stage>` through the chosen backend and passes
+its result on through XCom. `evaluate` scores the release checkpoint, `register` makes it a model version carrying
+those scores (and a Hugging Face export), and `promote` moves the `staging`/`champion` aliases only when the scores
+pass the gates. Form fields left at the `tiny` preset's value take the chosen profile's value. Parsing this file
+imports no torch, megatron or mlflow.
 """
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import DAG
 
-from operators.job import TrainingJobOperator
-from operators.params import (CURATE_FIELDS, EVALUATE_FIELDS, PRETRAIN_FIELDS, PROMOTE_FIELDS, REGISTER_FIELDS,
-                              SHARED_FIELDS, config_param, form_params, validate_config)
+from operators.job import stage_jobs
+from operators.params import config_param, form_params, pipeline_form_fields, validate_config
+from training.config import STAGES as STAGE_REGISTRY
 
-STAGES = ("curate", "pretrain", "evaluate", "register", "promote")
+STAGES = tuple(STAGE_REGISTRY)   # every registered stage kind, in pipeline order
 # Pretraining steps keep their short key `steps` here (README, `make run STEPS=N`, REST {"steps": N}); empty means
 # the profile's value, so pretrain.train.steps is not a second field.
-FIELDS = SHARED_FIELDS + CURATE_FIELDS + tuple(f for f in PRETRAIN_FIELDS if f != "pretrain.train.steps") + \
-    tuple(f for f in EVALUATE_FIELDS if f != "evaluate.checkpoint") + REGISTER_FIELDS + PROMOTE_FIELDS
+FIELDS = tuple(f for f in pipeline_form_fields(STAGES) if f != "pretrain.train.steps")
 
 with DAG(
     dag_id="seekflow_pipeline",
@@ -37,16 +38,8 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
     pipeline = validate_config(FIELDS, STAGES)
-    curate_shards = TrainingJobOperator(task_id="curate_shards", stage="curate", sharded=True, pipeline=pipeline,
-                                        backend="{{ params.backend }}")
-    curate = TrainingJobOperator(task_id="curate", stage="curate", pipeline=pipeline,
-                                 backend="{{ params.backend }}")
-    pretrain = TrainingJobOperator(task_id="pretrain", stage="pretrain", pipeline=pipeline,
-                                   backend="{{ params.backend }}")
-    evaluate = TrainingJobOperator(task_id="evaluate", stage="evaluate", pipeline=pipeline,
-                                   backend="{{ params.backend }}")
-    register = TrainingJobOperator(task_id="register", stage="register", pipeline=pipeline,
-                                   backend="{{ params.backend }}")
-    promote = TrainingJobOperator(task_id="promote", stage="promote", pipeline=pipeline,
-                                  backend="{{ params.backend }}")
-    pipeline >> curate_shards >> curate >> pretrain >> evaluate >> register >> promote
+    previous = pipeline
+    for kind in STAGES:   # one stage after the other; curate's shard phase is a task of its own
+        jobs = stage_jobs(kind, pipeline)
+        previous >> jobs[0]
+        previous = jobs[-1]

@@ -21,12 +21,6 @@ from airflow.sdk import BaseOperator
 
 from operators.backends import JobSpec, get_backend
 
-# Stages that run under torchrun (GPU jobs: a JobSet on Kubernetes); the rest are single-process CPU jobs.
-TORCHRUN_STAGES = {"pretrain", "evaluate"}
-# GPU stages that run as one process (generation, sandboxed code execution): one GPU is enough.
-ONE_GPU_STAGES = {"evaluate"}
-
-
 def seekflow_home() -> Path:
     return Path(os.environ.get("SEEKFLOW_HOME", Path.home() / ".seekflow")).expanduser()
 
@@ -59,7 +53,11 @@ def pipeline_overrides(params: dict[str, Any], dag_id: str, run_id: str) -> dict
 
 
 class TrainingJobOperator(BaseOperator):
-    """Run `python -m training <stage>` with a validated config on a backend (default: this machine)."""
+    """Run `python -m training <kind>` with a validated config on a backend (default: this machine).
+
+    `stage` names a stage instance of the pipeline: a stage kind, or a further instance (`pretrain_more`). How the
+    job is launched (torchrun or python, GPUs, a shard phase) is what the instance's config class declares in its
+    `stage_spec`."""
 
     template_fields: Sequence[str] = ("pipeline", "backend_name", "kubernetes")
     ui_color = "#d7e8fc"
@@ -84,15 +82,13 @@ class TrainingJobOperator(BaseOperator):
 
         pipeline = resolve_pipeline_config(self.pipeline["preset"], self.pipeline.get("overrides") or {})
         cfg = pipeline.stage(self.stage)
-        shards = 1
-        if self.sharded:
-            if not hasattr(cfg, "shards"):
-                raise ValueError(f"stage {self.stage} has no shard phase (its config has no `shards`)")
-            shards = cfg.shards
-        return JobSpec(stage=self.stage, config_yaml=to_yaml(cfg),
-                       launcher="torchrun" if self.stage in TORCHRUN_STAGES else "python",
-                       nodes=self.nodes, procs_per_node=self.procs_per_node, shards=shards, sharded=self.sharded,
-                       gpus_per_node=1 if self.stage in ONE_GPU_STAGES else 0)
+        declared = cfg.stage_spec
+        if self.sharded and not declared.shardable:
+            raise ValueError(f"stage {self.stage} has no shard phase (its config declares none)")
+        return JobSpec(stage=declared.kind, config_yaml=to_yaml(cfg), launcher=declared.launcher,
+                       nodes=self.nodes, procs_per_node=self.procs_per_node,
+                       shards=cfg.shards if self.sharded else 1, sharded=self.sharded,
+                       gpus_per_node=declared.gpus_per_node)
 
     def execute(self, context) -> dict:
         if self.backend_name == "kubernetes":
@@ -167,6 +163,22 @@ class TrainingJobOperator(BaseOperator):
                 self._backend.kill(self._handle)
             else:
                 self._backend.kill()
+
+
+def stage_jobs(stage: str, pipeline: Any, *, kind: str | None = None,
+               backend: str = "{{ params.backend }}") -> list[TrainingJobOperator]:
+    """The tasks that run one stage instance, chained: its shard phase (`<stage>_shards`) when its config declares
+    one, then the stage itself (`<stage>`). `kind` is needed only for a further instance (`pretrain_more`)."""
+    from training.config import STAGES
+
+    jobs = []
+    if STAGES[kind or stage].stage_spec.shardable:
+        jobs.append(TrainingJobOperator(task_id=f"{stage}_shards", stage=stage, sharded=True, pipeline=pipeline,
+                                        backend=backend))
+    jobs.append(TrainingJobOperator(task_id=stage, stage=stage, pipeline=pipeline, backend=backend))
+    for upstream, downstream in zip(jobs, jobs[1:]):
+        upstream >> downstream
+    return jobs
 
 
 def _require_shared_run_root(spec: JobSpec) -> None:

@@ -6,9 +6,12 @@ validates a trigger against these schemas before a run exists, so a value the py
 by the form (REST and UI alike), naming the same field. Rules that span fields (warm-up below steps, top-k within the
 experts...) cannot be written in JSON schema; `validate_config` catches those before any job starts.
 
-Param keys are the pipeline config's dotted paths (`pretrain.train.steps`), the same paths the `overrides` Param, the
-`--set` flag and the validation errors use. A field left at the DAG preset's value is not an override: choosing
-another `profile` then takes that profile's value, so the form's numbers never silently replace a preset's.
+Which fields a form offers is declared by each stage config (`stage_spec.form_fields` and `stage_spec.inputs`): a
+stage DAG offers the stage's inputs and knobs, the pipeline DAG every stage's knobs (their inputs come from the stages
+before them). Param keys are the pipeline config's dotted paths (`pretrain.train.steps`), the same paths the
+`overrides` Param, the `--set` flag and the validation errors use. A field left at the DAG preset's value is not an
+override: choosing another `profile` then takes that profile's value, so the form's numbers never silently replace
+a preset's.
 
 Pure Airflow-side code: imports pydantic models from `training.config`, never torch, megatron or mlflow.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -24,61 +28,11 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from operators.backends import BACKENDS
 from operators.job import pipeline_overrides
-from training.config import ConfigError, PipelineConfig, list_presets, resolve_pipeline_config
+from training.config import STAGES, ConfigError, PipelineConfig, StageInput, list_presets, resolve_pipeline_config
 
 DEFAULT_PROFILE = "tiny"
 
-# Curated form fields per stage: the knobs worth a form field. Everything else stays reachable through `overrides`.
-CURATE_FIELDS = (
-    "curate.sources",
-    "curate.max_reject_ratio",
-    "curate.shards",
-    "curate.near_dedup",
-)
-PRETRAIN_FIELDS = (
-    "pretrain.train.steps",
-    "pretrain.train.seq_length",
-    "pretrain.train.micro_batch_size",
-    "pretrain.train.global_batch_size",
-    "pretrain.train.log_interval",
-    "pretrain.train.save_interval",
-    "pretrain.optimizer.lr",
-    "pretrain.optimizer.min_lr",
-    "pretrain.optimizer.warmup_steps",
-    "pretrain.optimizer.decay_style",
-    "pretrain.optimizer.weight_decay",
-    "pretrain.optimizer.clip_grad",
-    "pretrain.model.num_layers",
-    "pretrain.model.hidden_size",
-    "pretrain.model.num_attention_heads",
-    "pretrain.model.num_experts",
-    "pretrain.model.moe_router_topk",
-    "pretrain.model.moe_router_score_function",
-    "pretrain.model.mtp_num_layers",
-    "pretrain.model.mtp_loss_scaling_factor",
-)
-REGISTER_FIELDS = (
-    "register.model_name",
-    "register.alias",
-)
-EVALUATE_FIELDS = (
-    "evaluate.checkpoint",
-    "evaluate.humaneval.enabled",
-    "evaluate.humaneval.max_problems",
-    "evaluate.fim.enabled",
-    "evaluate.fim.num_spans",
-    "evaluate.passkey.enabled",
-    "evaluate.passkey.context_lengths",
-    "evaluate.arith.enabled",
-    "evaluate.arith.num_problems",
-    "evaluate.perplexity.enabled",
-)
-PROMOTE_FIELDS = (
-    "promote.gates",
-    "promote.allow_first_champion",
-    "promote.fail_on_refusal",
-)
-SHARED_FIELDS = ("seed",)
+SHARED_FIELDS = ("seed",)   # pipeline fields every form offers besides the stages' own
 # Descriptions for fields whose config model has none.
 _NOTES = {
     "curate.sources": "Corpus sources, each {kind: package_metadata | package_code | jsonl | parquet | text | repos, "
@@ -99,7 +53,7 @@ _BOUNDS = {"minimum": "≥ {}", "exclusiveMinimum": "> {}", "maximum": "≤ {}",
 # ------------------------------------------------------------------------------------------ schema -> Param --
 @functools.cache
 def _pipeline_schema() -> dict:
-    return PipelineConfig.model_json_schema()   # by alias: the register section is `register`
+    return PipelineConfig.model_json_schema()
 
 
 def _inline(node: Any, defs: dict) -> Any:
@@ -225,6 +179,35 @@ def form_params(fields: Iterable[str], profile: str = DEFAULT_PROFILE, *, extra:
     return params
 
 
+# -------------------------------------------------------------------------------- fields from the registry --
+def stage_fields(kind: str) -> tuple[str, ...]:
+    """A stage kind's curated knobs (`stage_spec.form_fields`) as dotted pipeline paths: `pretrain.train.steps`."""
+    return tuple(f"{kind}.{field}" for field in STAGES[kind].stage_spec.form_fields)
+
+
+def input_fields(kind: str, *, leading: bool = False) -> tuple[str, ...]:
+    """The fields naming what a stage kind reads (`pretrain.data_manifest`). `leading`: only those an upstream stage
+    must provide, which lead its DAG's form (the stage cannot run without them)."""
+    inputs = STAGES[kind].stage_spec.inputs
+    return tuple(f"{kind}.{i.field}" for i in inputs if i.field and (not leading or (i.required and i.upstream)))
+
+
+def stage_form_fields(kind: str) -> tuple[str, ...]:
+    """A stage DAG's form fields: the shared ones, what the stage reads, then its knobs."""
+    return SHARED_FIELDS + input_fields(kind) + stage_fields(kind)
+
+
+def stage_form(kind: str, profile: str = DEFAULT_PROFILE) -> dict[str, Param]:
+    """A stage DAG's trigger form; what an upstream stage would provide leads its first section."""
+    leading = {path: config_param(path, profile, section=None) for path in input_fields(kind, leading=True)}
+    return form_params(stage_form_fields(kind), profile, extra=leading)
+
+
+def pipeline_form_fields(kinds: Iterable[str]) -> tuple[str, ...]:
+    """The pipeline DAG's form fields: the shared ones, then each stage's knobs (its inputs come from upstream)."""
+    return SHARED_FIELDS + tuple(path for kind in kinds for path in stage_fields(kind))
+
+
 # ----------------------------------------------------------------------------------------- Param -> config --
 def field_overrides(params: Mapping[str, Any], fields: Iterable[str], profile: str = DEFAULT_PROFILE) -> dict:
     """Config overrides from the form: every field whose value differs from the DAG preset's value."""
@@ -244,15 +227,34 @@ def config_overrides(params: Mapping[str, Any], fields: Iterable[str], dag_id: s
 
 
 def _check_inputs(pipeline: PipelineConfig, stages: Sequence[str]) -> None:
-    """A stage run without its upstream stage in the same DAG needs that input to exist (local paths only)."""
-    if "pretrain" in stages and "curate" not in stages:
-        manifest = pipeline.pretrain.data_manifest or f"{pipeline.run_root}/curate"
-        if "://" not in manifest or manifest.startswith("file://"):
-            path = Path(manifest.removeprefix("file://"))
-            if not (path / "manifest.json" if path.is_dir() else path).is_file():
-                raise ConfigError(
-                    f"invalid config:\n  pretrain.data_manifest: no curate manifest at {manifest!r}; set it to a "
-                    "finished curate stage (the `manifest` in a seekflow_curate run's XCom, or its curate/ folder)")
+    """Each required input whose upstream stage kind this DAG does not run must exist already (local paths only;
+    object-store and registry references are the stage's to check)."""
+    kinds = {pipeline.stage(name).stage_spec.kind for name in stages}
+    for name in stages:
+        cfg = pipeline.stage(name)
+        for needed in cfg.stage_spec.inputs:
+            if needed.required and needed.upstream and needed.upstream not in kinds:
+                problem = _missing_input(cfg.run_root, getattr(cfg, needed.field) if needed.field else None, needed)
+                if problem:
+                    where = f"{name}.{needed.field}" if needed.field else name
+                    raise ConfigError(f"invalid config:\n  {where}: {problem}")
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")   # s3://, models:/, file://
+
+
+def _missing_input(run_root: str, ref: str | None, needed: StageInput) -> str | None:
+    """Why the input is missing: unset, the upstream's manifest under run_root must exist; set, the path must."""
+    location = ref or f"{run_root.rstrip('/')}/{needed.upstream}"
+    if _SCHEME.match(location) and not location.startswith("file://"):
+        return None
+    path = Path(location.removeprefix("file://"))
+    if ref is None and not (path / "manifest.json").is_file():
+        return (f"no {needed.upstream} manifest at {location!r}; run the {needed.upstream} stage under this "
+                f"run_root first, or set this field")
+    if ref is not None and not path.exists():
+        return f"nothing at {ref!r} (the {needed.upstream} stage's output is expected)"
+    return None
 
 
 def validate_config(fields: Sequence[str], stages: Sequence[str], profile: str = DEFAULT_PROFILE):

@@ -96,6 +96,19 @@ def test_every_stage_has_a_dag_and_nothing_else_is_there(bag):
     assert set(bag.dags) == set(EXPECTED)
 
 
+# register reads the pretrain stage's manifest under the run root it shares with it: the pipeline runs it.
+PIPELINE_ONLY = {"register"}
+
+
+def test_every_registered_stage_kind_has_its_dag_file():
+    from training.config import STAGES
+
+    for kind in set(STAGES) - PIPELINE_ONLY:
+        assert (REPO / "dags" / f"{kind}.py").is_file(), f"stage {kind} has no dags/{kind}.py"
+        assert EXPECTED[f"seekflow_{kind}"][-1] == kind   # its DAG ends with the stage's own task
+    assert [t for t in EXPECTED["seekflow_pipeline"] if t in STAGES] == list(STAGES)   # in registry order
+
+
 @pytest.mark.parametrize("dag_id", EXPECTED)
 def test_dag_has_tags_docs_and_the_expected_tasks(bag, dag_id):
     dag = bag.dags[dag_id]

@@ -159,8 +159,9 @@ def test_null_means_the_profile_value_only_where_the_config_allows_it(served):
 
 
 def test_form_values_map_back_to_overrides():
-    from operators.params import PRETRAIN_FIELDS, config_overrides, field_overrides, preset_value
+    from operators.params import config_overrides, field_overrides, preset_value, stage_fields
 
+    PRETRAIN_FIELDS = stage_fields("pretrain")
     defaults = {key: preset_value(key) for key in PRETRAIN_FIELDS}
     assert field_overrides(defaults, PRETRAIN_FIELDS) == {}          # an untouched form overrides nothing
     changed = {**defaults, "pretrain.train.steps": 12, "pretrain.optimizer.warmup_steps": 3}
@@ -176,9 +177,10 @@ def test_form_values_map_back_to_overrides():
 
 def test_untouched_fields_follow_the_chosen_profile():
     """The form shows tiny's values; choosing deepseek-v3 without touching them must not train a 3-layer V3."""
-    from operators.params import PRETRAIN_FIELDS, config_overrides, preset_value
+    from operators.params import config_overrides, preset_value, stage_fields
     from training.config import resolve_pipeline_config
 
+    PRETRAIN_FIELDS = stage_fields("pretrain")
     params = {key: preset_value(key) for key in PRETRAIN_FIELDS}
     params.update({"profile": "deepseek-v3", "overrides": {}, "pretrain.optimizer.lr": 1e-4})
     overrides = config_overrides(params, PRETRAIN_FIELDS, "seekflow_pretrain", "manual__2")
@@ -197,3 +199,39 @@ def test_field_schema_resolves_refs_and_optionals():
     assert "$ref" not in json.dumps(field_schema("curate.sources"))
     with pytest.raises(KeyError, match="no field 'stepz'"):
         field_schema("pretrain.train.stepz")
+
+
+def test_form_fields_come_from_the_stage_specs():
+    from operators.params import input_fields, pipeline_form_fields, stage_fields, stage_form_fields
+    from training.config import STAGES
+
+    assert stage_fields("pretrain")[:2] == ("pretrain.train.steps", "pretrain.train.seq_length")
+    assert stage_form_fields("pretrain")[:3] == ("seed", "pretrain.data_manifest", "pretrain.init_checkpoint")
+    assert input_fields("evaluate", leading=True) == ("evaluate.checkpoint",)
+    assert input_fields("promote", leading=True) == ()   # optional inputs stay in the stage's section
+    pipeline = pipeline_form_fields(STAGES)
+    assert "register.alias" in pipeline and "evaluate.humaneval.enabled" in pipeline
+    assert not {"pretrain.data_manifest", "evaluate.checkpoint", "promote.version"} & set(pipeline)   # from upstream
+
+
+def test_inputs_an_upstream_stage_would_provide_are_checked_before_any_job(tmp_path):
+    from operators.params import _check_inputs
+    from training.config import ConfigError, resolve_pipeline_config
+
+    def check(stages, **overrides):
+        _check_inputs(resolve_pipeline_config("tiny", {"run_root": str(tmp_path), **overrides}), stages)
+
+    with pytest.raises(ConfigError, match=r"  pretrain\.data_manifest: no curate manifest at '.*/curate'"):
+        check(("pretrain",))
+    with pytest.raises(ConfigError, match=r"  evaluate\.checkpoint: no pretrain manifest at"):
+        check(("evaluate",))
+    with pytest.raises(ConfigError, match=r"  evaluate\.checkpoint: nothing at '/no/such/release'"):
+        check(("evaluate",), **{"evaluate.checkpoint": "/no/such/release"})
+    check(("evaluate",), **{"evaluate.checkpoint": "models:/seekflow-tiny@champion"})   # the stage resolves it
+    check(("curate", "pretrain", "evaluate", "register", "promote"))   # upstream stages run first in this DAG
+    check(("promote",))   # its inputs are optional
+    (tmp_path / "curate").mkdir()
+    (tmp_path / "curate" / "manifest.json").write_text("{}")
+    check(("pretrain",))
+    with pytest.raises(ConfigError, match=r"  pretrain_more\.data_manifest: nothing at"):   # a further instance
+        check(("pretrain_more",), **{"pretrain_more.stage": "pretrain", "pretrain_more.data_manifest": "/nope"})

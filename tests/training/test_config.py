@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from tests.conftest import REPO
 from training.config import (
     ConfigError,
     PretrainConfig,
@@ -23,6 +24,12 @@ def test_presets_include_tiny_and_papers():
 def test_every_preset_validates_for_every_stage(preset, stage):
     cfg = resolve_stage_config(stage, preset)
     assert cfg.profile == preset
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_validates_as_a_whole_pipeline(preset):
+    pipeline = resolve_pipeline_config(preset)
+    assert {cfg.profile for _, cfg in pipeline.instances()} == {preset}
 
 
 def test_deepseek_v3_carries_the_papers_architecture():
@@ -63,7 +70,7 @@ def test_virtual_pipeline_and_context_parallel_are_checked_up_front():
 
 
 def test_stage_layers_follow_megatrons_pipeline_split():
-    from training.config.models import ParallelConfig, stage_layers
+    from training.config import ParallelConfig, stage_layers
 
     uneven = ParallelConfig(pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=1,
                             decoder_last_pipeline_num_layers=3)
@@ -174,3 +181,119 @@ def test_config_can_come_from_an_environment_variable(monkeypatch):
     assert resolve_stage_config("pretrain", "tiny", "env:SEEKFLOW_STAGE_CONFIG").train.steps == 33
     with pytest.raises(ConfigError, match="NOT_SET is not set"):
         resolve_stage_config("pretrain", "tiny", "env:NOT_SET")
+
+
+# ------------------------------------------------------------------------------------------ the stage registry --
+def test_the_registry_lists_every_stage_kind_in_pipeline_order_with_a_sound_spec():
+    from training.config.pipeline import STAGES, registry_problems
+
+    assert list(STAGES) == ["curate", "pretrain", "evaluate", "register", "promote"]
+    assert registry_problems() == []
+    for kind in STAGES:   # `python -m training <kind>` imports training.stages.<kind>
+        assert (REPO / "training" / "stages" / f"{kind}.py").is_file(), kind
+    assert resolve_pipeline_config("tiny").model_json_schema()["properties"].keys() >= set(STAGES)
+
+
+def test_stage_specs_declare_launch_and_upstream_inputs():
+    from training.config import CurateConfig, EvaluateConfig, PromoteConfig, RegisterConfig
+
+    pretrain, evaluate = PretrainConfig.stage_spec, EvaluateConfig.stage_spec
+    assert (pretrain.launcher, pretrain.gpus_per_node, pretrain.upstream) == ("torchrun", 0, ("curate",))
+    assert pretrain.input_fields == ("data_manifest", "init_checkpoint") and "train.steps" in pretrain.form_fields
+    assert (evaluate.launcher, evaluate.gpus_per_node, evaluate.upstream) == ("torchrun", 1, ("pretrain",))
+    assert CurateConfig.stage_spec.shardable and CurateConfig.stage_spec.launcher == "python"
+    assert RegisterConfig.stage_spec.launcher == "python"
+    assert RegisterConfig.stage_spec.upstream == ("pretrain", "evaluate")
+    assert [i.required for i in RegisterConfig.stage_spec.inputs] == [True, False]   # evaluate's scores: if it ran
+    assert PromoteConfig.stage_spec.upstream == ("register",)
+    assert not any(i.required for i in PromoteConfig.stage_spec.inputs)   # alone, it promotes @candidate
+
+
+def test_a_broken_stage_spec_is_reported(monkeypatch):
+    from typing import ClassVar
+
+    from training.config import StageConfig, StageInput, StageSpec
+    from training.config import pipeline
+
+    class BrokenConfig(StageConfig):
+        stage_spec: ClassVar[StageSpec] = StageSpec(
+            kind="broken", launcher="python", gpus_per_node=1, shardable=True, form_fields=("train.stepz",),
+            inputs=(StageInput("checkpoint", upstream="distill"),))
+
+    monkeypatch.setitem(pipeline.STAGES, "broken", BrokenConfig)
+    assert pipeline.registry_problems() == [
+        "broken: launcher 'python' with gpus_per_node 1",
+        "broken: shardable, but its config has no `shards` field",
+        "broken: no field 'train.stepz'",
+        "broken: no field 'checkpoint'",
+        "broken: reads 'distill', which is not a stage registered before it",
+    ]
+
+
+# ------------------------------------------------------------------------------------ two instances of a kind --
+def _two_pretrains() -> dict:
+    from training.config import load_preset
+
+    doc = load_preset("tiny")
+    doc.update(run_root="/tmp/two", seed=7, tracking={"tags": {"dag_run_id": "r1"}})
+    doc["pretrain_more"] = {"stage": "pretrain", "init_checkpoint": "/tmp/two/pretrain/release",
+                            "train": {"steps": 30}, "optimizer": {"warmup_steps": 3}}
+    return doc
+
+
+def test_a_pipeline_holds_two_instances_of_one_stage_kind():
+    from training.config import PipelineConfig
+    from training.config.loader import validate
+
+    pipeline = validate(PipelineConfig, _two_pretrains())
+    first, more = pipeline.pretrain, pipeline.stage("pretrain_more")
+    assert type(more) is PretrainConfig and more is pipeline.pretrain_more
+    assert (first.stage_name, more.stage_name) == ("pretrain", "pretrain_more")   # {run_root}/<stage_name>/
+    for cfg in (first, more):   # the shared keys reach both
+        assert (cfg.run_root, cfg.seed, cfg.profile, cfg.tracking.tags) == ("/tmp/two", 7, "tiny", {"dag_run_id": "r1"})
+    assert (first.train.steps, more.train.steps, more.optimizer.warmup_steps) == (200, 30, 3)
+    # a further instance starts from its kind's section: the same model unless it says otherwise
+    assert more.model == first.model and more.model.max_position_embeddings == 512
+    assert first.init_checkpoint is None and more.init_checkpoint == "/tmp/two/pretrain/release"
+    assert [name for name, _ in pipeline.instances()] == ["curate", "pretrain", "pretrain_more", "evaluate",
+                                                          "register", "promote"]
+    dumped = pipeline.model_dump(mode="json")
+    assert dumped["pretrain_more"]["stage"] == "pretrain"
+    assert validate(PipelineConfig, dumped) == pipeline   # a dump validates back to the same pipeline
+    assert config_hash(first) != config_hash(more)
+    assert config_hash(more) == config_hash(more.model_copy(update={"name": None}))   # the name is the directory
+    with pytest.raises(KeyError, match="no stage 'pretrain_less'.*pretrain_more"):
+        pipeline.stage("pretrain_less")
+
+
+def test_a_further_instance_is_reachable_by_name_from_presets_and_overrides(monkeypatch):
+    from training.config import loader, stage_view
+
+    doc = _two_pretrains()
+    view = stage_view(doc, "pretrain_more")
+    assert view["name"] == "pretrain_more" and "stage" not in view and view["run_root"] == "/tmp/two"
+    monkeypatch.setattr(loader, "load_preset", lambda name: _two_pretrains())
+    cfg = resolve_stage_config("pretrain_more", "tiny", overrides=["train.steps=40"])
+    assert (type(cfg), cfg.stage_name, cfg.train.steps, cfg.seed) == (PretrainConfig, "pretrain_more", 40, 7)
+    assert resolve_stage_config("pretrain", "tiny").stage_name == "pretrain"
+    with pytest.raises(ConfigError, match="unknown stage 'pretrain_less'"):
+        resolve_stage_config("pretrain_less", "tiny")
+    # the DAGs' `overrides` Param can add one too: dotted pipeline paths
+    monkeypatch.undo()
+    p = resolve_pipeline_config("tiny", {"evaluate_more.stage": "evaluate", "evaluate_more.fim.enabled": False})
+    assert p.stage("evaluate_more").stage_name == "evaluate_more" and not p.evaluate_more.fim.enabled
+
+
+@pytest.mark.parametrize("section, field, message", [
+    ({"stage": "pretrian"}, "pretrain_more.stage", "unknown stage kind 'pretrian'; choose one of: curate, pretrain"),
+    ({"stage": "pretrain", "train": {"steps": 0}}, "pretrain_more.train.steps", "greater than or equal to 1"),
+    ({"stage": "pretrain", "name": "other"}, "pretrain_more.name", "named by its key"),
+    ({"train": {"steps": 4}}, "pretrain_more", "a further stage instance is a section with `stage: <kind>`"),
+])
+def test_a_bad_further_instance_fails_naming_the_field(section, field, message):
+    from training.config import PipelineConfig
+    from training.config.loader import validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(PipelineConfig, {**_two_pretrains(), "pretrain_more": section})
+    assert f"  {field}: " in str(err.value) and message in str(err.value)

@@ -1,4 +1,11 @@
-"""seekflow configuration: pure Python (pydantic + PyYAML), safe to import from Airflow."""
+"""seekflow configuration: pure Python (pydantic + PyYAML), safe to import from Airflow.
+
+Modules, none importing a later one: base (Section, StageConfig, the stage metadata) → model, parallel, train →
+one module per stage (curate, pretrain, evaluate, registry) → pipeline (the stage registry) → loader.
+"""
+from training.config.base import SHARED_KEYS, Section, StageConfig, StageInput, StageSpec, TrackingConfig
+from training.config.curate import CurateConfig, CurateSource
+from training.config.evaluate import EvaluateConfig
 from training.config.loader import (
     ConfigError,
     apply_overrides,
@@ -7,22 +14,16 @@ from training.config.loader import (
     load_preset,
     resolve_pipeline_config,
     resolve_stage_config,
+    stage_kind,
     stage_view,
     to_yaml,
 )
-from training.config.models import (
-    STAGES,
-    CurateConfig,
-    EvaluateConfig,
-    ModelConfig,
-    ParallelConfig,
-    PipelineConfig,
-    PretrainConfig,
-    PromoteConfig,
-    RegisterConfig,
-    StageConfig,
-    YarnConfig,
-)
+from training.config.model import ModelConfig, YarnConfig
+from training.config.parallel import ParallelConfig, RecomputeModule, stage_layers, stage_sizes
+from training.config.pipeline import STAGES, PipelineConfig
+from training.config.pretrain import PretrainConfig
+from training.config.registry import GateRule, PromoteConfig, RegisterConfig
+from training.config.train import BatchSizeRampup, OptimizerConfig, TrainLoopConfig
 
 __all__ = [
     "ConfigError",
@@ -32,17 +33,31 @@ __all__ = [
     "load_preset",
     "resolve_pipeline_config",
     "resolve_stage_config",
+    "stage_kind",
     "stage_view",
     "to_yaml",
+    "SHARED_KEYS",
     "STAGES",
+    "BatchSizeRampup",
     "CurateConfig",
+    "CurateSource",
     "EvaluateConfig",
+    "GateRule",
     "ModelConfig",
+    "OptimizerConfig",
     "ParallelConfig",
     "PipelineConfig",
     "PretrainConfig",
     "PromoteConfig",
+    "RecomputeModule",
     "RegisterConfig",
+    "Section",
     "StageConfig",
+    "StageInput",
+    "StageSpec",
+    "TrackingConfig",
+    "TrainLoopConfig",
     "YarnConfig",
+    "stage_layers",
+    "stage_sizes",
 ]

@@ -5,11 +5,11 @@ themselves live in `training.data.curate`.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from training.config.models import Section, StageConfig
+from training.config.base import Section, StageConfig, StageSpec
 
 PACKAGE_KINDS = ("package_metadata", "package_code")   # this machine's installed packages: no uri
 URI_KINDS = ("jsonl", "parquet", "text", "repos")
@@ -93,6 +93,11 @@ class DecontaminationConfig(Section):
 
 
 class CurateConfig(StageConfig):
+    """CPU work: `shards` processes (a Kubernetes Indexed Job) curate their share, then one process merges them."""
+
+    stage_spec: ClassVar[StageSpec] = StageSpec(
+        kind="curate", shardable=True, form_fields=("sources", "max_reject_ratio", "shards", "near_dedup"))
+
     sources: list[CurateSource] = Field(
         default_factory=lambda: [CurateSource(kind="package_metadata"), CurateSource(kind="package_code")])
     max_reject_ratio: float = Field(0.9, ge=0, le=1, description="Fail the stage when more of a source's items than "

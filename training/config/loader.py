@@ -16,7 +16,8 @@ from typing import Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from training.config.models import SHARED_KEYS, STAGES, PipelineConfig, StageConfig
+from training.config.base import SHARED_KEYS, StageConfig, deep_merge
+from training.config.pipeline import STAGES, PipelineConfig, instance_section
 
 
 class ConfigError(ValueError):
@@ -35,19 +36,26 @@ def load_preset(name: str) -> dict:
     return yaml.safe_load(text) or {}
 
 
-def stage_view(pipeline_doc: dict, stage: str) -> dict:
-    """The stage-shaped document inside a pipeline document: shared keys plus the stage's own section."""
+def stage_kind(pipeline_doc: dict, name: str) -> str:
+    """The kind of the stage instance `name`: a registered kind itself, or a section of the pipeline document with
+    `stage: <kind>` (a further instance)."""
+    if name in STAGES:
+        return name
+    section = pipeline_doc.get(name)
+    if isinstance(section, dict) and section.get("stage") in STAGES:
+        return section["stage"]
+    raise ConfigError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}, or a section of the pipeline "
+                      "with `stage: <kind>`")
+
+
+def stage_view(pipeline_doc: dict, name: str) -> dict:
+    """The stage-shaped document inside a pipeline document: shared keys plus the section of the stage instance
+    `name` (a kind, or a further instance: see `instance_section`)."""
+    stage_kind(pipeline_doc, name)   # an unknown name is an error, not an empty stage
     doc = {k: copy.deepcopy(pipeline_doc[k]) for k in SHARED_KEYS if k in pipeline_doc}
-    return deep_merge(doc, pipeline_doc.get(stage) or {})
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
+    section = instance_section(pipeline_doc, name)
+    section.pop("stage", None)
+    return deep_merge(doc, section)
 
 
 def apply_overrides(doc: dict, overrides: Iterable[str] | dict) -> dict:
@@ -91,13 +99,14 @@ def explain(err: ValidationError) -> str:
 
 def resolve_stage_config(stage: str, preset: str | None = None, config_path: str | Path | None = None,
                          overrides: Iterable[str] | dict = ()) -> StageConfig:
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
-    doc = stage_view(load_preset(preset), stage) if preset else {}
+    """One stage instance's config: a stage kind, or a further instance the preset declares (`stage: <kind>`)."""
+    pipeline_doc = load_preset(preset) if preset else {}
+    kind = stage_kind(pipeline_doc, stage)
+    doc = stage_view(pipeline_doc, stage) if preset else {}
     if config_path:
         deep_merge(doc, _read_config(str(config_path)))
     apply_overrides(doc, overrides)
-    return validate(STAGES[stage], doc)
+    return validate(STAGES[kind], doc)
 
 
 def _read_config(source: str) -> dict:
@@ -131,7 +140,8 @@ def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def config_hash(cfg: BaseModel, exclude: set[str] = frozenset({"tracking"})) -> str:
-    """Hash of what determines a stage's outputs (tracking tags excluded: they name the run, not the result)."""
+def config_hash(cfg: BaseModel, exclude: set[str] = frozenset({"tracking", "name"})) -> str:
+    """Hash of what determines a stage's outputs. Tracking tags name the run, not the result; the instance name is
+    its directory, where the manifest carrying the hash lives."""
     payload = json.dumps(cfg.model_dump(mode="json", exclude=set(exclude)), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

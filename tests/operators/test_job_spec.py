@@ -1,0 +1,45 @@
+"""TrainingJobOperator.build_spec: how a stage is launched is what its config class declares (`stage_spec`), for a
+stage kind and for a further instance of one."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+
+def spec_of(stage: str, overrides: dict | None = None, sharded: bool = False):
+    from operators.job import TrainingJobOperator
+
+    op = TrainingJobOperator(task_id=stage, stage=stage, sharded=sharded,
+                             pipeline={"preset": "tiny", "overrides": {"run_root": "/tmp/r", **(overrides or {})}})
+    return op.build_spec()
+
+
+def test_each_stage_launches_as_its_config_declares():
+    pretrain, evaluate, register = spec_of("pretrain"), spec_of("evaluate"), spec_of("register")
+    assert (pretrain.stage, pretrain.launcher, pretrain.gpus_per_node) == ("pretrain", "torchrun", 0)
+    assert (evaluate.launcher, evaluate.gpus_per_node) == ("torchrun", 1)   # one process on one GPU
+    assert (register.launcher, register.gpus_per_node, register.shards) == ("python", 0, 1)
+    assert yaml.safe_load(pretrain.config_yaml)["run_root"] == "/tmp/r"
+    shards = spec_of("curate", {"curate.shards": 3}, sharded=True)
+    assert (shards.launcher, shards.shards, shards.sharded) == ("python", 3, True)
+    assert spec_of("curate", {"curate.shards": 3}).shards == 1   # the merge step is one process
+    with pytest.raises(ValueError, match="stage pretrain has no shard phase"):
+        spec_of("pretrain", sharded=True)
+
+
+def test_the_launcher_is_read_from_the_config_class(monkeypatch):
+    from training.config import RegisterConfig
+
+    monkeypatch.setattr(RegisterConfig, "stage_spec",
+                        dataclasses.replace(RegisterConfig.stage_spec, launcher="torchrun", gpus_per_node=1))
+    assert (spec_of("register").launcher, spec_of("register").gpus_per_node) == ("torchrun", 1)
+
+
+def test_a_further_instance_runs_its_kind_under_its_own_name():
+    spec = spec_of("pretrain_more", {"pretrain_more.stage": "pretrain", "pretrain_more.train.steps": 30})
+    config = yaml.safe_load(spec.config_yaml)
+    assert (spec.stage, spec.launcher) == ("pretrain", "torchrun")   # `python -m training pretrain --config ...`
+    assert (config["name"], config["train"]["steps"], config["run_root"]) == ("pretrain_more", 30, "/tmp/r")
+    assert yaml.safe_load(spec_of("pretrain").config_yaml)["name"] is None   # the default instance: the kind

@@ -1,0 +1,109 @@
+"""What every config builds on: the strict `Section`, the fields every stage shares, and the metadata a stage config
+declares for the platform (how it is launched, its trigger-form fields, what it reads from earlier stages).
+
+Pure Python on purpose: Airflow (operators/, dags/) imports `training.config` to validate and render job configs, so
+nothing here may import torch, megatron or mlflow.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, so a typo in `--set` never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else ./mlruns.")
+    experiment: str = "seekflow"
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags on every run (dag_run_id, pipeline_run).")
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """One thing a stage reads. `field` names it in the stage's config (and in its own DAG's trigger form); left
+    unset, the stage reads the output of the `upstream` stage kind under the same run_root ({run_root}/{upstream}/).
+    `required`: the stage cannot run without it, so a DAG that does not run `upstream` first checks it exists."""
+
+    field: str | None = None
+    upstream: str | None = None
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the platform needs to know about a stage kind, declared once on its config class (`stage_spec`).
+
+    kind: the stage's name: `python -m training <kind>`, the module `training.stages.<kind>`, its key in a pipeline
+        document, and its default run directory `{run_root}/<kind>/`.
+    launcher: "torchrun" (a GPU job: a JobSet on Kubernetes, torchrun ranks locally) or "python" (one CPU process).
+    gpus_per_node: torchrun stages only; 0 takes the cluster's GPUs per node (one process per GPU), 1 runs a single
+        process on one GPU (generation and sandboxed code execution need no more).
+    shardable: the config has a `shards` field, and a shard phase runs that many processes before the main one.
+    form_fields: the knobs worth a trigger-form field, as paths relative to the stage section (`train.steps`); every
+        other field stays reachable through the `overrides` Param.
+    inputs: what the stage reads (see `StageInput`); an input with a field leads or joins the stage's own DAG form,
+        and in the pipeline the upstream stage fills it.
+    """
+
+    kind: str
+    launcher: Literal["torchrun", "python"] = "python"
+    gpus_per_node: int = 0
+    shardable: bool = False
+    form_fields: tuple[str, ...] = ()
+    inputs: tuple[StageInput, ...] = ()
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """The stage kinds this one reads from, in declaration order."""
+        return tuple(dict.fromkeys(i.upstream for i in self.inputs if i.upstream))
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        return tuple(i.field for i in self.inputs if i.field)
+
+
+INSTANCE_NAME = r"^[a-z][a-z0-9_]*$"   # a directory name, an Airflow task id and one segment of a dotted path
+
+
+class StageConfig(Section):
+    """Fields every stage shares. A stage writes under `{run_root}/{stage_name}/` and ends with a manifest.
+
+    Concrete stage configs set `stage_spec`; `training.config.pipeline.STAGES` registers them."""
+
+    stage_spec: ClassVar[StageSpec]
+
+    profile: str = Field("tiny", description="Preset the run came from; names the registered model seekflow-<profile>.")
+    run_root: str = Field("runs/default", description="Local path or URI under which every stage writes.")
+    seed: int = 1234
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    name: str | None = Field(
+        None, pattern=INSTANCE_NAME,
+        description="This stage instance's name: its run directory {run_root}/{name}/ and its key in a pipeline "
+                    "document. Default: the stage kind. A pipeline may hold a second instance of a kind under "
+                    "another name (a section with `stage: <kind>`).")
+
+    @property
+    def stage_name(self) -> str:
+        """The instance's name, which is also its run directory under run_root (default: the stage kind)."""
+        return self.name or self.stage_spec.kind
+
+
+# Copied from a pipeline document into every stage section; `name` is per instance, not shared.
+SHARED_KEYS = ("profile", "run_root", "seed", "tracking")
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` into `base`, section by section (a nested dict merges, anything else replaces); returns `base`."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
