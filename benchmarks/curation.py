@@ -235,7 +235,7 @@ def run_stock_chain(corpus_path: Path, workdir: Path, tokens_of: dict, limit: in
     from datatrove.pipeline.tokens import DocumentTokenizer
     from datatrove.pipeline.writers import JsonlWriter
 
-    from training.data import tokenizer
+    from training import tokenizer
     from training.data.curate import text
     from training.data.curate.minhash import MinhashParams
 
@@ -326,7 +326,7 @@ def run_datasketch(texts: list[str], n_grams: int = 5, bands: int = 14, rows: in
 
 
 def raw_tokenize(texts: list[str], batch: int) -> tuple[int, dict]:
-    from training.data import tokenizer
+    from training import tokenizer
 
     tok, t, n = tokenizer.load_tokenizer(), {}, 0
     with timed(t):
@@ -431,7 +431,7 @@ def main() -> None:
           f"{'all' if args.stock_docs <= 0 else f'the first {args.stock_docs} (shuffled, so a random sample)'} docs")
 
     # Warm-ups outside every timing: tokenizer, megatron-core import (~10 s), spaCy, fastText model.
-    from training.data import tokenizer
+    from training import tokenizer
     from training.data.curate import pack
 
     tok = tokenizer.load_tokenizer()

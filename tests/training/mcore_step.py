@@ -27,7 +27,7 @@ def main():
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from training.model.build import build_gpt
-    from training.parallel import cpu_compat
+    from training.parallel import patches
 
     gpt, tconfig = build_gpt(cfg.model, cfg.parallel)
     model = DistributedDataParallel(tconfig, DistributedDataParallelConfig(use_distributed_optimizer=True), gpt)
@@ -62,7 +62,7 @@ def main():
         bias = [b.expert_bias.abs().sum().item() for b in gpt.modules() if getattr(b, "expert_bias", None) is not None]
         if info.is_main:
             print(json.dumps({"step": step, "loss": (total[0] / total[1]).item(), "world": info.world_size,
-                              "shim": cpu_compat.is_applied(), "expert_bias_abs_sum": sum(bias)}), flush=True)
+                              "shim": "cpu_device" in patches.applied(), "expert_bias_abs_sum": sum(bias)}), flush=True)
     shutdown()
 
 

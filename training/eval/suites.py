@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from training import benchmarks_data
 from training.config import EvaluateConfig, ModelConfig
 from training.eval import arith, fim, heldout, humaneval, passkey, perplexity
 from training.eval.generate import Generator
@@ -51,7 +52,7 @@ def context_problems(cfg: EvaluateConfig, model: ModelConfig) -> list[str]:
 
 def run_humaneval(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
     s = cfg.humaneval
-    problems = humaneval.load_problems(s.max_problems)
+    problems = benchmarks_data.load_humaneval_problems(s.max_problems)
     room = gen.max_positions - s.max_new_tokens
     prompts, truncated = [], 0
     for p in problems:
@@ -85,7 +86,7 @@ def run_fim(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
 
 def run_passkey(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
     s = cfg.passkey
-    cells = passkey.draw_items(gen.encode, s.context_lengths, s.depths, s.trials, cfg.seed)
+    cells = benchmarks_data.draw_passkey_items(gen.encode, s.context_lengths, s.depths, s.trials, cfg.seed)
     outs = gen.generate([list(x.prompt_ids) for x in cells], s.max_new_tokens)
     texts = [o.text for o in outs]
     items = [item("passkey", x.id, passkey.hit(t, x.key), t, x.key) for t, x in zip(texts, cells)]
@@ -93,11 +94,9 @@ def run_passkey(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
 
 
 def run_arith(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
-    s = cfg.arith
-    kwargs = dict(max_operand=s.max_operand, operations=s.operations, two_step_fraction=s.two_step_fraction)
-    problems = arith.draw_items(s.num_problems, cfg.seed, **kwargs)
-    shots = arith.draw_items(s.few_shot, cfg.seed, id_prefix="arith-shot", **kwargs)
-    outs = gen.generate([gen.encode(arith.prompt(x, shots)) for x in problems], s.max_new_tokens, stop=("\n",))
+    problems, shots = benchmarks_data.evaluation_arith_items(cfg.arith, cfg.seed)
+    prompts = [gen.encode(benchmarks_data.arith_prompt(x, shots)) for x in problems]
+    outs = gen.generate(prompts, cfg.arith.max_new_tokens, stop=("\n",))
     texts = [o.text for o in outs]
     items = [item("arith", x.id, arith.extract_answer(t) == x.answer, t, str(x.answer))
              for t, x in zip(texts, problems)]

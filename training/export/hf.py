@@ -32,7 +32,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3   # HF's own default shard size
 def export_hf(checkpoint: str | Path, out: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
     """Convert the release checkpoint `checkpoint` into a Hugging Face DeepseekV3 directory `out`."""
-    from training.data import tokenizer as tok
+    from training import tokenizer as tok
 
     _refuse_existing(Path(out), overwrite)
     try:

@@ -17,7 +17,9 @@ to the chunk's end, causally (no [queries x keys] mask is built). It is the all-
 (Llama 3, §3.3.2), which trades ring attention's overlap for one collective per layer; the keys held are the whole
 sequence's.
 
-It has no parameters, so a model built with it loads and saves the same checkpoints as one built without it.
+It has no parameters, so a model built with it loads and saves the same checkpoints as one built without it. It
+patches nothing: the MTP loss's token count under CP, the one other CP gap, is fixed once per process by
+`training.parallel.patches.mtp_tokens_over_cp`.
 """
 from __future__ import annotations
 
@@ -107,30 +109,3 @@ class CausalSdpaAttention(torch.nn.Module):
         b, heads, s, _ = out.shape
         return out[..., :v_dim].permute(2, 0, 1, 3).reshape(s, b, heads * v_dim)
 
-
-def count_mtp_tokens_over_the_cp_group() -> None:
-    """Make GPTModel's MTP loss the token mean of the whole sequence under context parallelism, as one process has it.
-
-    megatron-core 0.16 divides each rank's MTP loss sum by the rank's own count of MTP targets (`roll_tensor`'s
-    sum of the shifted loss mask), then averages the ranks. The rank holding the sequence's end has one target fewer
-    per depth, so that mean of means weights the ranks' tokens unequally (the LM loss has no such gap: its counts
-    are equal). Here the count becomes the CP group's mean count, so the average over ranks is the exact token mean
-    (DeepSeek-V3 §2.2, eq. 24). Idempotent; a no-op for CP = 1 and for packed sequences."""
-    import torch.distributed as dist
-    from megatron.core.models.gpt import gpt_model
-
-    original = gpt_model.roll_tensor
-    if getattr(original, "counts_over_cp_group", False):
-        return
-
-    def roll_tensor(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
-        rolled, total = original(tensor, shifts=shifts, dims=dims, cp_group=cp_group,
-                                 packed_seq_params=packed_seq_params)
-        if cp_group is not None and cp_group.size() > 1 and packed_seq_params is None:
-            total = total.detach().clone()
-            dist.all_reduce(total, group=cp_group)
-            total = total / cp_group.size()
-        return rolled, total
-
-    roll_tensor.counts_over_cp_group = True
-    gpt_model.roll_tensor = roll_tensor

@@ -122,7 +122,7 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initializ
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage)
     if model.num_experts is not None and model.moe_router_type == "deepseek_v2":
         _use_deepseek_v2_router(block_spec, model, parallel)
-    _use_sdpa_attention(block_spec, context_parallel=parallel.context_parallel_size > 1)
+    _use_sdpa_attention(block_spec)
     mtp_spec = None
     if model.mtp_num_layers:
         mtp_spec = get_gpt_mtp_block_spec(config, block_spec.layer_specs[-1], use_transformer_engine=use_te,
@@ -165,14 +165,12 @@ def _use_deepseek_v2_router(block_spec, model: ModelConfig, parallel: ParallelCo
             moe.submodules.router = functools.partial(DeepSeekV2Router, settings=settings)
 
 
-def _use_sdpa_attention(block_spec, context_parallel: bool) -> None:
+def _use_sdpa_attention(block_spec) -> None:
     """Every layer (and so the MTP layer, which copies the last) attends through `CausalSdpaAttention` instead of
     megatron-core's local DotProductAttention: fused SDPA kernels instead of a materialised [s x s] softmax, and
     context parallelism, which the local DotProductAttention refuses (only Transformer Engine's ring attention has
-    it). Under CP the MTP loss also counts its tokens over the CP group."""
-    from training.model.attention import CausalSdpaAttention, count_mtp_tokens_over_the_cp_group
+    it). Building patches nothing: the MTP loss's token count under CP is `training.parallel.patches`' business."""
+    from training.model.attention import CausalSdpaAttention
 
-    if context_parallel:
-        count_mtp_tokens_over_the_cp_group()
     for layer_spec in block_spec.layer_specs:
         layer_spec.submodules.self_attention.submodules.core_attention = CausalSdpaAttention

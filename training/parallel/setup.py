@@ -23,18 +23,13 @@ class DistInfo:
 
 
 def prepare_backend() -> str:
-    """Pick the collective backend and patch megatron-core's local layer spec; on a CPU-only machine install the
-    megatron-core CPU shim first. On GPUs, CUDA tensors go through NCCL and the few CPU tensors the stages reduce
-    (logged losses) through gloo, from one process group."""
-    from training.parallel import local_spec_gaps
+    """Apply every megatron-core patch for this machine (`training.parallel.patches.apply_all`: the CPU shim only
+    when CUDA is absent) and pick the collective backend. On GPUs, CUDA tensors go through NCCL and the few CPU
+    tensors the stages reduce (logged losses) through gloo, from one process group."""
+    from training.parallel import patches
 
-    if torch.cuda.is_available():
-        local_spec_gaps.apply()
-        return "cpu:gloo,cuda:nccl"
-    from training.parallel import cpu_compat
-
-    cpu_compat.apply()   # applies local_spec_gaps too, after its stubs
-    return "gloo"
+    patches.apply_all()
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def init_distributed(parallel: ParallelConfig, seed: int) -> DistInfo:

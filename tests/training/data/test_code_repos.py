@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from training.data import tokenizer as T
-from training.data.curate import code, repos
+from training import tokenizer as T
+from training.data.curate import code, code_quality, repos
 
 MIXED = {   # file → the repo files it imports (hand-written: what each import statement means)
     "main.py": ("from pkg import core\n\ncore.run()\n", {"pkg/core.py"}),
@@ -93,7 +93,7 @@ def test_resolver_finds_every_import_edge_and_no_other():
     files = {path: text for path, (text, _) in MIXED.items()}
     resolver = code.DependencyResolver(files, "mixed")
     for path, (_, expected) in MIXED.items():
-        assert resolver.dependencies(path, code.language_of(path)) == expected, path
+        assert resolver.dependencies(path, code_quality.language_of(path)) == expected, path
 
 
 def test_order_respects_every_edge_and_ignores_listing_order(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from datatrove.data import Document
 
 from training.data.curate.decontam import BenchmarkIndex, DecontaminationFilter, default_index
-from training.eval import arith, humaneval
+from training.benchmarks_data import draw_arith_items, load_humaneval_problems
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def decontaminate():
 
 
 def test_humaneval_solution_embedded_in_code_is_removed_and_attributed(decontaminate):
-    problem = humaneval.load_problems()[23]
+    problem = load_humaneval_problems()[23]
     text = ("import os\n\n\ndef helper(path):\n    return os.path.basename(path)\n\n\n"
             + problem["prompt"] + problem["canonical_solution"]
             + "\n\nif __name__ == '__main__':\n    print(helper('/tmp/x'))\n")
@@ -25,7 +25,7 @@ def test_humaneval_solution_embedded_in_code_is_removed_and_attributed(decontami
 
 
 def test_reindented_copy_still_matches(decontaminate):
-    problem = humaneval.load_problems()[0]
+    problem = load_humaneval_problems()[0]
     text = textwrap.indent(problem["prompt"] + problem["canonical_solution"], "        ").upper()
     doc = Document(text=text, id="reindented")
     assert decontaminate.filter(doc) == (False, "decontaminated")
@@ -40,7 +40,7 @@ def test_unrelated_stdlib_code_stays(decontaminate, module):
 
 
 def test_arithmetic_eval_item_is_caught(decontaminate):
-    item = arith.draw_items(20, 1234)[5]          # the evaluate stage's default draw (seed 1234, 20 problems)
+    item = draw_arith_items(20, 1234)[5]          # the evaluate stage's default draw (seed 1234, 20 problems)
     doc = Document(text=f"Homework.\nQ: {item.question}\nA: {item.answer}\n", id="homework")
     assert decontaminate.filter(doc) == (False, "decontaminated")
     assert doc.metadata["contaminated_by"] == "arith/arith-5"

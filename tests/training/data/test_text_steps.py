@@ -7,7 +7,7 @@ import pytest
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
 
-from training.eval import passkey
+from training.benchmarks_data import PASSKEY_TASK
 from training.data.curate.decontam import DecontaminationFilter, default_index
 from training.data.curate.pii import RedactPII
 from training.data.curate.text import (MARKDOWN_PROSE, GopherPrecheck, LanguageID, NormalizeUnicode, QualityParams,
@@ -165,7 +165,7 @@ def test_chain_runs_in_datatrove_executor_and_counts_reasons(tmp_path):
         Document(text=GERMAN, id="german", metadata={"source": "prose", "order": 1}),
         Document(text="\n".join(["Click here to subscribe to our newsletter today."] * 20), id="spam",
                  metadata={"source": "prose", "order": 2}),
-        Document(text=PROSE + "\n" + passkey.TASK,
+        Document(text=PROSE + "\n" + PASSKEY_TASK,
                  id="leak", metadata={"source": "prose", "order": 3}),
     ]
     kept = []

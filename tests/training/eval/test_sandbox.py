@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from training.benchmarks_data import load_humaneval_problems
 from training.eval import humaneval
 from training.eval.sandbox import Limits, run_many, run_python
 
@@ -66,7 +67,7 @@ def test_background_children_are_killed_with_the_process_group(tmp_path):
 
 
 def test_canonical_solutions_all_pass_and_wrong_ones_all_fail():
-    problems = humaneval.load_problems()
+    problems = load_humaneval_problems()
     assert len(problems) == 164
     results = humaneval.execute(problems, [[p["canonical_solution"]] for p in problems], workers=2)
     failures = [(r.task_id, r.outcome.reason) for r in results if r.outcome.status != "passed"]

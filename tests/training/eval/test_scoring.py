@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from training.data import tokenizer as T
+from training import benchmarks_data as B
+from training import tokenizer as T
 from training.eval import arith, fim, heldout, passkey, perplexity
 from training.eval.generate import cut_at_stop
 
@@ -64,19 +66,20 @@ def test_fim_exact_match_takes_the_first_line_and_ignores_surrounding_whitespace
 @pytest.mark.parametrize("length", [128, 256, 1000])
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_passkey_prompt_has_the_exact_length_and_the_needle_at_its_depth(length, depth):
-    ids = passkey.build(encode, length, depth, "48213")
+    ids = B.passkey_prompt_ids(encode, length, depth, "48213")
     assert len(ids) == length
     text = T.load_tokenizer().decode(ids)
-    assert text.startswith(passkey.TASK) and text.endswith(passkey.QUESTION)
+    assert text.startswith(B.PASSKEY_TASK) and text.endswith(B.PASSKEY_QUESTION)
     needle = text.index("The pass key is 48213.")
-    filler_start, filler_end = len(passkey.TASK), len(text) - len(passkey.QUESTION) - len(passkey.NEEDLE) + 10
+    filler_start = len(B.PASSKEY_TASK)
+    filler_end = len(text) - len(B.PASSKEY_QUESTION) - len(B.PASSKEY_NEEDLE) + 10
     relative = (needle - filler_start) / max(filler_end - filler_start, 1)
     assert abs(relative - depth) < 0.2
 
 
 def test_passkey_items_keys_and_scoring():
-    items = passkey.draw_items(encode, [128, 256], [0.0, 1.0], trials=2, seed=3)
-    assert len(items) == 8 and items == passkey.draw_items(encode, [128, 256], [0.0, 1.0], trials=2, seed=3)
+    items = B.draw_passkey_items(encode, [128, 256], [0.0, 1.0], trials=2, seed=3)
+    assert len(items) == 8 and items == B.draw_passkey_items(encode, [128, 256], [0.0, 1.0], trials=2, seed=3)
     assert all(len(i.key) == 5 and i.key.isdigit() for i in items)
     assert len({i.key for i in items}) > 1
     outs = [f" {items[0].key}.", "no idea", *["" for _ in items[2:4]], *[i.key for i in items[4:]]]
@@ -84,7 +87,7 @@ def test_passkey_items_keys_and_scoring():
     assert metrics == {"accuracy": 5 / 8, "problems": 8.0, "accuracy_len128": 1 / 4, "accuracy_len256": 1.0}
     assert passkey.hit("The pass key is 12345", "12345") and not passkey.hit("1234 5", "12345")
     with pytest.raises(ValueError, match="too short"):
-        passkey.build(encode, 40, 0.5, "12345")
+        B.passkey_prompt_ids(encode, 40, 0.5, "12345")
 
 
 # ---------------------------------------------------------------------------------------------------- arithmetic --
@@ -98,16 +101,24 @@ def test_arith_answer_extraction(text, answer):
 
 
 def test_arith_items_are_seeded_and_exact():
-    items = arith.draw_items(50, seed=1, max_operand=20, two_step_fraction=0.5)
-    assert items == arith.draw_items(50, seed=1, max_operand=20, two_step_fraction=0.5)
+    items = B.draw_arith_items(50, seed=1, max_operand=20, two_step_fraction=0.5)
+    assert items == B.draw_arith_items(50, seed=1, max_operand=20, two_step_fraction=0.5)
     for it in items:
         expr = it.question.removeprefix("What is ").removesuffix("?")
         assert eval(expr) == it.answer   # the test may eval: it checks the generator's own arithmetic
     assert any("(" in it.question for it in items) and any("(" not in it.question for it in items)
-    shots = arith.draw_items(2, seed=1, id_prefix="shot")
-    prompt = arith.prompt(items[0], shots)
+    shots = B.draw_arith_items(2, seed=1, id_prefix="shot")
+    prompt = B.arith_prompt(items[0], shots)
     assert prompt.endswith(f"Q: {items[0].question}\nA:") and prompt.count("Q: ") == 3
     assert arith.score([f" {items[0].answer}", "0"], items[:2])["accuracy"] == (0.5 if items[1].answer else 1.0)
+
+
+def test_the_evaluation_draw_is_the_problems_then_separately_seeded_shots():
+    settings = SimpleNamespace(num_problems=5, few_shot=2, max_operand=20, operations=("+", "*"), two_step_fraction=0.0)
+    problems, shots = B.evaluation_arith_items(settings, seed=1)
+    assert problems == B.draw_arith_items(5, 1, max_operand=20, operations=("+", "*"))
+    assert shots == B.draw_arith_items(2, 1, max_operand=20, operations=("+", "*"), id_prefix="arith-shot")
+    assert [s.id for s in shots] == ["arith-shot-0", "arith-shot-1"]
 
 
 # ---------------------------------------------------------------------------------------------------- perplexity --

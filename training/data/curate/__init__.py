@@ -3,7 +3,8 @@
 readers   sources by URI (jsonl, parquet, text, repos, installed packages), shard i of N, bad input marked
 steps     bad input set aside, exact dedup, sampled reject files
 text      Unicode normalisation, language ID (packaged lid.176), Gopher/C4 quality
-code      DeepSeek-Coder's file rules, import graphs, dependency order, repository samples
+code_quality  DeepSeek-Coder's per-file rules: languages, quality, control-token text
+code      import graphs, dependency order, repository samples (DeepSeek-Coder §2.2)
 repos     repositories (folders, tarballs) read into one sample each
 pii       PII and secret redaction, counted per type
 decontam  benchmark decontamination (DeepSeek-Coder §2.1)

@@ -33,12 +33,12 @@ class CodeFileQuality(BaseFilter):
 
     def __init__(self, exclusion_writer=None):
         super().__init__(exclusion_writer=exclusion_writer)
-        from training.data.curate.code import CodeQualityParams
+        from training.data.curate.code_quality import CodeQualityParams
 
         self.params = CodeQualityParams()
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        from training.data.curate.code import language_of, quality_reject_reason
+        from training.data.curate.code_quality import language_of, quality_reject_reason
 
         language = language_of(doc.id)
         doc.metadata["language"] = language

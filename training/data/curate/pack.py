@@ -20,7 +20,7 @@ import numpy as np
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
-from training.data import tokenizer
+from training import tokenizer
 from training.data.curate.steps import TOKEN_BATCH
 
 PROGRESS_SECONDS = 5.0

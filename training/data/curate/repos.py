@@ -27,7 +27,7 @@ from typing import Iterator
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
-from training.data.curate import code
+from training.data.curate import code, code_quality
 from training.data.sample_corpus import SAMPLE_CHARS
 
 TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -42,7 +42,7 @@ class RepositoryParams:
     # A repository is held in memory to be ordered: past this it is rejected rather than risking the shard's memory.
     max_repository_bytes: int = 256 << 20
     max_listed_skips: int = 100          # skipped file names kept in metadata (their counts are always complete)
-    quality: code.CodeQualityParams = field(default_factory=code.CodeQualityParams)
+    quality: code_quality.CodeQualityParams = field(default_factory=code_quality.CodeQualityParams)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def shard_repositories(refs: list[RepositoryRef], rank: int, world_size: int) ->
 # ---------------------------------------------------------------- raw files: (path, bytes or None, skip reason)
 def _precheck(path: str, size: int, params: RepositoryParams) -> str | None:
     """Reasons decided without reading the bytes."""
-    if code.language_of(path) is None:
+    if code_quality.language_of(path) is None:
         return "unknown_extension"
     if size > params.max_file_bytes:
         return "too_large"
@@ -162,8 +162,8 @@ def _screen(path: str, data: bytes, params: RepositoryParams) -> tuple[str | Non
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return None, "invalid_utf8"
-    reason = code.quality_reject_reason(path, code.language_of(path), text, params.quality)
-    if reason is None and (code.find_control_token_text(text) or code.find_control_token_text(path)):
+    reason = code_quality.quality_reject_reason(path, code_quality.language_of(path), text, params.quality)
+    if reason is None and (code_quality.find_control_token_text(text) or code_quality.find_control_token_text(path)):
         reason = "control_token_text"   # it would encode as a real control token (and break the sample's layout)
     return (None, reason) if reason else (text, None)
 
@@ -214,11 +214,11 @@ def _read_into(result: RepositoryResult, params: RepositoryParams) -> None:
     if not kept:
         result.reject_reason = "empty_repository"
         return
-    if code.find_control_token_text(ref.name):
+    if code_quality.find_control_token_text(ref.name):
         result.reject_reason, result.error = "control_token_text", f"{ref.path}: the repository name"
         return
     resolver = code.DependencyResolver(kept, ref.name, other_paths=[path for path, _ in skips])
-    languages = {path: code.language_of(path) for path in kept}
+    languages = {path: code_quality.language_of(path) for path in kept}
     subgraphs = code.dependency_order({path: resolver.dependencies(path, languages[path]) for path in kept})
     result.files = [{"path": path, "language": languages[path], "subgraph": index}
                     for index, subgraph in enumerate(subgraphs) for path in subgraph]

