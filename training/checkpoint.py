@@ -173,13 +173,14 @@ def _full_state_dict(model, optimizer, scheduler, common: dict, loading: bool) -
 
 
 def save(root: Path, step: int, model, optimizer, scheduler, common: dict, keep_last: int,
-         remote: str | None = None, async_queue=None) -> Path:
-    """Save a full training checkpoint for `step`, then mark it latest and prune older ones (keep `keep_last`).
+         remote: str | None = None, async_queue=None, on_complete=None) -> Path:
+    """Save a full training checkpoint for `step`, then mark it latest and prune older ones (keep `keep_last`);
+    then call `on_complete()` (every rank), if given.
 
     With `async_queue` (megatron-core's AsyncCallsQueue) a forked process writes the tensors while training goes
-    on; everything after the write (complete.json, upload, the `latest` marker, pruning) is a finalize function
-    that runs when every rank calls `async_queue.maybe_finalize_async_calls` and all writers are done, so the
-    marker still appears only after a complete save."""
+    on; everything after the write (complete.json, upload, the `latest` marker, pruning, `on_complete`) is a
+    finalize function that runs when every rank calls `async_queue.maybe_finalize_async_calls` and all writers are
+    done, so the marker still appears only after a complete save."""
     from megatron.core import dist_checkpointing
 
     target = step_dir(root, step)
@@ -188,12 +189,17 @@ def save(root: Path, step: int, model, optimizer, scheduler, common: dict, keep_
         target.mkdir(parents=True)
     dist.barrier()
     state = _full_state_dict(model, optimizer, scheduler, common, loading=False)
+    def complete() -> None:
+        _mark_complete(root, target, step, keep_last, remote)
+        if on_complete is not None:
+            on_complete()
+
     if async_queue is None:
         dist_checkpointing.save(state, str(target))
-        _mark_complete(root, target, step, keep_last, remote)
+        complete()
     else:
         request = dist_checkpointing.save(state, str(target), async_sharded_save=True)
-        request.add_finalize_fn(lambda: _mark_complete(root, target, step, keep_last, remote))
+        request.add_finalize_fn(complete)
         async_queue.schedule_async_request(request)
     return target
 

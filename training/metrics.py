@@ -3,7 +3,8 @@ per token and utilisation, and the expert-load heatmap.
 
 Expert load comes from the routers' token counts. megatron-core's TopKRouter (the V3 path, with expert bias) adds each
 micro-batch's routing map to `local_tokens_per_expert` (for the aux-loss-free bias update) and zeroes it at the end of
-`finalize_model_grads`, so the Trainer snapshots the counts just before that call (`ExpertLoadTracker.snapshot`). Our
+`finalize_model_grads`, so the ExpertLoad callback (training/train/callbacks.py) snapshots the counts just before that
+call, through the GPT train module's grad-finalize hooks (`ExpertLoadTracker.snapshot`). Our
 DeepSeekV2Router has no bias and keeps its own `load_counts` (same tokens: each rank's own, sequence-parallel shard
 included), which megatron does not know: the snapshot zeroes those itself. Snapshots stay on each rank until a log step;
 then one `all_gather_object` sums them over the ranks that hold each layer (data/tensor/expert parallel replicas) and

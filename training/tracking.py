@@ -19,22 +19,6 @@ def tracking_uri(cfg: StageConfig) -> str:
     return f"sqlite:///{local_dir(cfg.run_root) / 'mlflow.db'}"
 
 
-def unreachable_reason(uri: str, timeout_s: float = 5.0) -> str | None:
-    """Why an http(s) tracking server fails its health check, or None when it answers (or the store is not HTTP).
-
-    MLflow's own client retries an unreachable server for minutes: stages ask this first, to fail fast."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
-            return None if response.status == 200 else f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError) as err:
-        return str(getattr(err, "reason", err))
-
-
 def flatten(prefix: str, value, out: dict) -> dict:
     if isinstance(value, dict):
         for key, sub in value.items():
@@ -66,10 +50,11 @@ def stage_run(cfg: StageConfig, stage: str, config_hash: str, enabled: bool = Tr
         yield run
 
 
-def log_artifact_file(path: Path, artifact_path: str | None = None) -> None:
-    import mlflow
+def log_artifact_to_run(cfg: StageConfig, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """Log a file to a stage's MLflow run after it ended (a manifest is written once the stage's work is done)."""
+    from training.registry import mlflow_client
 
-    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    mlflow_client(tracking_uri(cfg)).log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 def log_metrics(mlflow_run, metrics: dict) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from training.config import CurateConfig
 from training.data import sample_corpus as sc
-from training.data import tokenizer as T
+from training import tokenizer as T
 from training.manifest import manifest_path, read_manifest
 from training.stages import curate
 from training.storage import sha256_file

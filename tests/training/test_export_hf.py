@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_training
+from tests.support.processes import REPO, run_training
 from training.config import resolve_stage_config
 from training.data.synthetic import write_synthetic_curate
 from training.export.convert import ExportError, hf_config, model_config_from_hf
@@ -199,7 +199,7 @@ def test_yarn_logits_match_transformers(yarn, sharpened, trained):
 def test_export_writes_a_deepseek_v3_directory(trained):
     from transformers import AutoConfig, AutoTokenizer
 
-    from training.data.tokenizer import load_tokenizer
+    from training.tokenizer import load_tokenizer
 
     hf = trained["hf"]
     assert sorted(p.name for p in hf.iterdir()) == [

@@ -80,7 +80,8 @@ def test_a_gpu_machine_gets_nccl_and_the_local_spec_patches_but_not_the_cpu_shim
     # CUDA tensors over NCCL; the stages' few CPU-tensor reductions (logged losses) over gloo, in one group
     assert seen["backend"] == "cpu:gloo,cuda:nccl"
     assert seen["applied"] == ["mla_local_attention", "torch_norm_sequence_parallel", "recompute_fp8_flag",
-                               "router_gemm_without_te", "mtp_tokens_over_cp"]   # no cpu_* module
+                               "router_gemm_without_te", "mtp_tokens_over_cp",
+                               "dist_ckpt_results_queue"]   # no cpu_* module
     assert seen["k_channels"]                      # MLA's core attention can be the local DotProductAttention
     assert seen["recompute_fp8"] == [False, True]  # megatron's default fp8=False no longer means "FP8 on"
     assert seen["router_gemm"] is None             # the MoE router takes megatron's torch.mm path without TE
@@ -134,11 +135,12 @@ def _probe() -> None:
 
 
 def test_building_a_model_patches_nothing_and_apply_all_runs_once():
-    from tests.conftest import run_probe
+    from tests.support.processes import run_probe
 
     seen = run_probe(__file__)
     assert seen["applied"][:5] == ["cpu_compile", "cpu_triton", "cpu_device", "cpu_rng", "cpu_alltoall_split_sizes"]
-    assert seen["applied"][-1] == "mtp_tokens_over_cp" and seen["applied_again"] == seen["applied"]
+    assert seen["applied"][-2:] == ["mtp_tokens_over_cp", "dist_ckpt_results_queue"]
+    assert seen["applied_again"] == seen["applied"]
     assert seen["checked"] > 1000                 # megatron-core's modules were really looked at
     assert seen["roll_tensor_kept"]
     assert seen["changed_by_build"] == [] and seen["changed_by_second_apply"] == []
@@ -180,3 +182,27 @@ def test_moe_step_two_processes_expert_parallel(dispatcher, single_process_steps
 
 if __name__ == "__main__" and sys.argv[1:] == ["probe"]:
     _probe()
+
+
+_RESULTS_QUEUE = """
+import json, psutil
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from training.parallel.patches import apply_all
+before = filesystem_async._get_write_results_queue
+apply_all()
+queue = filesystem_async._get_write_results_queue()
+queue.put("written")
+print(json.dumps({"replaced": filesystem_async._get_write_results_queue is not before,
+                  "same": filesystem_async._get_write_results_queue() is queue, "got": queue.get(timeout=10),
+                  "children": [p.cmdline() for p in psutil.Process().children(recursive=True)]}))
+"""
+
+
+def test_checkpoint_writes_start_no_manager_process():
+    """megatron's write-results queue would spawn a Manager server process (a fresh interpreter that outlives a killed
+    trainer); the patched one is a plain queue that forked writers inherit."""
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _RESULTS_QUEUE], capture_output=True, text=True,
+                         timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {"replaced": True, "same": True, "got": "written", "children": []}, seen

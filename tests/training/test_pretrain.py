@@ -100,13 +100,14 @@ def test_batch_ramp_follows_megatron_rampup_and_a_resumed_run_continues_it():
 def test_token_scheduled_lr_counts_the_ramps_smaller_batches():
     from training.config import PretrainConfig
     from training.data.gpt_data import BatchRamp
-    from training.stages.pretrain import _lr_function
+    from training.train.schedules import lr_function
 
     # Peak lr for the first 8 samples x 64 tokens, then cosine decay: a fixed batch of 8 leaves the peak after
     # step 1, the ramp (2, 2, 4, ...) only after step 3.
     cfg = PretrainConfig(optimizer={"decay_style": "deepseek-v3", "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 0,
                                     "constant_tokens": 8 * 64, "decay_tokens": 64 * 64},
                          train={"steps": 20, "global_batch_size": 8, "seq_length": 64})
-    fixed, ramped = _lr_function(cfg), _lr_function(cfg, BatchRamp(8, 2, 1, rampup=(2, 2, 12)).samples_after)
+    fixed = lr_function(cfg.optimizer, cfg.train)
+    ramped = lr_function(cfg.optimizer, cfg.train, BatchRamp(8, 2, 1, rampup=(2, 2, 12)).samples_after)
     assert fixed(1) == ramped(3) == 1e-3
     assert fixed(2) < 1e-3 and ramped(4) < 1e-3

@@ -16,9 +16,10 @@ import pytest
 from tests.conftest import free_port, run_training
 from tests.training.test_pretrain import VOCAB, fake_curate, pretrain
 from training.config import ConfigError, PipelineConfig, PromoteConfig, resolve_stage_config
-from training.config.models import GateRule
+from training.config import GateRule
+from training.promotion import PromoteError, decide
+from training.registry import RegistryError
 from training.stages import promote
-from training.stages.promote import PromoteError, decide
 
 GOOD = {"perplexity.stdlib_code": 40.0, "perplexity.stdlib_docstrings": 60.0, "humaneval.pass_at_1": 0.1,
         "fim.exact_match": 0.2, "passkey.accuracy": 0.5, "arith.accuracy": 0.3}
@@ -89,7 +90,7 @@ def test_decide(candidate, champion, allow_first, decision, aliases, reason):
 def test_unreachable_tracking_server_fails_fast(tmp_path):
     cfg = _promote_cfg(tmp_path, f"http://127.0.0.1:{free_port()}", "seekflow-x", version="1")
     began = time.time()
-    with pytest.raises(PromoteError, match="tracking server .* is unreachable"):
+    with pytest.raises(RegistryError, match="tracking server .* is unreachable"):
         promote.run(cfg)
     assert time.time() - began < 10
     assert not (tmp_path / "promote" / "manifest.json").exists()
@@ -97,7 +98,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
 
 def test_missing_sqlite_registry_is_refused_without_creating_it(tmp_path):
     cfg = _promote_cfg(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", "seekflow-x", version="1")
-    with pytest.raises(PromoteError, match="no MLflow registry"):
+    with pytest.raises(RegistryError, match="no MLflow registry"):
         promote.run(cfg)
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -265,7 +266,7 @@ def test_promotion_gates_champion_and_loads_by_alias(trained, tmp_path, server):
     # The champion loads by alias: resolve, download from S3 through the server, check the release directory.
     import mlflow
 
-    from training.eval.registry import download_release, resolve_version
+    from training.registry import download_release, resolve_version
     from training.model.release import check_release, read_model_config
 
     mlflow.set_tracking_uri(server["uri"])
@@ -283,15 +284,16 @@ def test_bad_input_changes_nothing_in_the_registry(trained, tmp_path, server):
     if not client.search_registered_models("name = 'seekflow-empty'"):
         client.create_registered_model("seekflow-empty")
     before = _snapshot(client)
-    cases = [
-        (dict(name="seekflow-bad", version="7"), "seekflow-bad has no version 7 \\(versions: 1\\)"),
-        (dict(name="seekflow-bad", version="champion"), "no alias 'champion' \\(aliases: candidate=v1\\)"),
-        (dict(name="seekflow-bad", version=version), "seekflow.eval.passkey.accuracy is missing"),
-        (dict(name="seekflow-empty"), "'seekflow-empty' has no versions"),
-        (dict(name="seekflow-nope", version="1"), "no registered model 'seekflow-nope'"),
+    cases = [   # the registry refuses the reference; the gate, a version it cannot gate
+        (dict(name="seekflow-bad", version="7"), RegistryError, "seekflow-bad has no version 7 \\(versions: 1\\)"),
+        (dict(name="seekflow-bad", version="champion"), RegistryError,
+         "no alias 'champion' \\(aliases: candidate=v1\\)"),
+        (dict(name="seekflow-bad", version=version), PromoteError, "seekflow.eval.passkey.accuracy is missing"),
+        (dict(name="seekflow-empty"), RegistryError, "'seekflow-empty' has no versions"),
+        (dict(name="seekflow-nope", version="1"), RegistryError, "no registered model 'seekflow-nope'"),
     ]
-    for args, message in cases:
-        with pytest.raises(PromoteError, match=message):
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
             _promote(tmp_path, server, **args)
         assert _snapshot(client) == before, args
         assert not (tmp_path / "promote" / "manifest.json").exists()

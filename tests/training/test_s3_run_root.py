@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import run_training
+from tests.support.processes import run_training
 from training import storage
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from training.schedules import B, T, deepseek_v3_lr, multi_step_lr, switch_at
+from training.train.schedules import B, T, deepseek_v3_lr, multi_step_lr, switch_at
 
 V3 = dict(peak=2.2e-4, min_lr=2.2e-5, warmup_steps=2000, constant_tokens=10 * T, decay_tokens=4.3 * T,
           tail=[(333 * B, 2.2e-5), (167 * B, 7.3e-6)])
@@ -92,15 +92,15 @@ def test_config_checks_batch_size_rampup_and_needs_v3_token_counts():
 
 
 def test_trainer_scheduler_follows_the_v3_function():
-    """The Trainer's scheduler class: megatron-core's OptimizerParamScheduler with our lr function."""
+    """The GPT train module's scheduler class: megatron-core's OptimizerParamScheduler with our lr function."""
     from training.config import PretrainConfig
-    from training.stages.pretrain import _lr_function
+    from training.train.schedules import lr_function
 
     cfg = PretrainConfig(optimizer={"decay_style": "deepseek-v3", "lr": 2.2e-4, "min_lr": 2.2e-5,
                                     "warmup_steps": 2, "constant_tokens": 4 * 2 * 64, "decay_tokens": 4 * 2 * 64,
                                     "lr_tail": [[2 * 2 * 64, 2.2e-5], [2 * 2 * 64, 7.3e-6]]},
                          train={"steps": 20, "global_batch_size": 2, "seq_length": 64})
-    lr = _lr_function(cfg)
+    lr = lr_function(cfg.optimizer, cfg.train)
     assert [lr(s) for s in (0, 1, 2, 3)] == pytest.approx([0, 1.1e-4, 2.2e-4, 2.2e-4])
     assert lr(6) == pytest.approx((2.2e-4 + 2.2e-5) / 2)
     assert lr(9) == pytest.approx(2.2e-5) and lr(11) == pytest.approx(7.3e-6) and lr(19) == pytest.approx(7.3e-6)

@@ -24,16 +24,29 @@ class ConfigError(ValueError):
     """A config that does not validate. The message lists every bad field by its dotted path."""
 
 
+# Extra preset folders (os.pathsep-separated), searched after the packaged ones: the test suite's `micro` preset
+# lives in tests/support/presets, so it never shows up in a user's trigger form.
+EXTRA_PRESETS_ENV = "SEEKFLOW_EXTRA_PRESETS"
+
+
+def _preset_files() -> dict:
+    files = {p.name[: -len(".yaml")]: p for p in resources.files("training.config.presets").iterdir()
+             if p.name.endswith(".yaml")}
+    for folder in filter(None, os.environ.get(EXTRA_PRESETS_ENV, "").split(os.pathsep)):
+        for path in sorted(Path(folder).glob("*.yaml")):
+            files.setdefault(path.stem, path)
+    return files
+
+
 def list_presets() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("training.config.presets").iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(_preset_files())
 
 
 def load_preset(name: str) -> dict:
-    if name not in list_presets():
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
-    text = resources.files("training.config.presets").joinpath(f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    files = _preset_files()
+    if name not in files:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(files))}")
+    return yaml.safe_load(files[name].read_text()) or {}
 
 
 def stage_kind(pipeline_doc: dict, name: str) -> str:

@@ -22,12 +22,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from training import manifest as manifests
-from training import storage, tracking
+from training import storage, tokenizer, tracking
 from training.config import CurateConfig, config_hash
-from training.data import tokenizer
 from training.data.curate import funnel as funnels
 from training.data.curate import inputs as source_inputs
+from training.manifest import manifest_uri
+from training.stages.lifecycle import Outcome, run_stage, stage_name
 from training.storage import sha256_file, stage_dir
 
 STAGE = "curate"
@@ -46,20 +46,20 @@ def shard_dir(out: Path, index: int, count: int) -> Path:
 
 
 def run(cfg: CurateConfig) -> dict:
-    started = time.time()
     inputs = {**source_inputs.fingerprints(cfg.sources), "tokenizer": tokenizer.tokenizer_fingerprint()}
-    chash = config_hash(cfg)
-    if os.environ.get(SHARDS_ENV):
-        return run_shard(cfg, _shard_index(cfg), chash, inputs)
+    if os.environ.get(SHARDS_ENV):   # one shard job of an Indexed Job: its own marker, never the stage manifest
+        return run_shard(cfg, _shard_index(cfg), config_hash(cfg), inputs)
 
-    done = manifests.finished(cfg.run_root, STAGE, chash, inputs)
-    if done is not None and _outputs_exist(done):
-        print(f"curate: already done ({manifests.manifest_uri(cfg.run_root, STAGE)}), skipping", flush=True)
-        return done
-    manifests.invalidate(cfg.run_root, STAGE)   # an old manifest must never vouch for the files rewritten below
-    for index in range(cfg.shards):
-        run_shard(cfg, index, chash, inputs)
-    return merge(cfg, chash, inputs, started)
+    def shards_then_merge(stage) -> Outcome:
+        for index in range(cfg.shards):
+            run_shard(cfg, index, stage.config_hash, inputs)
+        return merge(cfg, stage.config_hash, inputs, stage.started)
+
+    return run_stage(cfg, STAGE, inputs, shards_then_merge, still_valid=_outputs_exist)
+
+
+def _out(cfg: CurateConfig) -> Path:
+    return stage_dir(cfg.run_root, stage_name(cfg, STAGE))
 
 
 def _shard_index(cfg: CurateConfig) -> int:
@@ -76,7 +76,7 @@ def run_shard(cfg: CurateConfig, index: int, chash: str, inputs: dict) -> dict:
     from training.data.curate.chain import run_source
 
     label = f"shard {index + 1}/{cfg.shards}"
-    out = shard_dir(stage_dir(cfg.run_root, STAGE), index, cfg.shards)
+    out = shard_dir(_out(cfg), index, cfg.shards)
     marker_uri = storage.uri_of(out / SHARD_MARKER, cfg.run_root)
     old = json.loads(storage.read_text(marker_uri) or "{}")
     if old.get("config_hash") == chash and old.get("inputs") == inputs:
@@ -96,11 +96,11 @@ def run_shard(cfg: CurateConfig, index: int, chash: str, inputs: dict) -> dict:
     return {**marker, "result": {"shard": index, "shards": cfg.shards}}
 
 
-def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> dict:
-    """Cross-shard dedup, the final datasets, reject samples, the funnel, and the manifest last."""
+def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> Outcome:
+    """Cross-shard dedup, the final datasets, reject samples and the funnel; the manifest is the lifecycle's."""
     from training.data.curate.pack import merge_source
 
-    out = stage_dir(cfg.run_root, STAGE)
+    name, out = stage_name(cfg, STAGE), _out(cfg)
     dirs = [shard_dir(out, i, cfg.shards) for i in range(cfg.shards)]
     markers = []
     for directory in dirs:
@@ -112,7 +112,7 @@ def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> dict:
     near_duplicates = _near_duplicates(cfg, dirs)
     seen_keys: set[str] = set()
     datasets, metrics, all_funnels = [], {}, {}
-    with tracking.stage_run(cfg, STAGE, chash) as mlflow_run:
+    with tracking.stage_run(cfg, name, chash) as mlflow_run:
         for source in cfg.sources:
             funnel = funnels.sum_shards([m["sources"][source.label]["funnel"] for m in markers])
             prefix = out / "data" / f"{source.label}_text_document"
@@ -143,22 +143,18 @@ def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> dict:
         tok = tokenizer.load_tokenizer()
         vocab = {"name": tokenizer.NAME, "vocab_size": tok.get_vocab_size(), "eod_id": tokenizer.eod_id()}
         outputs = {"datasets": datasets, "tokenizer": vocab, "funnel": all_funnels}
-        for name in ("data", "rejects", "funnel.json", "funnel.png"):
-            storage.publish(out / name)
-        manifest = manifests.write_manifest(
-            cfg.run_root, STAGE, config_hash=chash, inputs=inputs, outputs=outputs, metrics=metrics, started=started,
-            result={"manifest": manifests.manifest_uri(cfg.run_root, STAGE), "documents": documents,
-                    "tokens": tokens})
+        for entry in ("data", "rejects", "funnel.json", "funnel.png"):
+            storage.publish(out / entry)
         if mlflow_run is not None:
             import mlflow
 
             mlflow.log_metrics({"documents": documents, "tokens": tokens})
-            tracking.log_artifact_file(manifests.manifest_path(cfg.run_root, STAGE))
-            for name in ("funnel.json", "funnel.png"):
-                mlflow.log_artifact(str(out / name))
+            for entry in ("funnel.json", "funnel.png"):
+                mlflow.log_artifact(str(out / entry))
             mlflow.log_artifacts(str(out / "rejects"), artifact_path="rejects")
-    print(f"curate: {documents} documents, {tokens:,} tokens in {time.time() - started:.1f} s", flush=True)
-    return manifest
+    print(f"{name}: {documents} documents, {tokens:,} tokens in {time.time() - started:.1f} s", flush=True)
+    return Outcome(outputs, metrics, {"manifest": manifest_uri(cfg.run_root, name), "documents": documents,
+                                      "tokens": tokens}, mlflow_run_id=mlflow_run.info.run_id if mlflow_run else None)
 
 
 def _near_duplicates(cfg: CurateConfig, dirs: list[Path]) -> set[int]:

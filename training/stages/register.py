@@ -12,16 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import time
 from pathlib import Path
 
-from training import storage
-from training.config import RegisterConfig, config_hash
-from training.manifest import manifest_hash, read_manifest, write_manifest
-from training.eval.registry import check_tracking_server
-from training.model.release import check_release
-from training.storage import stage_dir
-from training.tracking import stage_run, tracking_uri
+from training import registry, storage
+from training.config import RegisterConfig
+from training.manifest import manifest_hash, read_manifest
+from training.stages.lifecycle import Outcome, StageRun, run_stage, stage_name
+from training.tracking import tracking_uri
 
 STAGE = "register"
 LINEAGE_KEY = "seekflow.lineage_key"
@@ -32,27 +29,33 @@ def model_name(cfg: RegisterConfig) -> str:
 
 
 def run(cfg: RegisterConfig) -> dict:
-    started = time.time()
     pretrain = read_manifest(storage.stage_uri(cfg.run_root, "pretrain"))
     checkpoint_uri = cfg.checkpoint or pretrain["outputs"]["release_checkpoint"]
-    checkpoint = check_release(storage.fetch(checkpoint_uri))   # s3: download; a torn or missing one: clear error
-    name = model_name(cfg)
-    chash = config_hash(cfg)
+    uri = tracking_uri(cfg)
+    # s3: downloaded; a torn or missing one: a clear error, before anything is written
+    downloads = storage.local_dir(cfg.run_root, create=False) / stage_name(cfg, STAGE) / "checkpoints"
+    checkpoint = registry.resolve_release(checkpoint_uri, tracking_uri=uri, into=downloads).path
     inputs = {"pretrain_manifest_hash": manifest_hash(pretrain), "checkpoint": checkpoint_uri}
-    lineage_key = hashlib.sha256(f"{name}|{inputs['pretrain_manifest_hash']}|{checkpoint_uri}".encode()).hexdigest()[:24]
     evaluation = _evaluation_of(cfg.run_root, checkpoint_uri)
-    check_tracking_server(tracking_uri(cfg))   # fail fast, before anything is written
+    registry.check_tracking_server(uri)
+    # Always runs: the registry is its memory (a version with this lineage key is found, not registered again).
+    return run_stage(cfg, STAGE, inputs, lambda stage: register(cfg, stage, pretrain, checkpoint, evaluation),
+                     skip_when_done=False)
 
+
+def register(cfg: RegisterConfig, stage: StageRun, pretrain: dict, checkpoint: Path, evaluation: dict) -> Outcome:
     import mlflow
-    from mlflow import MlflowClient
 
-    with stage_run(cfg, STAGE, chash) as run_:
-        client = MlflowClient()
+    name, checkpoint_uri = model_name(cfg), stage.inputs["checkpoint"]
+    lineage_key = hashlib.sha256(
+        f"{name}|{stage.inputs['pretrain_manifest_hash']}|{checkpoint_uri}".encode()).hexdigest()[:24]
+    client = registry.mlflow_client(tracking_uri(cfg))
+    with stage.tracking() as run_:
         version = _existing_version(client, name, lineage_key)
         if version is None:
             mlflow.log_artifacts(str(checkpoint), artifact_path="checkpoint")
             mlflow.log_dict(pretrain, "lineage/pretrain_manifest.json")
-            hf_tags = _log_hf_export(checkpoint, stage_dir(cfg.run_root, STAGE), run_) if cfg.export_hf else {}
+            hf_tags = _log_hf_export(checkpoint, stage.directory, run_) if cfg.export_hf else {}
             if not client.search_registered_models(filter_string=f"name = '{name}'"):
                 client.create_registered_model(name, description="seekflow: DeepSeek-style model checkpoints")
             curate_hash = pretrain["inputs"].get("data_manifest_hash", "")
@@ -60,7 +63,7 @@ def run(cfg: RegisterConfig) -> dict:
                 LINEAGE_KEY: lineage_key,
                 "seekflow.data_manifest_hash": curate_hash,
                 "seekflow.config_hash": pretrain["config_hash"],
-                "seekflow.pretrain_manifest_hash": inputs["pretrain_manifest_hash"],
+                "seekflow.pretrain_manifest_hash": stage.inputs["pretrain_manifest_hash"],
                 "seekflow.pretrain_run_id": str(pretrain["outputs"].get("mlflow_run_id")),
                 "seekflow.final_loss": f"{pretrain['metrics'].get('final_loss', float('nan')):.6f}",
                 "seekflow.checkpoint_format": "megatron-core dist_checkpointing (model only)",
@@ -73,18 +76,17 @@ def run(cfg: RegisterConfig) -> dict:
                                                   run_id=run_.info.run_id, tags=tags,
                                                   description=f"pretrain of profile {cfg.profile}")
             version = created.version
-            print(f"register: created {name} version {version}", flush=True)
+            print(f"{stage.name}: created {name} version {version}", flush=True)
         else:
-            print(f"register: {name} version {version} already holds this checkpoint; not registering again",
+            print(f"{stage.name}: {name} version {version} already holds this checkpoint; not registering again",
                   flush=True)
-        for key, value in evaluation.items():   # also when the version existed: evaluate may have run since
-            client.set_model_version_tag(name, str(version), f"seekflow.eval.{key}", f"{value:.6g}")
+        # also when the version existed: evaluate may have run since
+        registry.tag_version(client, name, str(version), registry.eval_tags(evaluation))
         client.set_registered_model_alias(name, cfg.alias, str(version))
-        print(f"register: alias {cfg.alias!r} -> {name} v{version}", flush=True)
+        print(f"{stage.name}: alias {cfg.alias!r} -> {name} v{version}", flush=True)
         outputs = {"model_name": name, "version": str(version), "alias": cfg.alias, "lineage_key": lineage_key,
                    "mlflow_run_id": run_.info.run_id}
-    return write_manifest(cfg.run_root, STAGE, config_hash=chash, inputs=inputs, outputs=outputs, metrics={},
-                          started=started, result={k: outputs[k] for k in ("model_name", "version", "alias")})
+    return Outcome(outputs, {}, {k: outputs[k] for k in ("model_name", "version", "alias")})
 
 
 def _existing_version(client, name: str, lineage_key: str) -> str | None:

@@ -9,8 +9,9 @@ import pytest
 from tests.conftest import free_port, run_training
 from training.__main__ import main as cli
 from training.config import ConfigError, EvaluateConfig, PipelineConfig, resolve_stage_config
-from training.eval.registry import EvaluateError
+from training.registry import RegistryError
 from training.stages import evaluate
+from training.stages.evaluate import EvaluateError
 
 
 # ------------------------------------------------------------------------------------------------------ config --
@@ -63,7 +64,7 @@ def _nothing_written(tmp_path):
 
 
 def test_missing_checkpoint_fails_before_any_work(tmp_path):
-    with pytest.raises(EvaluateError, match="does not exist"):
+    with pytest.raises(RegistryError, match="does not exist"):
         evaluate.run(_cfg(tmp_path, checkpoint=str(tmp_path / "nope")))
     _nothing_written(tmp_path)
 
@@ -77,7 +78,7 @@ def test_default_checkpoint_needs_a_finished_pretrain(tmp_path):
 def test_torn_checkpoint_is_refused(tmp_path):
     release = _fake_release(tmp_path / "release")
     (release / "metadata.json").unlink()
-    with pytest.raises(EvaluateError, match="incomplete: metadata.json is missing"):
+    with pytest.raises(RegistryError, match="incomplete: metadata.json is missing"):
         evaluate.run(_cfg(tmp_path, checkpoint=str(release)))
     _nothing_written(tmp_path)
 
@@ -92,7 +93,7 @@ def test_settings_that_do_not_fit_the_model_are_refused(tmp_path):
 def test_unreachable_tracking_server_fails_fast(tmp_path):
     release = _fake_release(tmp_path / "release")
     cfg = _cfg(tmp_path, checkpoint=str(release), **{"tracking.uri": f"http://127.0.0.1:{free_port()}"})
-    with pytest.raises(EvaluateError, match="tracking server .* is unreachable"):
+    with pytest.raises(RegistryError, match="tracking server .* is unreachable"):
         evaluate.run(cfg)
     assert not (tmp_path / "run" / "evaluate" / "manifest.json").exists()
 
@@ -132,7 +133,7 @@ def test_train_register_and_evaluate_a_registered_version(tmp_path, mlflow_serve
     client = mlflow.MlflowClient(mlflow_server)
     before = [(m.name, len(client.search_model_versions(f"name = '{m.name}'")))
               for m in client.search_registered_models()]
-    with pytest.raises(EvaluateError, match="no such registered model version"):
+    with pytest.raises(RegistryError, match="no such registered model version"):
         evaluate.run(_eval_cfg(root, "--set", "checkpoint=models:/seekflow-evaltest@nope"))
     assert [(m.name, len(client.search_model_versions(f"name = '{m.name}'")))
             for m in client.search_registered_models()] == before

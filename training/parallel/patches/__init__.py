@@ -9,7 +9,9 @@
 2. the gaps of megatron-core's "local" (non-Transformer-Engine) layer spec, on every device, since seekflow builds
    every model from that spec: `mla_local_attention`, `torch_norm_sequence_parallel`, `recompute_fp8_flag`,
    `router_gemm_without_te`;
-3. `mtp_tokens_over_cp`: the MTP loss's token count under context parallelism, on every device.
+3. `mtp_tokens_over_cp`: the MTP loss's token count under context parallelism, on every device;
+4. `dist_ckpt_results_queue`: checkpoint writes pass their results through a fork-context queue instead of a
+   spawned Manager process (2 s per process, and an orphan when the trainer is killed), on every device.
 
 Nothing else patches: building a model (`training.model.build`) only reads megatron-core. Call `apply_all()` at
 process setup (`training.parallel.setup.prepare_backend` does, from `init_distributed`).
@@ -45,12 +47,12 @@ def check_megatron_core(module: ModuleType) -> None:
 def patch_modules(cuda: bool) -> tuple[ModuleType, ...]:
     """The patch modules for a machine with (`cuda`) or without CUDA, in the order they are applied."""
     from training.parallel.patches import (cpu_alltoall_split_sizes, cpu_compile, cpu_device, cpu_rng, cpu_triton,
-                                           mla_local_attention, mtp_tokens_over_cp, recompute_fp8_flag,
-                                           router_gemm_without_te, torch_norm_sequence_parallel)
+                                           dist_ckpt_results_queue, mla_local_attention, mtp_tokens_over_cp,
+                                           recompute_fp8_flag, router_gemm_without_te, torch_norm_sequence_parallel)
 
     cpu_shim = () if cuda else (cpu_compile, cpu_triton, cpu_device, cpu_rng, cpu_alltoall_split_sizes)
     local_spec_gaps = (mla_local_attention, torch_norm_sequence_parallel, recompute_fp8_flag, router_gemm_without_te)
-    return (*cpu_shim, *local_spec_gaps, mtp_tokens_over_cp)
+    return (*cpu_shim, *local_spec_gaps, mtp_tokens_over_cp, dist_ckpt_results_queue)
 
 
 def apply_all() -> tuple[str, ...]:

@@ -1,19 +1,43 @@
-"""The pretrain step's logged losses, reduced over every rank: the LM loss, and megatron-core's MTP and MoE balance
-loss trackers (which megatron itself would reduce with ReduceOp.AVG, which gloo lacks)."""
+"""Losses of a training step: the per-micro-batch losses a stage plugs into the GPT train module, and the step's
+logged losses reduced over every rank — each reported loss, and megatron-core's MTP and MoE balance loss trackers
+(which megatron itself would reduce with ReduceOp.AVG, which gloo lacks)."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from training.train.module import Loss
 
-def global_mean_loss(losses: list[dict]) -> float:
-    """Token-weighted mean LM loss over micro-batches and data-parallel ranks (only last pipeline stages have it)."""
-    local = torch.zeros(2)
+
+class NextTokenLoss(Loss):
+    """Cross-entropy of each next token where `loss_mask` is 1 (pretraining and code CPT: every token; SFT: the
+    answer's). GPTModel computes the per-token loss from `labels` (and adds the MTP loss to the graph itself)."""
+
+    reported = ("lm loss",)
+
+    def __call__(self, model, batch: dict):
+        loss_mask = batch["loss_mask"].float()
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=loss_mask)
+
+        def loss_func(per_token_loss):
+            mask = loss_mask.view(-1)
+            total = (per_token_loss.float().view(-1) * mask).sum()
+            count = mask.sum()
+            return total, count.to(torch.int), {"lm loss": torch.stack([total.detach(), count])}
+
+        return output, loss_func
+
+
+def global_mean_losses(losses: list[dict], names: tuple[str, ...]) -> dict[str, float]:
+    """Token-weighted mean of each reported loss over micro-batches and data-parallel ranks (only last pipeline
+    stages have them; the others add zeros), as {"lm_loss": ...}: spaces in the names become underscores."""
+    local = torch.zeros(len(names), 2)
     for item in losses or []:
-        local += item["lm loss"].detach().float().cpu()
+        for i, name in enumerate(names):
+            local[i] += item[name].detach().float().cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(local)
-    return (local[0] / local[1].clamp(min=1)).item()
+    return {name.replace(" ", "_"): (local[i, 0] / local[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
 
 
 def balance_loss_names(model) -> list[str]:

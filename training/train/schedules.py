@@ -1,5 +1,6 @@
 """Training schedules as pure functions of the step and the tokens consumed: learning rate, bias update speed γ and
-MTP loss weight λ. No torch here; the pretrain Trainer calls them between steps.
+MTP loss weight λ; and the lr function that megatron-core's scheduler follows for the token-scheduled decay styles.
+No torch here: the GPT train module installs the lr function, the token-schedule callback sets γ and λ between steps.
 
 DeepSeek-V3 (arXiv:2412.19437 §4.2) states its schedules in tokens, DeepSeek LLM (arXiv:2401.02954 §2.3) in fractions
 of the run's tokens; warm-up is in steps in both.
@@ -7,7 +8,7 @@ of the run's tokens; warm-up is in steps in both.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 T = 1e12   # one trillion tokens
 B = 1e9
@@ -69,3 +70,35 @@ def switch_at(tokens: float, before: float, after: float | None, threshold: floa
     if threshold is None or after is None or tokens < threshold:
         return before
     return after
+
+
+TOKEN_SCHEDULED = ("deepseek-v3", "multi-step")   # decay styles megatron-core does not have: lr from `lr_function`
+
+
+def lr_function(optimizer, train, samples_after: Callable[[int], int] | None = None) -> Callable[[int], float]:
+    """lr(step) for the token-scheduled decay styles (an OptimizerConfig and a TrainLoopConfig). `samples_after(step)`
+    gives the samples consumed before the step (a batch-size ramp makes it non-linear); default: a fixed
+    global_batch_size."""
+    opt = optimizer
+    samples_after = samples_after or (lambda step: step * train.global_batch_size)
+
+    def tokens(step: int) -> float:
+        return samples_after(step) * train.seq_length
+
+    if opt.decay_style == "deepseek-v3":
+        return lambda step: deepseek_v3_lr(
+            step, tokens(step), peak=opt.lr, min_lr=opt.min_lr, warmup_steps=opt.warmup_steps,
+            constant_tokens=opt.constant_tokens, decay_tokens=opt.decay_tokens, tail=opt.lr_tail)
+    return lambda step: multi_step_lr(
+        step, tokens(step), peak=opt.lr, warmup_steps=opt.warmup_steps, total_tokens=tokens(train.steps),
+        steps=opt.lr_steps)
+
+
+def token_scheduler_class(base, lr_at: Callable[[int], float]):
+    """megatron-core's OptimizerParamScheduler (`base`: state dict, weight decay, checkpointing) with our lr."""
+
+    class TokenScheduledLR(base):
+        def get_lr(self, param_group: dict) -> float:
+            return lr_at(self.num_steps)
+
+    return TokenScheduledLR
