@@ -5,7 +5,6 @@ AIRFLOW_HOME must be set before anything imports airflow, so it happens at impor
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 import socket
@@ -15,7 +14,8 @@ import tempfile
 import time
 import urllib.request
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.support.processes import REPO, free_port
+
 _HOME = tempfile.mkdtemp(prefix="seekflow-test-airflow-")
 os.environ["AIRFLOW_HOME"] = _HOME
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
@@ -25,17 +25,13 @@ os.environ.setdefault("SEEKFLOW_HOME", tempfile.mkdtemp(prefix="seekflow-test-ho
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # `kubernetes` reads $KUBECONFIG once, at import: point it at a closed loopback port so that no test can reach a real
-# cluster through ~/.kube/config. Tests that need an API server start tests/operators/fake_kube.py and select it
+# cluster through ~/.kube/config. Tests that need an API server start tests/support/fake_kube.py and select it
 # through the `kubernetes_default` Airflow connection.
 os.environ["KUBECONFIG"] = str(REPO / "tests" / "fixtures" / "kubeconfig-unreachable.yaml")
+# The test-only `micro` preset (tests/support/presets): found by this process and every job it starts.
+os.environ["SEEKFLOW_EXTRA_PRESETS"] = str(REPO / "tests" / "support" / "presets")
 
 import pytest  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -148,22 +144,6 @@ def s3_server(tmp_path_factory):
         proc.wait(timeout=10)
 
 
-def run_probe(test_file: str) -> dict:
-    """Run `test_file` as a script with the argument `probe` in a fresh process (megatron-core under the CPU shim
-    changes process-global state) and return the last JSON object it printed."""
-    out = subprocess.run([sys.executable, "-W", "ignore", str(pathlib.Path(test_file).resolve()), "probe"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-
-
-def run_training(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m training ...` in a fresh process (megatron's CPU shim changes process-global state)."""
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", "training", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
-
-
 @pytest.fixture(scope="session")
 def mlflow_s3_server(tmp_path_factory, s3_server):
     """A real `mlflow server` (sqlite backend) proxying artifacts to the S3 server: s3://seekflow-test/mlflow.
@@ -173,3 +153,144 @@ def mlflow_s3_server(tmp_path_factory, s3_server):
     root = tmp_path_factory.mktemp("mlflow-s3")
     with _running_mlflow_server(root, f"s3://{s3_server['bucket']}/mlflow", env=s3_server["env"]) as uri:
         yield {"uri": uri, "bucket": s3_server["bucket"], "prefix": "mlflow/", "client": s3_server["client"]}
+
+
+# ------------------------------------------------------------------------------ built once per test run, shared --
+@pytest.fixture(scope="session")
+def micro_corpus(tmp_path_factory):
+    """A curate stage's output (manifest and indexed dataset) over 200 patterned token streams, vocabulary 512, at
+    `{micro_corpus}/curate`: what every micro-preset run trains on. Read-only: runs set data_manifest to it."""
+    from tests.support.micro import write_corpus
+    from tests.support.shared import shared_artifact
+
+    return shared_artifact(tmp_path_factory, "micro-corpus", write_corpus)
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory, micro_corpus):
+    """The layout tests' one-process reference run (micro preset, 4 layers, 4 steps, fp32): its run root, with the
+    MLflow store the losses are read from and the release checkpoint. Read-only."""
+    from tests.support.layouts import command, run
+    from tests.support.shared import shared_artifact
+
+    return shared_artifact(tmp_path_factory, "one-process-run", lambda root: run(command(root, micro_corpus, 1)))
+
+
+@pytest.fixture(scope="session")
+def dagbag(airflow_db):
+    """Every DAG in dags/, parsed once per worker: {dag_id: DAG}."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.dags
+
+
+# The suite's one real-vocabulary end-to-end run: the tiny profile through seekflow_pipeline (curate in 2 shards,
+# pretrain, evaluate, register, promote) against the worker's MLflow server. The pipeline, stage-DAG, evaluate and
+# registry tests assert against what it left; they share the `pipeline` xdist group, so they run on one worker.
+PIPELINE_RUN = {
+    "pretrain.optimizer.warmup_steps": 2,
+    "pretrain.train.save_interval": 5,
+    "pretrain.train.log_interval": 5,
+    "curate.sources": [{"kind": "package_metadata", "max_documents": 40}, {"kind": "package_code", "max_documents": 40}],
+    "curate.shards": 2,
+    "evaluate.humaneval.max_problems": 2,
+    "evaluate.fim.num_spans": 4,
+    "evaluate.arith.num_problems": 4,
+}
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(dagbag, mlflow_server, tmp_path_factory):
+    """{"dagrun", "states", "run_root", "mlflow"}: seekflow_pipeline run once, 10 steps, on the real tokenizer."""
+    run_root = tmp_path_factory.mktemp("pipeline-run")
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    try:
+        dagrun = dagbag["seekflow_pipeline"].test(run_conf={"profile": "tiny", "steps": 10, "overrides": PIPELINE_RUN,
+                                                             "run_root": str(run_root)})
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI") if saved is None else os.environ.update(MLFLOW_TRACKING_URI=saved)
+    states = {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
+    return {"dagrun": dagrun, "states": states, "run_root": run_root, "mlflow": mlflow_server}
+
+
+# ------------------------------------------------------------------------------------------- xdist scheduling --
+# `make test` runs `--dist loadgroup --no-loadscope-reorder`: a group runs whole on one worker, in collection order.
+# Each module is its own group (its module fixtures are built once) unless it names one (the `pipeline` group). The
+# longest groups go first, so the two workers finish close together instead of one waiting on a late long module.
+LONGEST_FIRST = (
+    "pipeline",
+    "tests/training/parallel/test_parallel_layouts.py",
+    "tests/ui/test_trigger_form.py",
+    "tests/training/stages/test_s3_run_root.py",
+    "tests/operators/test_retry_resume.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+    def rank(item):
+        group = item.get_closest_marker("xdist_group").args[0]
+        return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)   # stable: collection order within a group and among the rest
+
+
+# ----------------------------------------------------------------------------------------- no process left behind --
+def pytest_configure(config):
+    """Become the child subreaper of everything the tests start: a helper whose parent dies (a torchrun worker's
+    child after a SIGKILL test, say) is re-parented to this process instead of to init, so the session's end can
+    still see it, name it and stop it."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36   # linux/prctl.h
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """A test run leaves no process behind. Set up before every other fixture, so torn down after all of them: what
+    this test process still has below it then (the zygote aside) is named, killed, and fails the run."""
+    yield
+    import psutil
+
+    from tests.support.processes import stop_zygote
+
+    stop_zygote()
+    deadline = time.time() + 10   # a job's own helpers may still be exiting
+    while True:
+        left = [p for p in psutil.Process().children(recursive=True) if _alive(p)]
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    names = [f"pid {p.pid}: {' '.join(_cmdline(p))[:200]}" for p in left]
+    for p in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    assert not left, "processes left behind by the tests:\n" + "\n".join(names)
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        if process.status() == psutil.STATUS_ZOMBIE:
+            process.wait(timeout=0)   # ours to reap, now that we are the subreaper
+            return False
+        return True
+    except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+        return False
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return ["?"]

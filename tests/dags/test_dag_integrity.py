@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.processes import REPO
 
 EXPECTED = {
     "seekflow_pipeline": ["validate_config", "curate_shards", "curate", "pretrain", "evaluate", "register", "promote"],
@@ -83,17 +83,8 @@ def test_dag_file_parses_fast_with_no_heavy_imports(parse_reports, name):
     assert report["parse_s"] < PARSE_LIMIT_S, f"{name} took {report['parse_s']:.2f}s to parse"
 
 
-@pytest.fixture(scope="module")
-def bag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert not bag.import_errors, bag.import_errors
-    return bag
-
-
-def test_every_stage_has_a_dag_and_nothing_else_is_there(bag):
-    assert set(bag.dags) == set(EXPECTED)
+def test_every_stage_has_a_dag_and_nothing_else_is_there(dagbag):
+    assert set(dagbag) == set(EXPECTED)
 
 
 # register reads the pretrain stage's manifest under the run root it shares with it: the pipeline runs it.
@@ -110,8 +101,8 @@ def test_every_registered_stage_kind_has_its_dag_file():
 
 
 @pytest.mark.parametrize("dag_id", EXPECTED)
-def test_dag_has_tags_docs_and_the_expected_tasks(bag, dag_id):
-    dag = bag.dags[dag_id]
+def test_dag_has_tags_docs_and_the_expected_tasks(dagbag, dag_id):
+    dag = dagbag[dag_id]
     assert dag.task_ids == EXPECTED[dag_id] or sorted(dag.task_ids) == sorted(EXPECTED[dag_id])
     assert "seekflow" in dag.tags and len(dag.tags) >= 2
     assert dag.doc_md and dag.doc_md.lstrip().startswith(dag_id)   # the docstring opens with the DAG's id
@@ -129,8 +120,8 @@ def test_dag_has_tags_docs_and_the_expected_tasks(bag, dag_id):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dag_id", PLACEHOLDERS)
-def test_placeholder_dag_fails_with_not_implemented(airflow_db, bag, capfd, dag_id):
-    dagrun = bag.dags[dag_id].test()
+def test_placeholder_dag_fails_with_not_implemented(dagbag, capfd, dag_id):
+    dagrun = dagbag[dag_id].test()
     stage = dag_id.removeprefix("seekflow_")
     states = {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
     assert states == {f"{stage}_not_implemented": "failed"}, states

@@ -6,18 +6,12 @@ import json
 
 import pytest
 
-from tests.conftest import REPO
-
 REAL_DAGS = ("seekflow_pipeline", "seekflow_curate", "seekflow_pretrain")
 
 
 @pytest.fixture(scope="module")
-def dags():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert not bag.import_errors, bag.import_errors
-    return bag.dags
+def dags(dagbag):
+    return dagbag
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The pipeline DAG: parses light, validates before compute, and runs end to end through `dag.test()` with the local
-backend against a real MLflow server on loopback."""
+backend against a real MLflow server on loopback (the suite's one real-vocabulary run: the `pipeline_run` fixture)."""
 from __future__ import annotations
 
 import os
@@ -8,18 +8,10 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.processes import REPO
 
-SMALL_RUN = {
-    "pretrain.optimizer.warmup_steps": 2,
-    "pretrain.train.save_interval": 5,
-    "pretrain.train.log_interval": 5,
-    "curate.sources": [{"kind": "package_metadata", "max_documents": 40}, {"kind": "package_code", "max_documents": 40}],
-    "curate.shards": 2,
-    "evaluate.humaneval.max_problems": 2,
-    "evaluate.fim.num_spans": 4,
-    "evaluate.arith.num_problems": 4,
-}
+pytestmark = pytest.mark.xdist_group("pipeline")
+
 ALL_TASKS = ("validate_config", "curate_shards", "curate", "pretrain", "evaluate", "register", "promote")
 
 
@@ -31,16 +23,8 @@ def test_dag_file_imports_no_torch_megatron_or_mlflow():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def _dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert not bag.import_errors, bag.import_errors
-    return bag.get_dag("seekflow_pipeline")
-
-
-def test_trigger_form_params(airflow_db):
-    dag = _dag()
+def test_trigger_form_params(dagbag):
+    dag = dagbag["seekflow_pipeline"]
     assert set(dag.task_ids) == set(ALL_TASKS)
     params = dag.params.dump()
     assert params["profile"] == "tiny" and params["backend"] == "local" and params["steps"] is None
@@ -53,9 +37,10 @@ def _states(dagrun) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_invalid_override_fails_before_any_compute(airflow_db, mlflow_server, monkeypatch, tmp_path):
+def test_invalid_override_fails_before_any_compute(dagbag, mlflow_server, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    dagrun = _dag().test(run_conf={"overrides": {"pretrain.model.num_layers": -3}, "run_root": str(tmp_path)})
+    dagrun = dagbag["seekflow_pipeline"].test(run_conf={"overrides": {"pretrain.model.num_layers": -3},
+                                                        "run_root": str(tmp_path)})
     states = _states(dagrun)
     assert states["validate_config"].endswith("failed")
     assert all(states[t].endswith("upstream_failed") for t in ALL_TASKS[1:]), states
@@ -63,13 +48,11 @@ def test_invalid_override_fails_before_any_compute(airflow_db, mlflow_server, mo
 
 
 @pytest.mark.slow
-def test_pipeline_runs_end_to_end_and_registers_a_candidate(airflow_db, mlflow_server, monkeypatch, tmp_path):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    dagrun = _dag().test(run_conf={"profile": "tiny", "steps": 10, "overrides": SMALL_RUN,
-                                   "run_root": str(tmp_path)})
-    assert _states(dagrun) == {t: "success" for t in ALL_TASKS}, _states(dagrun)
+def test_pipeline_runs_end_to_end_and_registers_a_candidate(pipeline_run):
+    dagrun, mlflow_server, run_root = pipeline_run["dagrun"], pipeline_run["mlflow"], pipeline_run["run_root"]
+    assert pipeline_run["states"] == {t: "success" for t in ALL_TASKS}, pipeline_run["states"]
     # curate ran as two shard processes, then the merge
-    assert sorted(p.name for p in (tmp_path / "curate/shards").iterdir()) == ["0000-of-0002", "0001-of-0002"]
+    assert sorted(p.name for p in (run_root / "curate/shards").iterdir()) == ["0000-of-0002", "0001-of-0002"]
 
     from mlflow import MlflowClient
 

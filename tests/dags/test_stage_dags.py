@@ -1,30 +1,27 @@
-"""The stage DAGs on their own: seekflow_curate builds a corpus, seekflow_pretrain trains on it, both through
-`dag.test()` with the local backend; bad input stops at the form or at validate_config, before any job."""
+"""The stage DAGs on their own: seekflow_curate builds a corpus, seekflow_pretrain trains on it, seekflow_evaluate
+scores the end-to-end pipeline's release, each through `dag.test()` with the local backend; bad input stops at the
+form or at validate_config, before any job."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from tests.conftest import REPO
+pytestmark = pytest.mark.xdist_group("pipeline")   # seekflow_evaluate scores the pipeline_run fixture's release
 
-SMALL_SOURCES = [{"kind": "package_metadata", "max_documents": 40}, {"kind": "package_code", "max_documents": 40}]
+SMALL_SOURCES = [{"kind": "package_metadata", "max_documents": 20}, {"kind": "package_code", "max_documents": 20}]
 
 
 @pytest.fixture(scope="module")
-def dags():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert not bag.import_errors, bag.import_errors
-    return bag.dags
+def dags(dagbag):
+    return dagbag
 
 
 def _states(dagrun) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
 
 
-def test_a_conf_outside_the_schema_starts_no_run(airflow_db, dags):
+def test_a_conf_outside_the_schema_starts_no_run(dags):
     from airflow.exceptions import ParamValidationError
 
     with pytest.raises(ParamValidationError, match=r"pretrain\.train\.steps: 0 is less than the minimum of 1"):
@@ -32,7 +29,7 @@ def test_a_conf_outside_the_schema_starts_no_run(airflow_db, dags):
 
 
 @pytest.mark.slow
-def test_pretrain_without_a_corpus_fails_in_validate_config(airflow_db, dags, tmp_path, capfd):
+def test_pretrain_without_a_corpus_fails_in_validate_config(dags, tmp_path, capfd):
     dagrun = dags["seekflow_pretrain"].test(run_conf={"run_root": str(tmp_path)})
     assert _states(dagrun) == {"validate_config": "failed", "pretrain": "upstream_failed"}, _states(dagrun)
     out, err = capfd.readouterr()
@@ -40,11 +37,8 @@ def test_pretrain_without_a_corpus_fails_in_validate_config(airflow_db, dags, tm
 
 
 @pytest.mark.slow
-def test_curate_then_pretrain_as_separate_dags(airflow_db, mlflow_server, monkeypatch, tmp_path):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    from airflow.dag_processing.dagbag import DagBag
-
-    dags = DagBag(dag_folder=str(REPO / "dags")).dags
+def test_curate_then_pretrain_then_evaluate_as_separate_dags(dags, pipeline_run, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline_run["mlflow"])
     curated = dags["seekflow_curate"].test(run_conf={"curate.sources": SMALL_SOURCES,
                                                      "run_root": str(tmp_path / "curate_run")})
     assert _states(curated) == {"validate_config": "success", "curate_shards": "success", "curate": "success"}, \
@@ -53,13 +47,14 @@ def test_curate_then_pretrain_as_separate_dags(airflow_db, mlflow_server, monkey
     assert json.loads(manifest.read_text())["stage"] == "curate"
 
     trained = dags["seekflow_pretrain"].test(run_conf={
-        "pretrain.data_manifest": str(manifest), "pretrain.train.steps": 6, "pretrain.optimizer.warmup_steps": 1,
-        "pretrain.train.log_interval": 3, "pretrain.train.save_interval": 3, "run_root": str(tmp_path / "train_run")})
+        "pretrain.data_manifest": str(manifest), "pretrain.train.steps": 2, "pretrain.optimizer.warmup_steps": 1,
+        "pretrain.train.seq_length": 32, "pretrain.train.log_interval": 1, "pretrain.train.save_interval": 2,
+        "run_root": str(tmp_path / "train_run")})
     assert _states(trained) == {"validate_config": "success", "pretrain": "success"}, _states(trained)
     result = json.loads((tmp_path / "train_run" / "pretrain" / "manifest.json").read_text())
     assert result["inputs"]["data_manifest_hash"] and result["result"]["final_loss"] > 0
 
-    release = tmp_path / "train_run" / "pretrain" / "release"
+    release = pipeline_run["run_root"] / "pretrain" / "release"   # 10 steps: a model that has learnt a little
     evaluated = dags["seekflow_evaluate"].test(run_conf={
         "evaluate.checkpoint": str(release), "evaluate.humaneval.max_problems": 2, "evaluate.fim.num_spans": 4,
         "evaluate.arith.num_problems": 4, "run_root": str(tmp_path / "eval_run")})
@@ -69,7 +64,7 @@ def test_curate_then_pretrain_as_separate_dags(airflow_db, mlflow_server, monkey
 
 
 @pytest.mark.slow
-def test_promote_dag_refuses_a_model_that_does_not_exist(airflow_db, dags, mlflow_server, monkeypatch, tmp_path):
+def test_promote_dag_refuses_a_model_that_does_not_exist(dags, mlflow_server, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     dagrun = dags["seekflow_promote"].test(run_conf={"promote.model_name": "seekflow-nothing",
                                                       "run_root": str(tmp_path)})

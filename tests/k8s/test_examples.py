@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import yaml
 
-from tests.k8s.support import REPO, validate_manifest
+from tests.support.k8s import REPO, validate_manifest
 
 REGENERATE = "regenerate them: .venv/bin/python k8s/jobs/render_examples.py"
 

@@ -10,7 +10,7 @@ import yaml
 from operators.backends.base import JobSpec
 from operators.backends.k8s_render import render
 from operators.backends.k8s_settings import KubernetesSettings
-from tests.k8s.support import (KUBERNETES_VERSION, REPO, ManifestError, load_documents, validate_jobset,
+from tests.support.k8s import (KUBERNETES_VERSION, REPO, ManifestError, load_documents, validate_jobset,
                                validate_manifest)
 
 K8S = REPO / "k8s"

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from operators.backends.base import JobSpec
 from operators.backends.k8s_render import job_labels, job_name, render
 from operators.backends.k8s_settings import KubernetesSettings
-from tests.k8s.support import REPO, expand_k8s_vars
+from tests.support.k8s import REPO, expand_k8s_vars
 
 OWNER = {"dag_id": "seekflow_pipeline", "task_id": "pretrain", "run_id": "manual__2026-01-01T00:00:00+00:00",
          "try_number": "1"}

@@ -17,7 +17,7 @@ from operators.backends import JobFailed, JobSpec, get_backend
 from operators.backends.k8s_render import job_name, render
 from operators.backends.k8s_settings import KubernetesSettings
 from operators.backends.kubernetes import KubernetesApiError, KubernetesBackend
-from tests.operators.fake_kube import FakeKube, Outcome
+from tests.support.fake_kube import FakeKube, Outcome
 
 NS = "seekflow"
 FAST = {"namespace": NS, "poll_interval_s": 0.05, "pending_timeout_s": 1.0}
@@ -329,18 +329,13 @@ def test_an_api_error_while_deferred_fails_the_task_and_leaves_the_job(fake):
 
 
 @pytest.mark.slow
-def test_pipeline_dag_defers_and_resumes_through_airflow(fake, airflow_db, monkeypatch, tmp_path):
+def test_pipeline_dag_defers_and_resumes_through_airflow(fake, dagbag, monkeypatch, tmp_path):
     """Airflow's own defer → trigger → execute_complete path (`dag.test()` runs triggers inline), every stage a job."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    from tests.conftest import REPO
-
     settings = tmp_path / "k8s-settings.yaml"
     settings.write_text(json.dumps(FAST))   # YAML is a superset of JSON
     monkeypatch.setenv("SEEKFLOW_K8S_SETTINGS", str(settings))
     fake.outcome = Outcome.succeed([RESULT])
-    dag = DagBag(dag_folder=str(REPO / "dags")).get_dag("seekflow_pipeline")
-    dagrun = dag.test(run_conf={"backend": "kubernetes", "run_root": "s3://seekflow/runs/dag-test"})
+    dagrun = dagbag["seekflow_pipeline"].test(run_conf={"backend": "kubernetes", "run_root": "s3://seekflow/runs/dag-test"})
     states = {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
     assert states == {t: "success" for t in ("validate_config", "curate_shards", "curate", "pretrain", "evaluate",
                                              "register", "promote")}, states

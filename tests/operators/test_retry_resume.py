@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from tests.training.test_pretrain import VOCAB, fake_curate
+from tests.support.micro import write_corpus
 
 STEPS = 12   # the first try is killed right after its step-3 save, long before step 12
 
@@ -18,15 +18,14 @@ def _pretrain_operator(run_root, steps):
 
     overrides = {
         "run_root": str(run_root), "tracking.uri": f"sqlite:///{run_root}/mlflow.db",
-        "pretrain.model.vocab_size": VOCAB, "pretrain.train.steps": steps, "pretrain.optimizer.warmup_steps": 1,
-        "pretrain.train.seq_length": 32, "pretrain.train.save_interval": 3, "pretrain.train.log_interval": 1,
+        "pretrain.train.steps": steps, "pretrain.train.save_interval": 3,
     }
-    return TrainingJobOperator(task_id="pretrain", stage="pretrain", pipeline={"preset": "tiny", "overrides": overrides})
+    return TrainingJobOperator(task_id="pretrain", stage="pretrain", pipeline={"preset": "micro", "overrides": overrides})
 
 
 @pytest.mark.slow
 def test_job_killed_mid_run_resumes_on_retry(tmp_path, airflow_db):
-    fake_curate(tmp_path)
+    write_corpus(tmp_path)
     first_try = _pretrain_operator(tmp_path, steps=STEPS)
     lines: list[str] = []
     errors: list[BaseException] = []

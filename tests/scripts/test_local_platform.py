@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.processes import REPO
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ ports, so the browser tests exercise the same platform a user gets.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.support.processes import REPO, free_port
 
 DAG_ID = "seekflow_pipeline"
 
@@ -33,15 +34,23 @@ def load_local_platform(state: Path, airflow_port: int, mlflow_url: str):
 
 
 def _stop(pgid: int, lp) -> None:
+    """Stop `airflow standalone` (the leader of process group `pgid`) and everything it started, including the
+    processes that left its group (executor workers, the jobs of the run the test triggered)."""
+    import psutil
+
     try:
+        started = psutil.Process(pgid).children(recursive=True)
         os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
+    except (ProcessLookupError, psutil.NoSuchProcess):
         return
     deadline = time.time() + 20
     while time.time() < deadline and lp.group_alive(pgid):
         time.sleep(0.5)
     if lp.group_alive(pgid):
         os.killpg(pgid, signal.SIGKILL)
+    for process in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 class PatientApi:

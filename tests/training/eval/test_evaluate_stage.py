@@ -1,12 +1,12 @@
-"""The evaluate stage: config, bad input refused before any work, and end to end on a freshly trained tiny model
-(curate → pretrain → register → evaluate the registered version) against a real MLflow server."""
+"""The evaluate stage: config, bad input refused before any work, and end to end on the version that the suite's
+end-to-end pipeline run registered (the `pipeline_run` fixture), against its real MLflow server."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from tests.conftest import free_port, run_training
+from tests.support.processes import free_port, run_training
 from training.__main__ import main as cli
 from training.config import ConfigError, EvaluateConfig, PipelineConfig, resolve_stage_config
 from training.registry import RegistryError
@@ -117,35 +117,30 @@ def _eval_cfg(root: list[str], *extra: str) -> EvaluateConfig:
 
 
 @pytest.mark.slow
-def test_train_register_and_evaluate_a_registered_version(tmp_path, mlflow_server):
+@pytest.mark.xdist_group("pipeline")   # on the worker that holds pipeline_run's MLflow server
+def test_evaluate_a_registered_version(pipeline_run, tmp_path):
+    mlflow_server = pipeline_run["mlflow"]
     root = ["--set", f"run_root={tmp_path}", "--set", f"tracking.uri={mlflow_server}"]
-    _ok(run_training("curate", "--preset", "tiny", *root, "--set",
-                     "sources=[{kind: package_metadata, max_documents: 20}, "
-                     "{kind: package_code, max_documents: 20, max_file_bytes: 20000}]"))
-    _ok(run_training("pretrain", "--preset", "tiny", *root, "--set", "train.steps=2", "--set",
-                     "optimizer.warmup_steps=1", "--set", "train.seq_length=32", "--set", "train.save_interval=100"))
-    # A model name of its own: the session's MLflow server also holds other tests' seekflow-tiny versions.
-    _ok(run_training("register", "--preset", "tiny", *root, "--set", "model_name=seekflow-evaltest",
-                     "--set", "export_hf=false"))
 
     import mlflow
 
     client = mlflow.MlflowClient(mlflow_server)
+    number = client.get_model_version_by_alias("seekflow-tiny", "candidate").version
     before = [(m.name, len(client.search_model_versions(f"name = '{m.name}'")))
               for m in client.search_registered_models()]
     with pytest.raises(RegistryError, match="no such registered model version"):
-        evaluate.run(_eval_cfg(root, "--set", "checkpoint=models:/seekflow-evaltest@nope"))
+        evaluate.run(_eval_cfg(root, "--set", "checkpoint=models:/seekflow-tiny@nope"))
     assert [(m.name, len(client.search_model_versions(f"name = '{m.name}'")))
             for m in client.search_registered_models()] == before
 
     out = _ok(run_training("evaluate", "--preset", "tiny", *root, "--set",
-                           "checkpoint=models:/seekflow-evaltest@candidate", *QUICK_EVAL))
+                           "checkpoint=models:/seekflow-tiny@candidate", *QUICK_EVAL))
     result = json.loads(out.stdout.split("SEEKFLOW_RESULT ", 1)[1].splitlines()[0])
-    assert result["model_version"] == "models:/seekflow-evaltest/1"
+    assert result["model_version"] == f"models:/seekflow-tiny/{number}"
     assert 0.0 <= result["humaneval.pass_at_1"] <= 1.0 and result["perplexity.stdlib_code"] > 1.0
 
     manifest = json.loads((tmp_path / "evaluate" / "manifest.json").read_text())
-    assert manifest["inputs"]["checkpoint"] == "models:/seekflow-evaltest/1"
+    assert manifest["inputs"]["checkpoint"] == f"models:/seekflow-tiny/{number}"
     metrics = manifest["metrics"]
     assert metrics["humaneval.problems"] == 3 and metrics["fim.problems"] == 4 and metrics["passkey.problems"] == 1
     assert metrics["humaneval.passed"] + metrics["humaneval.failed"] + metrics["humaneval.timeout"] == 3
@@ -161,11 +156,11 @@ def test_train_register_and_evaluate_a_registered_version(tmp_path, mlflow_serve
     items = json.load(open(client.download_artifacts(run.info.run_id, "eval/items.json", str(tmp_path))))
     assert len(items["data"]) == 3 + 4 + 1 + 4 and "prediction" in items["columns"]
 
-    version = client.get_model_version("seekflow-evaltest", "1")
+    version = client.get_model_version("seekflow-tiny", number)
     assert float(version.tags["seekflow.eval.humaneval.pass_at_1"]) == result["humaneval.pass_at_1"]
     assert version.tags["seekflow.eval.run_id"] == run.info.run_id
     assert "seekflow.eval.perplexity.stdlib_code" in version.tags
 
     # A rerun of the same config on the same version is skipped before any model is loaded.
-    again = evaluate.run(_eval_cfg(root, "--set", "checkpoint=models:/seekflow-evaltest@candidate", *QUICK_EVAL))
+    again = evaluate.run(_eval_cfg(root, "--set", "checkpoint=models:/seekflow-tiny@candidate", *QUICK_EVAL))
     assert again == manifest

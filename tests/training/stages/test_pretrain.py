@@ -5,37 +5,12 @@ import json
 
 import pytest
 
-from tests.conftest import run_training
-from training.data.synthetic import write_synthetic_curate
-
-VOCAB = 512
-
-
-def fake_curate(run_root):
-    """A curate manifest over a small indexed dataset of patterned token streams (learnable, vocab 512)."""
-    write_synthetic_curate(run_root, vocab_size=VOCAB, documents=200)
-
-
-# A batch-size ramp 2 → 4 over the first 6 samples (192 tokens): steps take 2, 2, 2, then 4 sequences (megatron's
-# calculator: start + increment x int(consumed / 6) until consumed > 6). Checkpoints are written in the background.
-RAMP = ["train.batch_size_rampup.start_batch_size=2", "train.batch_size_rampup.batch_size_increment=2",
-        "train.batch_size_rampup.ramp_tokens=192", "train.async_save=true"]
-
-
-def pretrain(run_root, steps, *extra, ramp: bool = False, env: dict | None = None):
-    """The tiny model for `steps` steps on `fake_curate`'s data (`ramp`: with the batch-size ramp and async saves)."""
-    extra = [arg for item in RAMP for arg in ("--set", item)] * ramp + list(extra)
-    return run_training(
-        "pretrain", "--preset", "tiny", "--set", f"run_root={run_root}", "--set", f"model.vocab_size={VOCAB}",
-        "--set", f"train.steps={steps}", "--set", "optimizer.warmup_steps=1", "--set", "train.seq_length=32",
-        "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=4", "--set", "train.log_interval=1",
-        "--set", "train.save_interval=2", "--set", f"tracking.uri=sqlite:///{run_root}/mlflow.db",
-        "--set", "tracking.tags.dag_run_id=test-run", *extra, env=env)
+from tests.support.micro import pretrain, write_corpus
 
 
 @pytest.mark.slow
 def test_pretrain_trains_checkpoints_resumes_and_logs(tmp_path):
-    fake_curate(tmp_path)
+    write_corpus(tmp_path)
     first = pretrain(tmp_path, 4, ramp=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "step 4/4 loss" in first.stdout and "ETA" in first.stdout

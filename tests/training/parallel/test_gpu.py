@@ -10,8 +10,8 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.training.test_parallel_layouts import _command, _losses
+from tests.support.processes import REPO
+from tests.support.layouts import command, losses
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -20,7 +20,7 @@ def _train(cmd, run_root, hide_gpu: bool) -> dict[int, float]:
     env = {**os.environ, "PYTHONPATH": str(REPO), **({"CUDA_VISIBLE_DEVICES": ""} if hide_gpu else {})}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return _losses(run_root)
+    return losses(run_root)
 
 
 @pytest.mark.parametrize("overrides, tolerance", [
@@ -28,9 +28,9 @@ def _train(cmd, run_root, hide_gpu: bool) -> dict[int, float]:
     (["parallel.recompute=[core_attn,layernorm,mla_up_proj,moe]"], 1e-4),
     (["train.precision=bf16"], 2e-3),   # bf16 matmuls round differently on each device
 ], ids=["fp32", "recompute", "bf16"])
-def test_pretrain_on_the_gpu_matches_the_cpu(curate_root, tmp_path, overrides, tolerance):
-    on_gpu = _train(_command(tmp_path / "gpu", curate_root, 1, *overrides), tmp_path / "gpu", hide_gpu=False)
-    on_cpu = _train(_command(tmp_path / "cpu", curate_root, 1, *overrides), tmp_path / "cpu", hide_gpu=True)
+def test_pretrain_on_the_gpu_matches_the_cpu(micro_corpus, tmp_path, overrides, tolerance):
+    on_gpu = _train(command(tmp_path / "gpu", micro_corpus, 1, *overrides), tmp_path / "gpu", hide_gpu=False)
+    on_cpu = _train(command(tmp_path / "cpu", micro_corpus, 1, *overrides), tmp_path / "cpu", hide_gpu=True)
     assert sorted(on_gpu) == sorted(on_cpu)
     for step in on_cpu:
         assert abs(on_gpu[step] - on_cpu[step]) <= tolerance * on_cpu[step], (step, on_gpu, on_cpu)

@@ -1,7 +1,7 @@
 """The real pretrain stage under torchrun, per parallel layout: the same losses as one process, exact resume after a
 rank is killed with SIGKILL, and a refused resume when the configured architecture differs from the checkpoint's.
 
-Every run trains the tiny preset with 4 layers (vocab 512, dropout off, fp32) for 4 steps on the same global batch of
+Every run trains the micro preset with 4 layers (vocab 512, dropout off, fp32) for 4 steps on the same global batch of
 4 sequences; losses come from the runs' MLflow stores (full float precision)."""
 from __future__ import annotations
 
@@ -9,49 +9,11 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
-from tests.training.test_pretrain import VOCAB
-
-STEPS = 4
-LAYERS = 4   # dense layer 1, MoE layers 2-4, then the MTP module (itself MoE)
-LAYOUTS = {   # name: (processes, overrides)
-    "EP2": (2, ["parallel.expert_model_parallel_size=2"]),
-    "PP2": (2, ["parallel.pipeline_model_parallel_size=2", "parallel.decoder_first_pipeline_num_layers=3"]),
-    # interleaved 1F1B: rank 0 holds layers 1 and 3, rank 1 layers 2 and 4 + MTP + head
-    "PP2xVPP2": (2, ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]),
-    "TP2+SP": (2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
-    "DP2+DistOpt": (2, ["parallel.use_distributed_optimizer=true"]),
-    "PP2xEP2": (4, ["parallel.pipeline_model_parallel_size=2", "parallel.decoder_first_pipeline_num_layers=2",
-                    "parallel.expert_model_parallel_size=2"]),
-    # each rank holds 2 of the sequence's 4 chunks; attention all-gathers keys and values (attention.py). With
-    # selective recompute: the attention (so the gathered keys and values are not kept), norms, MLA up-projections.
-    "CP2": (2, ["parallel.context_parallel_size=2", "parallel.recompute=[core_attn,layernorm,mla_up_proj]"]),
-    "CP2xDP2xEP2": (4, ["parallel.context_parallel_size=2", "parallel.expert_model_parallel_size=2"]),
-}
-
-
-def _command(run_root, curate_root, nproc: int, *overrides: str) -> list[str]:
-    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    sets = [f"run_root={run_root}", f"data_manifest={curate_root}/curate", f"model.vocab_size={VOCAB}",
-            f"model.num_layers={LAYERS}",
-            f"train.steps={STEPS}", "optimizer.warmup_steps=1", "train.seq_length=32", "train.micro_batch_size=2",
-            "train.global_batch_size=4", "train.log_interval=1", "train.save_interval=100",
-            f"tracking.uri=sqlite:///{run_root}/mlflow.db", *overrides]
-    cmd = [sys.executable, "-W", "ignore", *launcher, "-m", "training", "pretrain", "--preset", "tiny"]
-    for item in sets:
-        cmd += ["--set", item]
-    return cmd
-
-
-def _run(cmd) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+from tests.support.layouts import LAYERS, LAYOUTS, STEPS, command, losses as _losses, run as _run
+from tests.support.processes import REPO, repo_env
 
 
 # Each logged loss must be layout-invariant, within: float summation order (TP2+SP sums partial matmuls) moves the LM
@@ -60,28 +22,16 @@ def _run(cmd) -> subprocess.CompletedProcess:
 LOGGED = {"lm_loss": 1e-5, "mtp_loss": 1e-5, "seq_load_balancing_loss": 1e-4}
 
 
-def _losses(run_root, metric: str = "lm_loss") -> dict[int, float]:
-    """step -> `metric` of the newest MLflow run under `run_root`."""
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{run_root}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("seekflow").experiment_id],
-                              order_by=["attributes.start_time DESC"])
-    return {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, metric)}
-
-
 @pytest.fixture(scope="module")
-def baseline(curate_root, tmp_path_factory) -> dict[int, float]:
-    root = tmp_path_factory.mktemp("one-process")
-    _run(_command(root, curate_root, 1))
-    losses = {metric: _losses(root, metric) for metric in LOGGED}
+def baseline(one_process_run) -> dict[str, dict[int, float]]:
+    losses = {metric: _losses(one_process_run, metric) for metric in LOGGED}
     for metric in LOGGED:
         assert sorted(losses[metric]) == list(range(1, STEPS + 1)), metric
     return losses
 
 
 @pytest.fixture(scope="module")
-def layout_losses(curate_root, tmp_path_factory):
+def layout_losses(micro_corpus, tmp_path_factory):
     """Each layout trained once per module (the resume test reuses EP2 as its uninterrupted run)."""
     cache = {}
 
@@ -89,7 +39,7 @@ def layout_losses(curate_root, tmp_path_factory):
         if name not in cache:
             root = tmp_path_factory.mktemp(name.replace("+", "_"))
             nproc, overrides = LAYOUTS[name]
-            _run(_command(root, curate_root, nproc, *overrides))
+            _run(command(root, micro_corpus, nproc, *overrides))
             cache[name] = {metric: _losses(root, metric) for metric in LOGGED}
         return cache[name]
 
@@ -121,8 +71,7 @@ def _kill_one_rank_after(cmd, line: str, log) -> str:
     import psutil
 
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=repo_env())
     descendants = []
     try:
         while line not in log.read_text() and proc.poll() is None:
@@ -141,11 +90,11 @@ def _kill_one_rank_after(cmd, line: str, log) -> str:
     return log.read_text()
 
 
-def _kill_then_resume(layout: str, curate_root, tmp_path, layout_losses) -> list[str]:
+def _kill_then_resume(layout: str, micro_corpus, tmp_path, layout_losses) -> list[str]:
     """Train `layout` saving every 2 steps, SIGKILL rank 1 after the step-2 save, rerun: the rerun resumes at step 2
     and its losses equal the uninterrupted run's bit for bit. Returns the command, for more reruns."""
     nproc, overrides = LAYOUTS[layout]
-    cmd = _command(tmp_path, curate_root, nproc, *overrides, "train.save_interval=2")
+    cmd = command(tmp_path, micro_corpus, nproc, *overrides, "train.save_interval=2")
     killed = _kill_one_rank_after(cmd, "pretrain: saved iter_0000002", tmp_path / "killed.log")
     assert "Traceback" not in killed.split("pretrain: saved iter_0000002")[0], killed[-3000:]
     assert not (tmp_path / "pretrain" / "manifest.json").exists()
@@ -159,20 +108,19 @@ def _kill_then_resume(layout: str, curate_root, tmp_path, layout_losses) -> list
 
 
 @pytest.mark.slow
-def test_kill_9_under_context_parallelism_then_resume_is_exact(curate_root, tmp_path, layout_losses):
+def test_kill_9_under_context_parallelism_then_resume_is_exact(micro_corpus, tmp_path, layout_losses):
     """The killed rank holds half of every sequence (CP2): the rerun must still pick up exactly where it stopped."""
-    _kill_then_resume("CP2", curate_root, tmp_path, layout_losses)
+    _kill_then_resume("CP2", micro_corpus, tmp_path, layout_losses)
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_is_exact_and_other_architecture_is_refused(curate_root, tmp_path, layout_losses):
-    cmd = _kill_then_resume("EP2", curate_root, tmp_path, layout_losses)
+def test_kill_9_then_resume_is_exact_and_other_architecture_is_refused(micro_corpus, tmp_path, layout_losses):
+    cmd = _kill_then_resume("EP2", micro_corpus, tmp_path, layout_losses)
 
     # More steps may be asked of a resumed run; another architecture may not, and fails before any step.
     other = subprocess.run(cmd + ["--set", f"train.steps={STEPS + 2}", "--set", "model.moe_ffn_hidden_size=32",
                                   "--set", f"model.num_layers={LAYERS + 1}", "--set", "model.moe_aux_loss_coeff=0.01"],
-                           capture_output=True, text=True, timeout=600, cwd=REPO,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
+                           capture_output=True, text=True, timeout=600, cwd=REPO, env=repo_env())
     assert other.returncode != 0
     assert f"model.num_layers: {LAYERS} in the checkpoint, {LAYERS + 1} now" in other.stderr, other.stderr[-3000:]
     assert "model.moe_ffn_hidden_size: 64 in the checkpoint, 32 now" in other.stderr

@@ -4,27 +4,14 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import mlflow
 import pytest
 
-from tests.training.test_pretrain import fake_curate, pretrain
-
-TOKENS_PER_STEP = 4 * 32   # the helper's global_batch_size x seq_length
-
-
-def _run(tmp_path):
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    run = client.search_runs([client.get_experiment_by_name("seekflow").experiment_id])[0]
-    return client, run
-
-
-def _history(client, run, key):
-    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+from tests.support.micro import TOKENS_PER_STEP, history as _history, mlflow_run as _run, pretrain, write_corpus
 
 
 @pytest.mark.slow
 def test_pretrain_logs_moe_metrics_schedules_and_heatmap(tmp_path):
-    fake_curate(tmp_path)
+    write_corpus(tmp_path)
     switch = 3 * TOKENS_PER_STEP   # γ → 0 and λ → 0.1 from step 4 on; multi-step lr drops at 80% / 90% of tokens
     out = pretrain(tmp_path, 6, "--set", "train.log_interval=3", "--set", "train.save_interval=100",
                    "--set", "optimizer.decay_style=multi-step", "--set", "train.peak_flops_per_device=1e11",
@@ -58,7 +45,7 @@ def test_pretrain_logs_moe_metrics_schedules_and_heatmap(tmp_path):
 
 
 def _maxvio_curve(tmp_path, *extra):
-    fake_curate(tmp_path)
+    write_corpus(tmp_path)
     # one thread each: the two runs go side by side on a 2-core machine
     out = pretrain(tmp_path, 100, "--set", "train.log_interval=10", "--set", "train.save_interval=1000", *extra,
                    env={"OMP_NUM_THREADS": "1"})

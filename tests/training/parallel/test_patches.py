@@ -15,7 +15,7 @@ import torch
 from training.parallel import patches
 
 HERE = Path(__file__).parent
-REPO = HERE.parents[1]
+REPO = HERE.parents[2]
 
 
 def test_shim_refuses_to_run_where_cuda_exists(monkeypatch):

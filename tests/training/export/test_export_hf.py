@@ -11,31 +11,23 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support.processes import REPO, run_training
+from tests.support.micro import VOCAB, write_corpus
+from tests.support.processes import ok, run_python, run_training
 from training.config import resolve_stage_config
-from training.data.synthetic import write_synthetic_curate
 from training.export.convert import ExportError, hf_config, model_config_from_hf
 
 os.environ["HF_HUB_OFFLINE"] = "1"   # before transformers is imported: nothing may come from a hub
 HERE = Path(__file__).resolve().parent
-VOCAB = 512
 TOL = 1e-4
 
 
 def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-W", "ignore", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_python(*args, env={"HF_HUB_OFFLINE": "1"}, timeout=timeout)
 
 
 def export(checkpoint: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -61,20 +53,15 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
-def synthetic_curate(run_root: Path) -> None:
-    """A curate manifest over a small indexed dataset of patterned token streams (vocabulary 512)."""
-    write_synthetic_curate(run_root, vocab_size=VOCAB, documents=64)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The tiny preset trained 3 steps, its release exported to HF, and megatron-core's logits on fixed tokens."""
+    """The micro preset (3 layers) trained 3 steps, its release exported to HF, and megatron-core's logits on fixed
+    tokens."""
     root = tmp_path_factory.mktemp("export")
-    synthetic_curate(root / "run")
-    ok(run_training("pretrain", "--preset", "tiny", "--set", f"run_root={root / 'run'}",
-                    "--set", f"model.vocab_size={VOCAB}", "--set", "train.steps=3", "--set", "optimizer.warmup_steps=1",
-                    "--set", "train.seq_length=32", "--set", "train.global_batch_size=2",
-                    "--set", "train.save_interval=100", "--set", f"tracking.uri=sqlite:///{root}/mlflow.db"))
+    write_corpus(root / "run", documents=64)
+    ok(run_training("pretrain", "--preset", "micro", "--set", f"run_root={root / 'run'}", "--set", "train.steps=3",
+                    "--set", "train.global_batch_size=2", "--set", "train.save_interval=100",
+                    "--set", f"tracking.uri=sqlite:///{root}/mlflow.db"))
     release = root / "run" / "pretrain" / "release"
     exported = ok(export(release, root / "hf"))
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.training.test_pretrain import fake_curate, pretrain
+from tests.support.micro import pretrain, write_corpus
 from training import checkpoint
 
 
@@ -64,7 +64,7 @@ def test_nothing_complete_starts_fresh(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pretrain_resumes_from_older_checkpoint_when_newest_is_truncated(tmp_path):
-    fake_curate(tmp_path)
+    write_corpus(tmp_path)
     first = pretrain(tmp_path, 4)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     ckpts = tmp_path / "pretrain" / "checkpoints"

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.processes import REPO
 from training.config import ConfigError, resolve_stage_config
 
 
 @pytest.fixture(scope="module")
 def probe() -> dict[str, dict]:
-    out = subprocess.run([sys.executable, "-W", "ignore", str(REPO / "tests/training/recompute_probe.py")],
+    out = subprocess.run([sys.executable, "-W", "ignore", str(REPO / "tests/training/parallel/recompute_probe.py")],
                          capture_output=True, text=True, timeout=600, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

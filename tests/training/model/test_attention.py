@@ -89,7 +89,7 @@ def _probe() -> None:
 
 @pytest.mark.parametrize("cp", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_attention_equals_attention_over_the_whole_sequence(cp):
-    from tests.conftest import REPO
+    from tests.support.processes import REPO
 
     out = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", f"--nproc-per-node={cp}",
                           __file__, "probe"], capture_output=True, text=True, timeout=300, cwd=REPO,

@@ -10,7 +10,7 @@ import pytest
 from training.config import list_presets, resolve_stage_config
 from training.model.params import count_params, non_embedding_flops_per_token, plan
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _count(preset, overrides=()):

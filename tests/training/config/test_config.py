@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.processes import REPO
 from training.config import (
     ConfigError,
     PretrainConfig,

@@ -6,15 +6,14 @@ import shutil
 
 import pytest
 
-from tests.training.test_parallel_layouts import STEPS, _command, _losses, _run
+from tests.support.layouts import STEPS, command, losses, run
 
 
 @pytest.mark.slow
-def test_bf16_trains_close_to_fp32_and_resumes_exactly(curate_root, tmp_path):
-    _run(_command(tmp_path / "fp32", curate_root, 1))
-    bf16 = _command(tmp_path / "bf16", curate_root, 1, "train.precision=bf16", "train.save_interval=2")
-    _run(bf16)
-    full, mixed = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
+def test_bf16_trains_close_to_fp32_and_resumes_exactly(micro_corpus, one_process_run, tmp_path):
+    bf16 = command(tmp_path / "bf16", micro_corpus, 1, "train.precision=bf16", "train.save_interval=2")
+    run(bf16)
+    full, mixed = losses(one_process_run), losses(tmp_path / "bf16")   # the same run in fp32, and in bf16
     assert sorted(mixed) == sorted(full) == list(range(1, STEPS + 1))
     assert all(abs(mixed[s] - full[s]) < 1e-2 for s in full), (mixed, full)   # near ln(512) = 6.24
     assert any(mixed[s] != full[s] for s in full)   # and really computed in bf16
@@ -24,9 +23,9 @@ def test_bf16_trains_close_to_fp32_and_resumes_exactly(curate_root, tmp_path):
     shutil.rmtree(stage / "checkpoints" / "iter_0000004")
     (stage / "checkpoints" / "latest").write_text("2")
     (stage / "manifest.json").unlink()
-    rerun = _run(bf16)
+    rerun = run(bf16)
     assert "resumed from step 2 (8 samples consumed)" in rerun.stdout, rerun.stdout[-3000:]
-    resumed = _losses(tmp_path / "bf16")
+    resumed = losses(tmp_path / "bf16")
     assert sorted(resumed) == [3, 4]
     assert [resumed[3], resumed[4]] == [mixed[3], mixed[4]]   # bit for bit
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from tests.conftest import free_port, run_training
-from tests.training.test_pretrain import VOCAB, fake_curate, pretrain
+from tests.support.processes import free_port, run_training
+from tests.support.micro import VOCAB
 from training.config import ConfigError, PipelineConfig, PromoteConfig, resolve_stage_config
 from training.config import GateRule
 from training.promotion import PromoteError, decide
@@ -105,13 +105,9 @@ def test_missing_sqlite_registry_is_refused_without_creating_it(tmp_path):
 
 # ------------------------------------------------------------------------------------- against a real server --
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A run root with a finished (2-step, vocab 512) pretrain: manifest + release checkpoint."""
-    root = tmp_path_factory.mktemp("trained")
-    fake_curate(root)
-    out = pretrain(root, 2)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return root
+def trained(one_process_run):
+    """A run root with a finished pretrain (micro preset, 4 steps): manifest + release checkpoint. Read-only."""
+    return one_process_run
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 # Tiny preset with V2 routing: 8 experts on 4 emulated devices, top-4 within M = 2 devices, capacity factor 1.0 (so
 # tokens are dropped: the counts must be the router's choices before dropping).
@@ -76,7 +76,7 @@ def _probe() -> dict:
 
 @pytest.fixture(scope="module")
 def probe():
-    from tests.conftest import run_probe   # here, not at the top: this file also runs as the probe script
+    from tests.support.processes import run_probe   # here, not at the top: this file also runs as the probe script
 
     return run_probe(__file__)
 
@@ -100,13 +100,12 @@ def test_tracker_reads_and_zeroes_v2_counts_and_leaves_v3_to_megatron(probe):
 
 @pytest.mark.slow
 def test_pretrain_with_v2_routing_logs_balance_losses_expert_load_maxvio_and_heatmap(tmp_path):
-    from tests.training.test_pretrain import fake_curate, pretrain
-    from tests.training.test_pretrain_metrics import TOKENS_PER_STEP, _history, _run
+    from tests.support.micro import TOKENS_PER_STEP, history as _history, mlflow_run, pretrain, write_corpus
 
-    fake_curate(tmp_path)
+    write_corpus(tmp_path)
     out = pretrain(tmp_path, 2, *[arg for item in V2_SETS for arg in ("--set", item)])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    client, run = _run(tmp_path)
+    client, run = mlflow_run(tmp_path)
     metrics = run.data.metrics
     vios = []
     for label in ("layer2", "layer3", "mtp0"):   # layer 1 is dense; the MTP module's MoE routes like the rest

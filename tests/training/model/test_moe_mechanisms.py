@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+REPO = HERE.parents[2]
 sys.path.insert(0, str(REPO))
 
 from training.model.routers import balance_losses, device_limited_topk, device_token_drop  # noqa: E402
@@ -184,7 +183,7 @@ def _mtp_probe() -> dict:
 
 @pytest.fixture(scope="module")
 def mcore():
-    from tests.conftest import run_probe   # here, not at the top: this file also runs as the probe script
+    from tests.support.processes import run_probe   # here, not at the top: this file also runs as the probe script
 
     return run_probe(__file__)
 
@@ -357,18 +356,17 @@ V2_OVERRIDES = ["model.moe_router_type=deepseek_v2", "model.moe_num_devices=4", 
 
 def _pretrain_v2(run_root: Path, nproc: int, *extra: str) -> dict:
     """The real pretrain stage (3 steps) with DeepSeek-V2 routing; returns its MLflow run's metrics."""
-    from tests.training.test_pretrain import VOCAB, fake_curate
+    from tests.support.micro import write_corpus
+    from tests.support.processes import repo_env
 
-    fake_curate(run_root)
+    write_corpus(run_root)
     launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    sets = [f"run_root={run_root}", f"model.vocab_size={VOCAB}", "train.steps=3", "optimizer.warmup_steps=1",
-            "train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "train.log_interval=1",
-            "train.save_interval=3", f"tracking.uri=sqlite:///{run_root}/mlflow.db", *V2_OVERRIDES, *extra]
-    cmd = [sys.executable, "-W", "ignore", *launcher, "-m", "training", "pretrain", "--preset", "tiny"]
+    sets = [f"run_root={run_root}", "train.steps=3", "train.save_interval=3",
+            f"tracking.uri=sqlite:///{run_root}/mlflow.db", *V2_OVERRIDES, *extra]
+    cmd = [sys.executable, "-W", "ignore", *launcher, "-m", "training", "pretrain", "--preset", "micro"]
     for item in sets:
         cmd += ["--set", item]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=repo_env())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     import mlflow
 

@@ -19,7 +19,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERNETES_VERSION = "1.33"   # kubernetes-validate 1.37.0 ships 1.25 ... 1.37; JobSet v0.12 supports 1.33
-JOBSET_CRD = Path(__file__).resolve().parent / "schemas" / "jobset.x-k8s.io_jobsets.v0.12.0.yaml"
+JOBSET_CRD = REPO / "tests" / "k8s" / "schemas" / "jobset.x-k8s.io_jobsets.v0.12.0.yaml"
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
