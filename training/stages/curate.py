@@ -26,6 +26,8 @@ from training import storage, tokenizer, tracking
 from training.config import CurateConfig, config_hash
 from training.data.curate import funnel as funnels
 from training.data.curate import inputs as source_inputs
+from training.data.curate import shards
+from training.data.curate.shards import CurateError  # noqa: F401 - raised by this stage; tests catch it here
 from training.manifest import manifest_uri
 from training.stages.lifecycle import Outcome, run_stage, stage_name
 from training.storage import sha256_file, stage_dir
@@ -33,26 +35,16 @@ from training.storage import sha256_file, stage_dir
 STAGE = "curate"
 SHARDS_ENV = "SEEKFLOW_NUM_SHARDS"       # set on shard jobs only (operators.backends.k8s_render sets the same name)
 INDEX_ENV = "JOB_COMPLETION_INDEX"       # a Kubernetes Indexed Job's completion index
-SHARD_MARKER = "shard.json"
-GOOD_TOO_SHORT = "too_short"             # dropped by the bad-input step but a filter decision, not bad input
-
-
-class CurateError(RuntimeError):
-    pass
-
-
-def shard_dir(out: Path, index: int, count: int) -> Path:
-    return out / "shards" / f"{index:04d}-of-{count:04d}"
 
 
 def run(cfg: CurateConfig) -> dict:
     inputs = {**source_inputs.fingerprints(cfg.sources), "tokenizer": tokenizer.tokenizer_fingerprint()}
     if os.environ.get(SHARDS_ENV):   # one shard job of an Indexed Job: its own marker, never the stage manifest
-        return run_shard(cfg, _shard_index(cfg), config_hash(cfg), inputs)
+        return shards.run_shard(cfg, _out(cfg), _shard_index(cfg), config_hash(cfg), inputs)
 
     def shards_then_merge(stage) -> Outcome:
         for index in range(cfg.shards):
-            run_shard(cfg, index, stage.config_hash, inputs)
+            shards.run_shard(cfg, _out(cfg), index, stage.config_hash, inputs)
         return merge(cfg, stage.config_hash, inputs, stage.started)
 
     return run_stage(cfg, STAGE, inputs, shards_then_merge, still_valid=_outputs_exist)
@@ -71,45 +63,13 @@ def _shard_index(cfg: CurateConfig) -> int:
     return int(index)
 
 
-def run_shard(cfg: CurateConfig, index: int, chash: str, inputs: dict) -> dict:
-    """Shard `index` of `cfg.shards`: every source's pipeline, then `shard.json` (skipped when already done)."""
-    from training.data.curate.chain import run_source
-
-    label = f"shard {index + 1}/{cfg.shards}"
-    out = shard_dir(_out(cfg), index, cfg.shards)
-    marker_uri = storage.uri_of(out / SHARD_MARKER, cfg.run_root)
-    old = json.loads(storage.read_text(marker_uri) or "{}")
-    if old.get("config_hash") == chash and old.get("inputs") == inputs:
-        print(f"curate {label}: already done, skipping", flush=True)
-        return old
-    (out / SHARD_MARKER).unlink(missing_ok=True)
-    sources = {}
-    for source_index, source in enumerate(cfg.sources):
-        began = time.time()
-        funnel, pii = run_source(cfg, source, source_index, out, index)
-        sources[source.label] = {"funnel": funnel, "pii": pii, "seconds": round(time.time() - began, 2)}
-        print(f"curate {source.label} {label}: " + funnels.describe(funnel), flush=True)
-    marker = {"shard": index, "shards": cfg.shards, "config_hash": chash, "inputs": inputs, "sources": sources}
-    storage.publish(out, exclude=(SHARD_MARKER,))
-    (out / SHARD_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
-    storage.publish(out / SHARD_MARKER)   # last: the marker vouches for the files above
-    return {**marker, "result": {"shard": index, "shards": cfg.shards}}
-
-
 def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> Outcome:
     """Cross-shard dedup, the final datasets, reject samples and the funnel; the manifest is the lifecycle's."""
     from training.data.curate.pack import merge_source
 
     name, out = stage_name(cfg, STAGE), _out(cfg)
-    dirs = [shard_dir(out, i, cfg.shards) for i in range(cfg.shards)]
-    markers = []
-    for directory in dirs:
-        marker = json.loads(storage.read_text(storage.uri_of(directory / SHARD_MARKER, cfg.run_root)) or "{}")
-        if marker.get("config_hash") != chash or marker.get("inputs") != inputs:
-            raise CurateError(f"shard {directory.name} is missing or from another config: rerun the shards")
-        storage.fetch(storage.uri_of(directory, cfg.run_root))   # an s3 run root: the shard pods' files
-        markers.append(marker)
-    near_duplicates = _near_duplicates(cfg, dirs)
+    dirs, markers = shards.finished_shards(cfg, out, chash, inputs)
+    near_duplicates = shards.near_duplicates(cfg, dirs)
     seen_keys: set[str] = set()
     datasets, metrics, all_funnels = [], {}, {}
     with tracking.stage_run(cfg, name, chash) as mlflow_run:
@@ -119,8 +79,8 @@ def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> Outcom
             counts = merge_source(source.label, dirs, prefix, seen_keys, near_duplicates)
             funnel = funnels.add_merge_steps(funnel, counts)
             all_funnels[source.label] = funnel
-            _collect_rejects(dirs, source.label, out / "rejects" / source.label)
-            stats = _source_stats(funnel, counts)
+            shards.collect_rejects(dirs, source.label, out / "rejects" / source.label)
+            stats = shards.source_stats(funnel, counts)
             stats["pii"] = dict(sum((Counter(m["sources"][source.label]["pii"]) for m in markers), Counter()))
             metrics[source.label] = stats
             print(f"curate {source.label}: kept {counts['documents']} documents, {counts['tokens']:,} tokens "
@@ -155,47 +115,6 @@ def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> Outcom
     print(f"{name}: {documents} documents, {tokens:,} tokens in {time.time() - started:.1f} s", flush=True)
     return Outcome(outputs, metrics, {"manifest": manifest_uri(cfg.run_root, name), "documents": documents,
                                       "tokens": tokens}, mlflow_run_id=mlflow_run.info.run_id if mlflow_run else None)
-
-
-def _near_duplicates(cfg: CurateConfig, dirs: list[Path]) -> set[int]:
-    """Order keys of the documents MinHash-LSH clustering removes, over every shard and near-dedup source."""
-    from training.data.curate import minhash
-
-    paths = [p for d in dirs for s in cfg.sources if s.near_dedup for p in sorted((d / "minhash" / s.label).glob("*.npz"))
-             if not p.name.endswith(".partial.npz")]
-    if not paths:
-        return set()
-    nd = cfg.near_dedup
-    params = minhash.MinhashParams(n_grams=nd.n_grams, num_buckets=nd.num_buckets,
-                                   hashes_per_bucket=nd.hashes_per_bucket, seed=nd.seed)
-    keys, sigs = minhash.load_signatures(paths)
-    return set(minhash.find_duplicates(keys, sigs, params).tolist())
-
-
-def _collect_rejects(dirs: list[Path], label: str, target: Path) -> None:
-    """Per step, the shards' reject samples in the source's order: `{step}.jsonl` (decontamination: all of them)."""
-    steps = sorted({p.name for d in dirs for p in (d / "rejects" / label).glob("*") if p.is_dir()})
-    target.mkdir(parents=True, exist_ok=True)
-    for step in steps:
-        records = [json.loads(line) for d in dirs for f in sorted((d / "rejects" / label / step).glob("*.jsonl"))
-                   for line in f.read_text().splitlines() if line.strip()]
-        records.sort(key=lambda r: (r.get("ordinal") is None, r.get("ordinal") or 0))
-        limit = None if step == "decontaminated" else 100
-        with open(target / f"{step}.jsonl", "w") as f:
-            for record in records[:limit]:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def _source_stats(funnel: list[dict], counts: dict) -> dict:
-    """The numbers a dashboard wants per source: items read, bad input, drops per step, kept documents/tokens."""
-    read = funnel[0]["documents"]
-    bad = Counter(next((s["dropped"] for s in funnel if s["step"] == "bad input"), {}))
-    too_short = bad.pop(GOOD_TOO_SHORT, 0)
-    return {"read": read, "bad_input": sum(bad.values()), "bad_input_reasons": dict(sorted(bad.items())),
-            "skipped_files": funnel[0].get("skipped_files", {}),
-            "too_short": too_short, "dropped": {s["step"]: sum(s["dropped"].values()) for s in funnel if s["dropped"]},
-            "exact_duplicates": counts["exact_duplicates"], "near_duplicates": counts["near_duplicates"],
-            "documents": counts["documents"], "tokens": counts["tokens"]}
 
 
 def _outputs_exist(manifest: dict) -> bool:
