@@ -40,7 +40,7 @@ status:
 	@python3 scripts/local_platform.py status
 
 test: venv
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean: stop
 	rm -rf .seekflow

@@ -10,8 +10,6 @@ import pytest
 
 from tests.support.processes import REPO
 
-pytestmark = pytest.mark.xdist_group("pipeline")
-
 ALL_TASKS = ("validate_config", "curate_shards", "curate", "pretrain", "evaluate", "register", "promote")
 
 

@@ -7,8 +7,6 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("pipeline")   # seekflow_evaluate scores the pipeline_run fixture's release
-
 SMALL_SOURCES = [{"kind": "package_metadata", "max_documents": 20}, {"kind": "package_code", "max_documents": 20}]
 
 

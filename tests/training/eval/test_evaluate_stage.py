@@ -117,7 +117,6 @@ def _eval_cfg(root: list[str], *extra: str) -> EvaluateConfig:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("pipeline")   # on the worker that holds pipeline_run's MLflow server
 def test_evaluate_a_registered_version(pipeline_run, tmp_path):
     mlflow_server = pipeline_run["mlflow"]
     root = ["--set", f"run_root={tmp_path}", "--set", f"tracking.uri={mlflow_server}"]

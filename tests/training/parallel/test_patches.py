@@ -191,9 +191,10 @@ from training.parallel.patches import apply_all
 before = filesystem_async._get_write_results_queue
 apply_all()
 queue = filesystem_async._get_write_results_queue()
-queue.put("written")
+queue.put({"written": list(range(100000))})   # a synchronous save: put, then read at once by get_nowait
+got = queue.get_nowait()
 print(json.dumps({"replaced": filesystem_async._get_write_results_queue is not before,
-                  "same": filesystem_async._get_write_results_queue() is queue, "got": queue.get(timeout=10),
+                  "same": filesystem_async._get_write_results_queue() is queue, "got": len(got["written"]),
                   "children": [p.cmdline() for p in psutil.Process().children(recursive=True)]}))
 """
 
@@ -205,4 +206,4 @@ def test_checkpoint_writes_start_no_manager_process():
                          timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen == {"replaced": True, "same": True, "got": "written", "children": []}, seen
+    assert seen == {"replaced": True, "same": True, "got": 100000, "children": []}, seen

@@ -9,13 +9,33 @@ preempted pod): it outlives the job.
 The queue only ever carries results from processes *forked* from the trainer: megatron's write workers, and the
 fork-based `TemporalAsyncCaller` behind `AsyncCallsQueue()`, the one seekflow uses for `train.async_save` (not the
 spawned persistent worker). A fork-context queue, created before those forks and inherited by them, does the same job
-with no extra process.
+with no extra process. One difference needs care: a `multiprocessing.Queue` hands a put to a feeder thread, so a put
+made in this very process (a synchronous save) may not be readable at once, and megatron reads it with
+`get_nowait()`; `_ResultsQueue` waits for it instead.
 """
 from __future__ import annotations
 
 import multiprocessing
 
 MEGATRON_CORE = "0.16.1"   # the release whose dist_checkpointing/strategies/filesystem_async.py this was checked against
+
+
+class _ResultsQueue:
+    """A fork-context `multiprocessing.Queue` whose `get_nowait()` waits for a put still being flushed."""
+
+    FLUSH_S = 60   # a put of this process is in the pipe within milliseconds; this only bounds a broken writer
+
+    def __init__(self):
+        self._queue = multiprocessing.get_context("fork").Queue()
+
+    def put(self, item) -> None:
+        self._queue.put(item)
+
+    def get(self, *args, **kwargs):
+        return self._queue.get(*args, **kwargs)
+
+    def get_nowait(self):
+        return self._queue.get(timeout=self.FLUSH_S)   # raises queue.Empty, as get_nowait would, if nothing comes
 
 _applied = False
 
@@ -32,7 +52,7 @@ def apply() -> None:
     def _get_write_results_queue():
         nonlocal results
         if results is None:
-            results = multiprocessing.get_context("fork").Queue()
+            results = _ResultsQueue()
         return results
 
     filesystem_async._get_write_results_queue = _get_write_results_queue
