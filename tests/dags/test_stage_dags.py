@@ -55,7 +55,9 @@ def test_curate_then_pretrain_then_evaluate_as_separate_dags(dags, pipeline_run,
     release = pipeline_run["run_root"] / "pretrain" / "release"   # 10 steps: a model that has learnt a little
     evaluated = dags["seekflow_evaluate"].test(run_conf={
         "evaluate.checkpoint": str(release), "evaluate.humaneval.max_problems": 2, "evaluate.fim.num_spans": 4,
-        "evaluate.arith.num_problems": 4, "run_root": str(tmp_path / "eval_run")})
+        "evaluate.arith.num_problems": 4, "run_root": str(tmp_path / "eval_run"),
+        "overrides": {"evaluate.passkey.context_lengths": [128], "evaluate.passkey.depths": [0.5],
+                      "evaluate.perplexity.max_documents": 4, "evaluate.perplexity.max_tokens": 256}})
     assert _states(evaluated) == {"validate_config": "success", "evaluate": "success"}, _states(evaluated)
     scores = json.loads((tmp_path / "eval_run" / "evaluate" / "manifest.json").read_text())["metrics"]
     assert scores["perplexity.stdlib_code"] > 1 and 0 <= scores["humaneval.pass_at_1"] <= 1

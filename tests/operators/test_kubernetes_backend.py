@@ -335,7 +335,8 @@ def test_pipeline_dag_defers_and_resumes_through_airflow(fake, dagbag, monkeypat
     settings.write_text(json.dumps(FAST))   # YAML is a superset of JSON
     monkeypatch.setenv("SEEKFLOW_K8S_SETTINGS", str(settings))
     fake.outcome = Outcome.succeed([RESULT])
-    dagrun = dagbag["seekflow_pipeline"].test(run_conf={"backend": "kubernetes", "run_root": "s3://seekflow/runs/dag-test"})
+    dagrun = dagbag["seekflow_pipeline"].test(run_conf={"backend": "kubernetes",
+                                                        "run_root": "s3://seekflow/runs/dag-test"})
     states = {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
     assert states == {t: "success" for t in ("validate_config", "curate_shards", "curate", "pretrain", "evaluate",
                                              "register", "promote")}, states

@@ -20,7 +20,8 @@ def _pretrain_operator(run_root, steps):
         "run_root": str(run_root), "tracking.uri": f"sqlite:///{run_root}/mlflow.db",
         "pretrain.train.steps": steps, "pretrain.train.save_interval": 3,
     }
-    return TrainingJobOperator(task_id="pretrain", stage="pretrain", pipeline={"preset": "micro", "overrides": overrides})
+    return TrainingJobOperator(task_id="pretrain", stage="pretrain",
+                               pipeline={"preset": "micro", "overrides": overrides})
 
 
 @pytest.mark.slow

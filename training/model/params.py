@@ -16,7 +16,7 @@ builds the tiny model and checks equality to the last parameter), so it can size
 
 "Activated" is what one token touches: one row of the input embedding, everything else outside the routed experts
 (output head included: every logit is computed), plus K_r of the E routed experts. This matches DeepSeek-V2/V3's
-headline figures best (see tests/training/test_params.py); DeepSeekMoE 16B's 2.8B counts the whole embedding table,
+headline figures best (see tests/training/model/test_params.py); DeepSeekMoE 16B's 2.8B counts the whole embedding table,
 so `activated_with_embedding_table` is printed too.
 The papers' headline totals exclude V3's MTP module, so `total` and `activated` do too; `mtp` is reported apart.
 """
@@ -143,7 +143,7 @@ def format_count(name: str, c: ParamCount) -> str:
 # Provenance: the arXiv text is not reachable from here, so the constants were checked three ways: two independent
 # restatements of the paper (a from-scratch reimplementation's README quoting eq. 1 and eq. 4, and a DeepSeek-method
 # calculator quoting eq. 1); the paper's own Table 2, whose batch sizes and learning rates for the 7B and 67B models
-# eq. 1 gives back within 5% and 1.5% (tests/training/test_params.py); and C = M·D, which eq. 4 must satisfy:
+# eq. 1 gives back within 5% and 1.5% (tests/training/model/test_params.py); and C = M·D, which eq. 4 must satisfy:
 # 0.1715 x 5.8316 = 1.0001 and 0.5243 + 0.4757 = 1.
 BATCH_COEF, BATCH_EXP = 0.2920, 0.3271     # B_opt = 0.2920 · C^0.3271   (tokens)
 LR_COEF, LR_EXP = 0.3118, -0.1250          # η_opt = 0.3118 · C^-0.1250

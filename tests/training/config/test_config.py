@@ -102,8 +102,8 @@ def test_deepseek_v2_lite_uses_softmax_gating_without_q_compression():
 
 
 def test_set_overrides_parse_yaml_values():
-    cfg = resolve_stage_config("pretrain", "tiny", overrides=["train.steps=7", "optimizer.warmup_steps=2", "model.q_lora_rank=null",
-                                                              "tracking.tags.dag_run_id=abc"])
+    cfg = resolve_stage_config("pretrain", "tiny", overrides=["train.steps=7", "optimizer.warmup_steps=2",
+                                                              "model.q_lora_rank=null", "tracking.tags.dag_run_id=abc"])
     assert cfg.train.steps == 7 and cfg.model.q_lora_rank is None and cfg.tracking.tags == {"dag_run_id": "abc"}
 
 

@@ -1,4 +1,4 @@
-"""Megatron-side helpers for tests/training/test_export_hf.py, each run in its own process (the CPU shim patches
+"""Megatron-side helpers for tests/training/export/test_export_hf.py, each run in its own process (the CPU shim patches
 process-global state):
 
     python export_megatron.py logits RELEASE TOKENS.pt OUT.pt    megatron-core forward of a release checkpoint
