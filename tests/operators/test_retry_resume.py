@@ -9,6 +9,7 @@ import psutil
 import pytest
 
 from tests.support.micro import write_corpus
+from tests.support.mlflow_store import sqlite_store
 
 STEPS = 12   # the first try is killed right after its step-3 save, long before step 12
 
@@ -17,7 +18,7 @@ def _pretrain_operator(run_root, steps):
     from operators.job import TrainingJobOperator
 
     overrides = {
-        "run_root": str(run_root), "tracking.uri": f"sqlite:///{run_root}/mlflow.db",
+        "run_root": str(run_root), "tracking.uri": sqlite_store(run_root),
         "pretrain.train.steps": steps, "pretrain.train.save_interval": 3,
     }
     return TrainingJobOperator(task_id="pretrain", stage="pretrain",

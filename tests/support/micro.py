@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from training.data.synthetic import write_synthetic_curate
 
+from tests.support.mlflow_store import sqlite_store
 from tests.support.processes import run_training
 
 VOCAB = 512
@@ -26,7 +27,7 @@ def pretrain(run_root, steps, *extra, ramp: bool = False, env: dict | None = Non
     extra = [arg for item in RAMP for arg in ("--set", item)] * ramp + list(extra)
     return run_training(
         "pretrain", "--preset", "micro", "--set", f"run_root={run_root}", "--set", f"train.steps={steps}",
-        "--set", f"tracking.uri=sqlite:///{run_root}/mlflow.db", "--set", "tracking.tags.dag_run_id=test-run",
+        "--set", f"tracking.uri={sqlite_store(run_root)}", "--set", "tracking.tags.dag_run_id=test-run",
         *extra, env=env)
 
 

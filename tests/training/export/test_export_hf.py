@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.support.micro import VOCAB, write_corpus
+from tests.support.mlflow_store import sqlite_store
 from tests.support.processes import ok, run_python, run_training
 from training.config import resolve_stage_config
 from training.export.convert import ExportError, hf_config, model_config_from_hf
@@ -61,7 +62,7 @@ def trained(tmp_path_factory):
     write_corpus(root / "run", documents=64)
     ok(run_training("pretrain", "--preset", "micro", "--set", f"run_root={root / 'run'}", "--set", "train.steps=3",
                     "--set", "train.global_batch_size=2", "--set", "train.save_interval=100",
-                    "--set", f"tracking.uri=sqlite:///{root}/mlflow.db"))
+                    "--set", f"tracking.uri={sqlite_store(root)}"))
     release = root / "run" / "pretrain" / "release"
     exported = ok(export(release, root / "hf"))
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
