@@ -29,10 +29,9 @@ def repo_env(**extra: str) -> dict:
 
 
 def run_probe(test_file: str) -> dict:
-    """Run `test_file` as a script with the argument `probe` in a fresh process and return the last JSON object it
-    printed."""
-    out = subprocess.run([sys.executable, "-W", "ignore", str(pathlib.Path(test_file).resolve()), "probe"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO, env=repo_env())
+    """Run `test_file` as a script with the argument `probe` in a fresh process (see `run_python`) and return the
+    last JSON object it printed."""
+    out = run_python(str(pathlib.Path(test_file).resolve()), "probe", timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -100,13 +99,15 @@ def _read(path: str) -> str:
 
 
 _ZYGOTE: _Zygote | None = None
+_STARTING = threading.Lock()   # tests start runs from several threads at once (two curate shard jobs, say)
 
 
 def _zygote() -> _Zygote:
     global _ZYGOTE
-    if _ZYGOTE is None or _ZYGOTE.proc.poll() is not None:
-        _ZYGOTE = _Zygote()
-    return _ZYGOTE
+    with _STARTING:
+        if _ZYGOTE is None or _ZYGOTE.proc.poll() is not None:
+            _ZYGOTE = _Zygote()
+        return _ZYGOTE
 
 
 def stop_zygote() -> None:
