@@ -24,7 +24,7 @@ def test_shim_refuses_to_run_where_cuda_exists(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="CUDA is available"):
         cpu_device.apply()
-    assert not cpu_device._applied
+    assert not cpu_device.apply.applied
     # and apply_all leaves the whole CPU shim out on such a machine
     names = [m.__name__.rsplit(".", 1)[1] for m in patches.patch_modules(cuda=True)]
     assert not [n for n in names if n.startswith("cpu_")] and "mtp_tokens_over_cp" in names
@@ -51,7 +51,7 @@ def test_another_megatron_core_release_is_refused_loudly_before_anything_is_patc
     first = patches.patch_modules(cuda=torch.cuda.is_available())[0].__name__
     assert first in message and "megatron-core 0.16.1" in message and "megatron-core 0.17.0 is installed" in message
     assert "MEGATRON_CORE" in message             # says what to update once the gap is re-checked
-    assert patches.applied() == () and torch.compile is compile_before and not cpu_compile._applied
+    assert patches.applied() == () and torch.compile is compile_before and not cpu_compile.apply.applied
 
 
 # What a GPU machine gets from prepare_backend, in a fresh process (it imports megatron-core without the CPU shim).

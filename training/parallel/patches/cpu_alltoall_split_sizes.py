@@ -6,9 +6,9 @@ tensors already: return them as they are (as numpy when asked).
 """
 from __future__ import annotations
 
-MEGATRON_CORE = "0.16.1"   # the release whose moe_utils / token_dispatcher this was checked against
+from training.parallel.patches.once import once
 
-_applied = False
+MEGATRON_CORE = "0.16.1"   # the release whose moe_utils / token_dispatcher this was checked against
 
 
 def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
@@ -17,13 +17,10 @@ def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
     return tensor.detach().cpu().numpy() if torch.is_tensor(tensor) and as_numpy else tensor
 
 
+@once
 def apply() -> None:
     """Idempotent. CPU-only machines; imports megatron-core (after `cpu_device` and `cpu_triton`)."""
-    global _applied
-    if _applied:
-        return
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
 
     moe_utils.maybe_move_tensor_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-    _applied = True

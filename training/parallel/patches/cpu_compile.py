@@ -6,21 +6,18 @@ inductor on a CPU: 5-21 s per cold step (measured in shared/FACTS.md) for kernel
 """
 from __future__ import annotations
 
-MEGATRON_CORE = "0.16.1"   # the release whose jit_fuser this was checked against
+from training.parallel.patches.once import once
 
-_applied = False
+MEGATRON_CORE = "0.16.1"   # the release whose jit_fuser this was checked against
 
 
 def _identity_compile(fn=None, *args, **kwargs):
     return fn if callable(fn) else (lambda f: f)
 
 
+@once
 def apply() -> None:
     """Idempotent. CPU-only machines: a GPU keeps its compiled fusions."""
-    global _applied
-    if _applied:
-        return
     import torch
 
     torch.compile = _identity_compile
-    _applied = True

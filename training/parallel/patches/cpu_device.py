@@ -16,9 +16,9 @@ import torch
 from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
 
-MEGATRON_CORE = "0.16.1"   # the release whose device handling this was checked against
+from training.parallel.patches.once import once
 
-_applied = False
+MEGATRON_CORE = "0.16.1"   # the release whose device handling this was checked against
 
 
 def _to_cpu(device):
@@ -88,14 +88,11 @@ def _stand_in_torch_cuda() -> None:
     cuda.set_device = lambda *a, **k: None
 
 
+@once
 def apply() -> None:
     """Idempotent; refuses to run where CUDA is available (a GPU must use it, not this mode)."""
-    global _applied
-    if _applied:
-        return
     if torch.cuda.is_available():
         raise RuntimeError(f"{__name__} is for CPU-only machines; CUDA is available here, use it directly")
     _stand_in_torch_cuda()
     BackwardCFunction.apply = _backward_apply_under_mode
     _MODE.__enter__()
-    _applied = True

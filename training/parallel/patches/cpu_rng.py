@@ -7,16 +7,14 @@ which `torch.manual_seed` seeds, so recomputed dropout masks still replay exactl
 """
 from __future__ import annotations
 
+from training.parallel.patches.once import once
+
 MEGATRON_CORE = "0.16.1"   # the release whose tensor_parallel.random this was checked against
 
-_applied = False
 
-
+@once
 def apply() -> None:
     """Idempotent. CPU-only machines; imports megatron-core (after `cpu_device` and `cpu_triton`)."""
-    global _applied
-    if _applied:
-        return
     import torch
 
     cuda = torch.cuda
@@ -27,4 +25,3 @@ def apply() -> None:
 
     tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    _applied = True

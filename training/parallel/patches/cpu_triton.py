@@ -10,9 +10,9 @@ import importlib.util
 import sys
 import types
 
-MEGATRON_CORE = "0.16.1"   # the release whose triton imports this was checked against
+from training.parallel.patches.once import once
 
-_applied = False
+MEGATRON_CORE = "0.16.1"   # the release whose triton imports this was checked against
 
 
 def _jit(fn=None, **kwargs):
@@ -29,12 +29,9 @@ def _language_attr(name):
     return object
 
 
+@once
 def apply() -> None:
     """Idempotent; a no-op where triton is importable."""
-    global _applied
-    if _applied:
-        return
-    _applied = True
     if "triton" in sys.modules or importlib.util.find_spec("triton") is not None:
         return
     import torch.utils._triton as torch_triton

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import multiprocessing
 
+from training.parallel.patches.once import once
+
 MEGATRON_CORE = "0.16.1"   # the release whose dist_checkpointing/strategies/filesystem_async.py this was checked against
 
 
@@ -37,14 +39,10 @@ class _ResultsQueue:
     def get_nowait(self):
         return self._queue.get(timeout=self.FLUSH_S)   # raises queue.Empty, as get_nowait would, if nothing comes
 
-_applied = False
 
-
+@once
 def apply() -> None:
     """Idempotent; imports megatron-core (on a CPU, after the CPU shim)."""
-    global _applied
-    if _applied:
-        return
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     results = None
@@ -56,4 +54,3 @@ def apply() -> None:
         return results
 
     filesystem_async._get_write_results_queue = _get_write_results_queue
-    _applied = True

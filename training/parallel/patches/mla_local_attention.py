@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import math
 
+from training.parallel.patches.once import once
+
 MEGATRON_CORE = "0.16.1"   # the release whose multi_latent_attention / dot_product_attention this was checked against
 
-_applied = False
 
-
+@once
 def apply() -> None:
     """Idempotent; imports megatron-core (on a CPU, after the CPU shim)."""
-    global _applied
-    if _applied:
-        return
     import megatron.core.transformer.multi_latent_attention as mla
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -35,4 +33,3 @@ def apply() -> None:
             self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
 
     DotProductAttention.__init__ = __init__
-    _applied = True

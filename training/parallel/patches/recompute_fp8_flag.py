@@ -6,16 +6,14 @@ NameError without TE. FP8 recipes are strings ("e4m3", "hybrid"); None and False
 """
 from __future__ import annotations
 
+from training.parallel.patches.once import once
+
 MEGATRON_CORE = "0.16.1"   # the release whose tensor_parallel.random.CheckpointWithoutOutput this was checked against
 
-_applied = False
 
-
+@once
 def apply() -> None:
     """Idempotent; imports megatron-core (on a CPU, after the CPU shim)."""
-    global _applied
-    if _applied:
-        return
     from megatron.core.tensor_parallel import random as tp_random
 
     checkpoint = tp_random.CheckpointWithoutOutput
@@ -26,4 +24,3 @@ def apply() -> None:
         self.fp8 = fp8 not in (None, False)
 
     checkpoint.__init__ = __init__
-    _applied = True

@@ -6,18 +6,15 @@ forward raises NameError. Binding it to None takes megatron's own torch.mm / add
 """
 from __future__ import annotations
 
+from training.parallel.patches.once import once
+
 MEGATRON_CORE = "0.16.1"   # the release whose transformer/moe/moe_utils.py this was checked against
 
-_applied = False
 
-
+@once
 def apply() -> None:
     """Idempotent; imports megatron-core (on a CPU, after the CPU shim)."""
-    global _applied
-    if _applied:
-        return
     import megatron.core.transformer.moe.moe_utils as moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
-    _applied = True

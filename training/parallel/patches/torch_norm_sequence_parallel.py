@@ -7,16 +7,14 @@ which makes megatron all-reduce their gradients over the tensor-parallel group (
 """
 from __future__ import annotations
 
+from training.parallel.patches.once import once
+
 MEGATRON_CORE = "0.16.1"   # the release whose transformer/torch_norm.py this was checked against
 
-_applied = False
 
-
+@once
 def apply() -> None:
     """Idempotent; imports megatron-core (on a CPU, after the CPU shim)."""
-    global _applied
-    if _applied:
-        return
     from megatron.core.transformer import torch_norm
 
     wrapped = torch_norm.WrappedTorchNorm
@@ -35,4 +33,3 @@ def apply() -> None:
         return norm
 
     wrapped.__new__ = staticmethod(__new__)
-    _applied = True
