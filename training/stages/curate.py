@@ -29,10 +29,9 @@ from training.data.curate import inputs as source_inputs
 from training.data.curate import shards
 from training.data.curate.shards import CurateError  # noqa: F401 - raised by this stage; tests catch it here
 from training.manifest import manifest_uri
-from training.stages.lifecycle import Outcome, run_stage, stage_name
+from training.stages.lifecycle import Outcome, run_stage
 from training.storage import sha256_file, stage_dir
 
-STAGE = "curate"
 SHARDS_ENV = "SEEKFLOW_NUM_SHARDS"       # set on shard jobs only (operators.backends.k8s_render sets the same name)
 INDEX_ENV = "JOB_COMPLETION_INDEX"       # a Kubernetes Indexed Job's completion index
 
@@ -47,11 +46,11 @@ def run(cfg: CurateConfig) -> dict:
             shards.run_shard(cfg, _out(cfg), index, stage.config_hash, inputs)
         return merge(cfg, stage.config_hash, inputs, stage.started)
 
-    return run_stage(cfg, STAGE, inputs, shards_then_merge, still_valid=_outputs_exist)
+    return run_stage(cfg, inputs, shards_then_merge, still_valid=_outputs_exist)
 
 
 def _out(cfg: CurateConfig) -> Path:
-    return stage_dir(cfg.run_root, stage_name(cfg, STAGE))
+    return stage_dir(cfg.run_root, cfg.stage_name)
 
 
 def _shard_index(cfg: CurateConfig) -> int:
@@ -67,7 +66,7 @@ def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> Outcom
     """Cross-shard dedup, the final datasets, reject samples and the funnel; the manifest is the lifecycle's."""
     from training.data.curate.pack import merge_source
 
-    name, out = stage_name(cfg, STAGE), _out(cfg)
+    name, out = cfg.stage_name, _out(cfg)
     dirs, markers = shards.finished_shards(cfg, out, chash, inputs)
     near_duplicates = shards.near_duplicates(cfg, dirs)
     seen_keys: set[str] = set()

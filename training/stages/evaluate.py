@@ -23,10 +23,9 @@ from training.config import EvaluateConfig, ParallelConfig
 from training.eval import heldout
 from training.manifest import read_manifest
 from training.model.release import read_model_config
-from training.stages.lifecycle import Outcome, StageRun, run_stage, stage_name
+from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.tracking import tracking_uri
 
-STAGE = "evaluate"
 HEADLINE = {"humaneval": "pass_at_1", "fim": "exact_match", "passkey": "accuracy", "arith": "accuracy"}
 
 
@@ -42,7 +41,7 @@ def run(cfg: EvaluateConfig) -> dict:
     ref = cfg.checkpoint or read_manifest(storage.stage_uri(cfg.run_root, "pretrain"))["outputs"]["release_checkpoint"]
     # The registry client is made only for a models:/ reference: opening a sqlite store creates it, and a bad local
     # checkpoint must fail before anything is written.
-    downloads = storage.local_dir(cfg.run_root, create=False) / stage_name(cfg, STAGE) / "checkpoints"
+    downloads = storage.local_dir(cfg.run_root, create=False) / cfg.stage_name / "checkpoints"
     release = registry.resolve_release(ref, tracking_uri=uri, into=downloads)
     target = (registry.resolve_version(registry.mlflow_client(uri), cfg.model_version) if cfg.model_version
               else release.version)
@@ -58,7 +57,7 @@ def run(cfg: EvaluateConfig) -> dict:
     problems = context_problems(cfg, model_cfg)
     if problems:
         raise EvaluateError("settings do not fit the model:\n  " + "\n  ".join(problems))
-    return run_stage(cfg, STAGE, inputs, lambda stage: evaluate(cfg, stage, release.path, model_cfg, target))
+    return run_stage(cfg, inputs, lambda stage: evaluate(cfg, stage, release.path, model_cfg, target))
 
 
 def evaluate(cfg: EvaluateConfig, stage: StageRun, release: Path, model_cfg, target) -> Outcome:

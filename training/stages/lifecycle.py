@@ -20,11 +20,6 @@ from training.config import StageConfig, config_hash
 from training.manifest import finished, invalidate, manifest_path, write_manifest
 
 
-def stage_name(cfg: StageConfig, default: str) -> str:
-    """The directory (and manifest) name of this stage instance under run_root: its configured name, else its kind."""
-    return getattr(cfg, "stage_name", None) or default
-
-
 @dataclass
 class Outcome:
     """What a stage body hands back to be written as its manifest."""
@@ -66,14 +61,15 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run_stage(cfg: StageConfig, kind: str, inputs: dict, body: Callable[[StageRun], Outcome], *,
+def run_stage(cfg: StageConfig, inputs: dict, body: Callable[[StageRun], Outcome], *,
               skip_when_done: bool = True, still_valid: Callable[[dict], bool] = lambda manifest: True) -> dict | None:
-    """Run `body` as stage `kind` (see the module docstring); returns the manifest (None on ranks other than 0).
+    """Run `body` as the stage instance `cfg` names (`cfg.stage_name`: see the module docstring); returns the
+    manifest (None on ranks other than 0).
 
     skip_when_done=False: stages whose idempotence lives elsewhere (register and promote ask the registry) always
     run; `still_valid(manifest)` can veto a skip (e.g. the outputs the manifest names are gone)."""
     chash = config_hash(cfg)
-    name = stage_name(cfg, kind)
+    name = cfg.stage_name
     if skip_when_done:
         done = finished(cfg.run_root, name, chash, inputs)
         if done is not None and still_valid(done):

@@ -16,8 +16,6 @@ from training.parallel.setup import init_distributed, shutdown
 from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.tracking import tracking_uri
 
-STAGE = "pretrain"
-
 
 def run(cfg: PretrainConfig) -> dict | None:
     curate = read_manifest(cfg.data_manifest or storage.stage_uri(cfg.run_root, "curate"))
@@ -27,7 +25,7 @@ def run(cfg: PretrainConfig) -> dict | None:
     inputs = {"data_manifest_hash": manifest_hash(curate)}
     if cfg.init_checkpoint:
         inputs["init_checkpoint"] = cfg.init_checkpoint
-    return run_stage(cfg, STAGE, inputs, lambda stage: train(cfg, curate, stage))
+    return run_stage(cfg, inputs, lambda stage: train(cfg, curate, stage))
 
 
 def train(cfg: PretrainConfig, curate: dict, stage: StageRun) -> Outcome:

@@ -25,8 +25,6 @@ from training.promotion import CANDIDATE, CHAMPION, RUN_ID, STAGING, TAG, Gating
 from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.tracking import tracking_uri
 
-STAGE = "promote"
-
 
 def run(cfg: PromoteConfig) -> dict:
     uri = tracking_uri(cfg)
@@ -37,7 +35,7 @@ def run(cfg: PromoteConfig) -> dict:
     inputs = {"model_version": f"models:/{name}/{gating.version}", "champion_before": gating.previous,
               "gates": [g.model_dump(mode="json") for g in cfg.gates]}
     # Always runs: the registry holds what was decided (a rerun for the same version changes nothing there).
-    return run_stage(cfg, STAGE, inputs, lambda stage: record(cfg, stage, client, gating), skip_when_done=False)
+    return run_stage(cfg, inputs, lambda stage: record(cfg, stage, client, gating), skip_when_done=False)
 
 
 def record(cfg: PromoteConfig, stage: StageRun, client, gating: Gating) -> Outcome:

@@ -17,10 +17,9 @@ from pathlib import Path
 from training import registry, storage
 from training.config import RegisterConfig
 from training.manifest import manifest_hash, read_manifest
-from training.stages.lifecycle import Outcome, StageRun, run_stage, stage_name
+from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.tracking import tracking_uri
 
-STAGE = "register"
 LINEAGE_KEY = "seekflow.lineage_key"
 
 
@@ -33,13 +32,13 @@ def run(cfg: RegisterConfig) -> dict:
     checkpoint_uri = cfg.checkpoint or pretrain["outputs"]["release_checkpoint"]
     uri = tracking_uri(cfg)
     # s3: downloaded; a torn or missing one: a clear error, before anything is written
-    downloads = storage.local_dir(cfg.run_root, create=False) / stage_name(cfg, STAGE) / "checkpoints"
+    downloads = storage.local_dir(cfg.run_root, create=False) / cfg.stage_name / "checkpoints"
     checkpoint = registry.resolve_release(checkpoint_uri, tracking_uri=uri, into=downloads).path
     inputs = {"pretrain_manifest_hash": manifest_hash(pretrain), "checkpoint": checkpoint_uri}
     evaluation = _evaluation_of(cfg.run_root, checkpoint_uri)
     registry.check_tracking_server(uri)
     # Always runs: the registry is its memory (a version with this lineage key is found, not registered again).
-    return run_stage(cfg, STAGE, inputs, lambda stage: register(cfg, stage, pretrain, checkpoint, evaluation),
+    return run_stage(cfg, inputs, lambda stage: register(cfg, stage, pretrain, checkpoint, evaluation),
                      skip_when_done=False)
 
 
