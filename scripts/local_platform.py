@@ -374,7 +374,19 @@ def summary(api, run_id, run_state, tasks, elapsed):
 
 # ---------------------------------------------------------------- commands
 
+def check_sandbox() -> None:
+    """The evaluate stage runs model-written code in bubblewrap: say so now, not after pretraining."""
+    sys.path.insert(0, str(ROOT))
+    from training.verify.isolation import SandboxUnavailable, preflight
+
+    try:
+        preflight("namespaces")
+    except SandboxUnavailable as exc:
+        sys.exit(f"seekflow: {exc}")
+
+
 def cmd_run(args):
+    check_sandbox()
     for sub in ("mlflow/artifacts", "airflow", "logs", "pids"):
         (STATE / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
