@@ -7,6 +7,11 @@ On the Kubernetes backend the task is deferrable: it submits (or reattaches to) 
 `JobCompletionTrigger`, freeing its worker slot; `execute_complete` copies the pod logs into the task log, applies
 `on_finish_action` and returns the result. The job's labels carry dag/task/run/try, so a restarted worker of the same
 try computes the same job name and waits for that job instead of submitting a second one.
+
+Every task gets its stage's `retries`, `retry_delay` and `execution_timeout` (declared on the stage config's
+`stage_spec`) unless the DAG author sets them, on the operator or in default_args. Airflow does not apply
+execution_timeout while a task is deferred, so the trigger enforces it: it fails the job at the deadline, and
+`execute_complete` collects the logs and deletes the job.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import dataclasses
 import os
 import re
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,6 +45,19 @@ def default_run_root(dag_id: str, run_id: str) -> str:
     return str(seekflow_home() / "runs" / dag_id / safe)
 
 
+def task_defaults(kind: str | None, given: dict[str, Any], default_args: dict[str, Any] | None = None) -> dict:
+    """The stage kind's Airflow task defaults (from its `stage_spec`) that neither the operator's own arguments
+    (`given`) nor default_args set. An unknown kind (a task that is not a stage) gets StageSpec's defaults."""
+    from training.config import STAGES
+    from training.config.base import StageSpec
+
+    spec = STAGES[kind].stage_spec if kind in STAGES else StageSpec(kind=kind or "task")
+    values = {"retries": spec.retries, "retry_delay": timedelta(minutes=spec.retry_delay_minutes),
+              "execution_timeout": timedelta(minutes=spec.timeout_minutes)}
+    taken = set(given) | set(default_args or {})
+    return {k: v for k, v in values.items() if k not in taken}
+
+
 def pipeline_overrides(params: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
     """Translate the trigger form's Params into pipeline-config overrides (dotted pipeline paths)."""
     overrides: dict[str, Any] = {
@@ -57,14 +76,16 @@ class TrainingJobOperator(BaseOperator):
 
     `stage` names a stage instance of the pipeline: a stage kind, or a further instance (`pretrain_more`). How the
     job is launched (torchrun or python, GPUs, a shard phase) is what the instance's config class declares in its
-    `stage_spec`."""
+    `stage_spec`, and so are its default retries and timeout (`kind` names the kind of a further instance)."""
 
     template_fields: Sequence[str] = ("pipeline", "backend_name", "kubernetes")
     ui_color = "#d7e8fc"
 
     def __init__(self, *, stage: str, pipeline: dict | Any, backend: str = "local", procs_per_node: int = 1,
                  nodes: int = 1, kubernetes: dict | None = None, deferrable: bool = True, sharded: bool = False,
-                 **kwargs):
+                 kind: str | None = None, poll_attempts: int = 5, poll_backoff_s: float = 5.0, **kwargs):
+        # Airflow's apply_defaults hands the merged DAG/task default_args in as `default_args`.
+        kwargs.update(task_defaults(kind or stage, kwargs, kwargs.get("default_args")))
         super().__init__(**kwargs)
         self.stage = stage
         self.pipeline = pipeline   # {"preset": name, "overrides": {...}}, usually the validate task's XCom
@@ -74,6 +95,8 @@ class TrainingJobOperator(BaseOperator):
         self.kubernetes = kubernetes   # KubernetesSettings overrides over $SEEKFLOW_K8S_SETTINGS
         self.deferrable = deferrable   # kubernetes backend only: wait in the triggerer, not in a worker slot
         self.sharded = sharded         # the stage's shard phase: `shards` (from its config) parallel processes/pods
+        self.poll_attempts = poll_attempts     # deferred wait: failed status polls in a row before the job is deleted
+        self.poll_backoff_s = poll_backoff_s   # first wait after a failed poll (doubles each time)
         self._backend = None
         self._handle = None
 
@@ -135,9 +158,13 @@ class TrainingJobOperator(BaseOperator):
                       handle.namespace, handle.name)
         from operators.triggers import JobCompletionTrigger
 
+        now = time.time()
+        # Airflow does not time a deferred task (its execution_timeout covers execute() only): the trigger does.
+        deadline = now + self.execution_timeout.total_seconds() if self.execution_timeout else None
         self.defer(trigger=JobCompletionTrigger(name=handle.name, namespace=handle.namespace, kind=handle.kind,
-                                                settings=backend.settings.model_dump(mode="json"),
-                                                started_at=time.time()),
+                                                settings=backend.settings.model_dump(mode="json"), started_at=now,
+                                                deadline=deadline, poll_attempts=self.poll_attempts,
+                                                poll_backoff_s=self.poll_backoff_s),
                    method_name="execute_complete")
 
     def execute_complete(self, context, event: dict) -> dict:
@@ -146,7 +173,12 @@ class TrainingJobOperator(BaseOperator):
 
         self._backend = backend = self._kubernetes_backend()
         self._handle = handle = JobHandle(event["name"], event["namespace"], event["kind"])
-        if event["status"] == "error":   # we lost track of it; the job is left alone and a retry reattaches to it
+        if event["status"] == "error":   # the trigger lost track of it and deleted it; a retry submits a new one
+            if not event.get("deleted", True):   # the trigger could not delete it either: one more try from here
+                try:
+                    backend.kill(handle)
+                except Exception as exc:   # noqa: BLE001 - the wait's error is the one to report
+                    self.log.error("could not delete %s %s/%s: %s", handle.kind, handle.namespace, handle.name, exc)
             raise KubernetesApiError(f"waiting for {handle.kind} {handle.namespace}/{handle.name} failed: "
                                      f"{event['reason']}: {event['message']}")
         result = backend.finish(handle, event, log=self._log_line)
@@ -174,8 +206,8 @@ def stage_jobs(stage: str, pipeline: Any, *, kind: str | None = None,
     jobs = []
     if STAGES[kind or stage].stage_spec.shardable:
         jobs.append(TrainingJobOperator(task_id=f"{stage}_shards", stage=stage, sharded=True, pipeline=pipeline,
-                                        backend=backend))
-    jobs.append(TrainingJobOperator(task_id=stage, stage=stage, pipeline=pipeline, backend=backend))
+                                        backend=backend, kind=kind))
+    jobs.append(TrainingJobOperator(task_id=stage, stage=stage, pipeline=pipeline, backend=backend, kind=kind))
     for upstream, downstream in zip(jobs, jobs[1:]):
         upstream >> downstream
     return jobs

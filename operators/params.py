@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -278,7 +279,17 @@ def validate_config(fields: Sequence[str], stages: Sequence[str], profile: str =
             print(f"  {path} = {value!r}")
         return {"preset": params["profile"], "overrides": overrides}
 
-    return _validate()
+    validated = _validate()
+    # Reading upstream manifests (S3) may fail transiently; a bad config fails at once (AirflowFailException).
+    # Set after creation so that the DAG's default_args, when they name these, win.
+    op, taken = validated.operator, set(getattr(validated.operator.dag, "default_args", None) or {})
+    for key, value in VALIDATE_TASK_DEFAULTS.items():
+        if key not in taken:
+            setattr(op, key, value)
+    return validated
+
+
+VALIDATE_TASK_DEFAULTS = {"retries": 2, "retry_delay": timedelta(seconds=30), "execution_timeout": timedelta(minutes=10)}
 
 
 # ------------------------------------------------------------------------------------------- placeholders --

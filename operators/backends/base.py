@@ -41,7 +41,26 @@ class Backend(Protocol):
         """Stop everything this backend started for the running job."""
 
 
+class MalformedResult(ValueError):
+    """A `SEEKFLOW_RESULT` line whose payload is not a JSON object (a torn write, interleaved ranks, a stray print)."""
+
+
+def read_result(line: str) -> dict | None:
+    """The result a `SEEKFLOW_RESULT` line carries; None for any other line; MalformedResult for a broken one."""
+    if not line.startswith(RESULT_PREFIX):
+        return None
+    try:
+        result = json.loads(line[len(RESULT_PREFIX):])
+    except (ValueError, RecursionError) as exc:   # RecursionError: deeply nested brackets
+        raise MalformedResult(f"malformed {RESULT_PREFIX.strip()} line ({exc}): {line[:200]!r}") from None
+    if not isinstance(result, dict):
+        raise MalformedResult(f"{RESULT_PREFIX.strip()} is not a JSON object: {line[:200]!r}")
+    return result
+
+
 def parse_result(line: str) -> dict | None:
-    if line.startswith(RESULT_PREFIX):
-        return json.loads(line[len(RESULT_PREFIX):])
-    return None
+    """Like read_result, but a malformed line is no result (None): the line is in the task log for whoever looks."""
+    try:
+        return read_result(line)
+    except MalformedResult:
+        return None

@@ -19,7 +19,8 @@ from operators.backends.k8s_render import JOB_LABEL, TRY_LABEL, job_labels, rend
 from operators.backends.k8s_settings import KubernetesSettings
 
 TRANSIENT = {429, 500, 502, 503, 504}
-GAVE_UP = {"PendingTimeout", "NoPods"}   # failures decided here, not by the job: the job is still there
+# Failures decided here or by the trigger (the task's execution_timeout), not by the job: the job is still there.
+GAVE_UP = {"PendingTimeout", "NoPods", "Timeout"}
 
 
 class KubernetesApiError(RuntimeError):

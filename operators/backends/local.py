@@ -4,11 +4,17 @@ Output is streamed line by line into the task log. The job gets its own process 
 and every worker it spawned; and each job asks the kernel to SIGTERM it if the Airflow task process dies first
 (PR_SET_PDEATHSIG), so a hard-killed worker leaves no orphans training in the background. Jobs run at nice 10, below
 Airflow's own processes.
+
+A job sees only an allow-list of the worker's environment (`JOB_ENV_ALLOW`, plus `$SEEKFLOW_JOB_ENV_ALLOW`), never
+Airflow's own settings: its database URL, fernet key and JWT secret stay in the worker. The output pump survives
+anything a job prints (malformed result lines are logged and counted, bytes that are not UTF-8 are replaced), so the
+pipe is always drained and the task cannot hang waiting for the job.
 """
 from __future__ import annotations
 
 import collections
 import ctypes
+import fnmatch
 import glob
 import os
 import signal
@@ -18,13 +24,51 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
-from operators.backends.base import JobFailed, JobSpec, parse_result
+from operators.backends.base import RESULT_PREFIX, JobFailed, JobSpec, MalformedResult, read_result
 
 _PR_SET_PDEATHSIG = 1
 SHARD_INDEX_ENV = "JOB_COMPLETION_INDEX"    # the names a Kubernetes Indexed Job's pods see (k8s_render sets the
 SHARD_COUNT_ENV = "SEEKFLOW_NUM_SHARDS"     # count; Kubernetes sets the index)
+
+# The worker's environment variables a job may see (exact names, or shell patterns): what `python -m training`,
+# torch and the libraries it loads read, and the job's own MLflow and S3 identity. Nothing else (Airflow's
+# AIRFLOW__* settings, connections, secrets of other services) is passed.
+JOB_ENV_ALLOW = (
+    # the process: where programs are, who and where it is, locale, scratch space
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR", "TEMP", "TMP", "LD_LIBRARY_PATH",
+    # the interpreter (PYTHONPATH makes `-m training` importable where Airflow runs from elsewhere)
+    "PYTHONPATH", "PYTHONHASHSEED", "PYTHONWARNINGS", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8",
+    "VIRTUAL_ENV",
+    # MLflow: the tracking server and the job's credentials for it
+    "MLFLOW_TRACKING_*", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_S3_IGNORE_TLS", "MLFLOW_DISABLE_TELEMETRY",
+    "MLFLOW_HTTP_REQUEST_*",
+    # S3 (boto3): the job's object-store identity and endpoint
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_*", "AWS_CA_BUNDLE",
+    # seekflow's settings: SEEKFLOW_HOME, SEEKFLOW_SCRATCH, SEEKFLOW_EXTRA_PRESETS, SEEKFLOW_GIT_COMMIT...
+    "SEEKFLOW_*",
+    # devices, threads, collectives and compilers: CUDA, NCCL, gloo, torch, Transformer Engine, Triton
+    "CUDA_*", "NVIDIA_*", "NCCL_*", "GLOO_*", "TORCH_*", "TORCHINDUCTOR_*", "PYTORCH_*", "NVTE_*", "TRITON_*",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+    # Hugging Face libraries (the export loads transformers), offline: nothing is downloaded
+    "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
+    # TLS roots and proxies, where the network needs them to reach MLflow and S3
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+    "https_proxy", "no_proxy",
+)
+JOB_ENV_ALLOW_ENV = "SEEKFLOW_JOB_ENV_ALLOW"   # more names or patterns for a deployment, comma or space separated
+JOB_ENV_DENY = ("AIRFLOW*", "_AIRFLOW*")       # Airflow's own settings: never passed, whatever an allow-list says
+
+
+def job_environment(parent: Mapping[str, str], extra_allow: Iterable[str] = ()) -> dict[str, str]:
+    """The variables of `parent` a job may see: JOB_ENV_ALLOW, `extra_allow` and $SEEKFLOW_JOB_ENV_ALLOW, minus
+    JOB_ENV_DENY."""
+    allow = (*JOB_ENV_ALLOW, *extra_allow, *parent.get(JOB_ENV_ALLOW_ENV, "").replace(",", " ").split())
+    return {name: value for name, value in parent.items()
+            if any(fnmatch.fnmatchcase(name, p) for p in allow)
+            and not any(fnmatch.fnmatchcase(name, p) for p in JOB_ENV_DENY)}
 
 
 def _child_setup(niceness: int) -> Callable[[], None]:
@@ -48,8 +92,9 @@ def _free_port() -> int:
 
 class LocalBackend:
     def __init__(self, python: str = sys.executable, workdir: str | None = None, kill_grace_s: float = 15.0,
-                 tail_lines: int = 40, niceness: int = 10):
+                 tail_lines: int = 40, niceness: int = 10, env_allow: Iterable[str] = ()):
         self.python = python
+        self.env_allow = tuple(env_allow)   # names or patterns passed on top of JOB_ENV_ALLOW
         # Jobs saturate the cores; below the control plane's priority, Airflow's api-server and scheduler keep
         # answering (on 2 cores at equal priority CI saw the api-server stall for 30-40 s). Idle cores are still
         # the job's: nice only orders who waits.
@@ -61,6 +106,7 @@ class LocalBackend:
         self.max_parallel_shards = os.cpu_count() or 1
         self._lock = threading.Lock()
         self._killed = False
+        self.malformed_results = 0   # malformed SEEKFLOW_RESULT lines, over every process of the job
 
     def command(self, spec: JobSpec, config_path: str) -> list[str]:
         if spec.nodes != 1:
@@ -76,7 +122,7 @@ class LocalBackend:
             f.write(spec.config_yaml)
             config_path = f.name
         cmd = self.command(spec, config_path)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
+        env = {**job_environment(os.environ, self.env_allow), "PYTHONUNBUFFERED": "1", **spec.env}
         try:
             if spec.sharded:
                 return self._run_shards(spec, cmd, env, log)
@@ -125,7 +171,7 @@ class LocalBackend:
             if self._killed:
                 raise JobFailed(f"{label}: killed before it started")
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    cwd=self.workdir, env=env, start_new_session=True,
+                                    encoding="utf-8", errors="replace", cwd=self.workdir, env=env, start_new_session=True,
                                     preexec_fn=_child_setup(self.niceness))
             self._procs.append(proc)
         output.start(proc.stdout)
@@ -134,11 +180,18 @@ class LocalBackend:
         # and would run on unsupervised: they end with the job.
         _end_group(proc.pid, grace_s=2.0)
         output.join(timeout=30)
+        if output.malformed:
+            with self._lock:
+                self.malformed_results += output.malformed
+            log(f"local backend: {label}: {output.malformed} malformed {RESULT_PREFIX.strip()} line(s) ignored")
         if self._killed:
             raise JobFailed(f"{label}: killed (exit status {returncode})")
+        last = "\n".join(output.tail)
         if returncode != 0:
-            last = "\n".join(output.tail)
             raise JobFailed(f"{label} failed with exit status {returncode}; last output:\n{last}")
+        if output.result_broken:   # exit 0, but what it reported last is unreadable: downstream would get nothing
+            raise JobFailed(f"{label} exited 0 but its result is unreadable: {output.malformed} malformed "
+                            f"{RESULT_PREFIX.strip()} line(s) and no well-formed one after them; last output:\n{last}")
         return output.result
 
     @property
@@ -193,12 +246,17 @@ def group_alive(pgid: int) -> bool:
 
 
 class _OutputPump:
-    """Streams the job's output into the task log on a thread; keeps the last lines and the stage's result."""
+    """Streams the job's output into the task log on a thread; keeps the last lines and the stage's result.
+
+    Nothing a job prints stops it: while the pump reads, the job can write; were the pump to die, the job would
+    block on a full pipe and the task on proc.wait(), forever."""
 
     def __init__(self, log: Callable[[str], None], tail_lines: int):
         self.log = log
         self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self.result: dict = {}
+        self.malformed = 0             # malformed SEEKFLOW_RESULT lines
+        self.result_broken = False     # the last SEEKFLOW_RESULT line was malformed
         self._thread: threading.Thread | None = None
 
     def start(self, stream) -> None:
@@ -206,12 +264,45 @@ class _OutputPump:
         self._thread.start()
 
     def _pump(self, stream) -> None:
-        for line in stream:
-            line = line.rstrip("\n")
+        try:
+            for line in stream:
+                self._take(line.rstrip("\n"))
+        except Exception as exc:   # noqa: BLE001 - reading failed: say so, and still drain the pipe below
+            self._log(f"local backend: reading the job's output failed ({type(exc).__name__}: {exc}); the rest of "
+                      f"it is discarded")
+        finally:
+            _drain(stream)
+
+    def _take(self, line: str) -> None:
+        self._log(line)
+        self.tail.append(line)
+        try:
+            result = read_result(line)
+        except MalformedResult as exc:
+            self.malformed += 1
+            self.result_broken = True
+            self._log(f"local backend: {exc}")
+            return
+        if result is not None:
+            self.result, self.result_broken = result, False
+
+    def _log(self, line: str) -> None:
+        try:
             self.log(line)
-            self.tail.append(line)
-            self.result = parse_result(line) or self.result
+        except Exception:   # noqa: BLE001 - a failing log handler costs the line, never the pump
+            pass
 
     def join(self, timeout: float) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _drain(stream) -> None:
+    """Read the pipe to its end, discarding: the job must never block on a full pipe."""
+    raw = getattr(stream, "buffer", stream)
+    while True:
+        try:
+            if not raw.read(65536):
+                return
+        except Exception:   # noqa: BLE001 - closed or broken: there is nothing left to read
+            return

@@ -53,13 +53,13 @@ def context(task_id: str = "pretrain", try_number: int = 1) -> dict:
     return {"ti": ti, "run_id": ti.run_id}
 
 
-def operator(stage: str = "pretrain", deferrable: bool = True, **settings):
+def operator(stage: str = "pretrain", deferrable: bool = True, task: dict | None = None, **settings):
     from operators.job import TrainingJobOperator
 
     return TrainingJobOperator(task_id=stage, stage=stage, backend="kubernetes",
                                pipeline={"preset": "tiny", "overrides": {"run_root": "s3://seekflow/runs/test"}},
                                nodes=2 if stage == "pretrain" else 1, deferrable=deferrable,
-                               kubernetes={**FAST, **settings})
+                               kubernetes={**FAST, **settings}, poll_backoff_s=0.01, **(task or {}))
 
 
 def defer(op, ctx):
@@ -316,16 +316,68 @@ def test_get_backend_knows_kubernetes():
     assert isinstance(get_backend("kubernetes", settings=KubernetesSettings(**FAST)), KubernetesBackend)
 
 
-def test_an_api_error_while_deferred_fails_the_task_and_leaves_the_job(fake):
+def test_a_trigger_poll_error_is_retried(fake):
+    fake.outcome = Outcome.succeed([RESULT], after_s=0.3)
+    op, ctx = operator(), context()
+    trigger = defer(op, ctx)
+    fake.inject("get", "jobsets", 503, times=2)
+    submitted = fake.count("get", "jobsets")   # the submit's existence check
+    event = first_event(trigger)
+    assert event["status"] == "succeeded", event
+    assert fake.codes("get", "jobsets")[submitted:][:3] == [503, 503, 200] and fake.count("delete", "jobsets") == 0
+    result, _ = complete(op, ctx, event)
+    assert result["final_loss"] == 1.25
+
+
+def test_persistent_poll_errors_fail_the_task_and_delete_the_job(fake):
+    """The job must not run on without an owner: after the retries the trigger deletes it, then fails the task."""
+    fake.outcome = Outcome.succeed(after_s=None)   # would run forever
+    op, ctx = operator(task={"poll_attempts": 3}), context()
+    trigger = defer(op, ctx)
+    assert (trigger.poll_attempts, trigger.poll_backoff_s) == (3, 0.01)   # carried through serialization
+    fake.inject("get", "jobsets", 503, times=100)
+    submitted = fake.count("get", "jobsets")
+    event = first_event(trigger)
+    assert event["status"] == "error" and event["deleted"] is True, event
+    assert fake.count("get", "jobsets") - submitted == 3 and fake.count("delete", "jobsets") == 1 and not fake.objects
+    assert f"deleted JobSet {NS}/{trigger.name}" in event["message"]
+    err, _ = complete(op, ctx, event)
+    assert isinstance(err, KubernetesApiError) and "503" in str(err)
+    assert fake.count("delete", "jobsets") == 1   # the worker does not delete twice
+
+
+def test_a_forbidden_poll_is_not_retried_and_a_failed_delete_is_retried_by_the_worker(fake):
     fake.outcome = Outcome.succeed(after_s=None)
     op, ctx = operator(), context()
     trigger = defer(op, ctx)
     fake.inject("get", "jobsets", 403)
+    fake.inject("delete", "jobsets", 403)   # RBAC refuses the trigger's delete as well
+    submitted = fake.count("get", "jobsets")
     event = first_event(trigger)
     assert event["status"] == "error" and "cannot get jobsets.jobset.x-k8s.io" in event["message"]
-    err, _ = complete(op, ctx, event)
+    assert event["deleted"] is False and "deleting" in event["message"] and "failed too" in event["message"]
+    assert fake.count("get", "jobsets") - submitted == 1 and len(fake.objects) == 1
+    err, _ = complete(op, ctx, event)   # execute_complete deletes it from the worker
     assert isinstance(err, KubernetesApiError) and "forbidden" in str(err)
-    assert fake.count("delete", "jobsets") == 0 and len(fake.objects) == 1   # a retry reattaches to it
+    assert fake.codes("delete", "jobsets") == [403, 200] and not fake.objects
+
+
+def test_the_trigger_enforces_the_execution_timeout(fake):
+    """Airflow does not time a deferred task; the trigger fails the job at the deadline, logs first, then delete."""
+    from datetime import timedelta
+
+    fake.outcome = Outcome.succeed(after_s=None)
+    op, ctx = operator(on_finish_action="keep", task={"execution_timeout": timedelta(seconds=0.5)}), context()
+    trigger = defer(op, ctx)
+    assert trigger.deadline == pytest.approx(trigger.started_at + 0.5)
+    event = first_event(trigger)
+    assert (event["status"], event["reason"]) == ("failed", "Timeout") and "execution_timeout" in event["message"]
+    err, lines = complete(op, ctx, event)
+    assert isinstance(err, JobFailed) and "execution_timeout (0:00:00.500000)" in str(err)
+    assert any(line.startswith("----- JobSet") for line in lines)
+    [delete] = fake.calls("delete", "jobsets")   # even with keep: nothing runs past its timeout
+    assert max(i for i, r in enumerate(fake.requests) if r.resource == "pods/log") < fake.requests.index(delete)
+    assert not fake.objects
 
 
 @pytest.mark.slow

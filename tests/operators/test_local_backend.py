@@ -66,6 +66,76 @@ def test_shards_run_as_processes_told_their_index():
         LocalBackend().run(dataclasses.replace(spec, shards=3), log=lambda line: None)
 
 
+def _run_within(backend: LocalBackend, spec: JobSpec, log, timeout: float = 60.0):
+    """backend.run in a thread: returns its result or raises its error, and fails the test if it hangs."""
+    out: list = []
+
+    def target():
+        try:
+            out.append(backend.run(spec, log=log))
+        except BaseException as exc:   # noqa: BLE001 - re-raised below
+            out.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"the task hung for {timeout}s"
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
+def test_a_malformed_result_line_is_counted_and_does_not_hang_the_task():
+    lines: list[str] = []
+    backend = LocalBackend()
+    result = _run_within(backend, sleeper_spec("malformed_then_ok"), lines.append)
+    assert result == {"final_loss": 1.25}
+    assert backend.malformed_results == 2
+    assert any("malformed SEEKFLOW_RESULT line" in line for line in lines)
+    assert any("2 malformed SEEKFLOW_RESULT line(s) ignored" in line for line in lines)
+    assert any(line.startswith("not utf-8: ") for line in lines) and any("line 3999 " in line for line in lines)
+
+
+def test_a_job_whose_only_result_is_malformed_fails_cleanly():
+    backend = LocalBackend()
+    with pytest.raises(JobFailed, match=r"exited 0 but its result is unreadable: 2 malformed SEEKFLOW_RESULT"):
+        _run_within(backend, sleeper_spec("malformed"), lambda line: None)
+    assert backend.malformed_results == 2
+
+
+def test_a_failing_log_handler_does_not_stop_the_output_pump():
+    def log(line):
+        if not line.startswith("local backend"):   # the job's lines, which the pump thread logs
+            raise RuntimeError("log handler broke")
+
+    assert _run_within(LocalBackend(), sleeper_spec("malformed_then_ok"), log) == {"final_loss": 1.25}
+
+
+def test_a_job_sees_the_allow_list_not_the_workers_environment(monkeypatch):
+    """Set on the real process (os.environ is putenv): the job's /proc/self/environ must not hold Airflow's secrets."""
+    monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", "fernet-key-must-not-leak")
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "postgresql://airflow:db-password@db/airflow")
+    monkeypatch.setenv("ACME_PAYMENTS_API_TOKEN", "made-up-secret-must-not-leak")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "job-identity")
+    monkeypatch.setenv("SEEKFLOW_SCRATCH", "/tmp/seekflow-scratch-test")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    seen = LocalBackend().run(sleeper_spec("environ"), log=lambda line: None)
+    assert seen["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999" and seen["AWS_ACCESS_KEY_ID"] == "job-identity"
+    assert seen["SEEKFLOW_SCRATCH"] == "/tmp/seekflow-scratch-test" and seen["LC_ALL"] == "C.UTF-8"
+    assert seen["PATH"] == os.environ["PATH"] and seen["PYTHONUNBUFFERED"] == "1"
+    assert not [k for k in seen if k.startswith("AIRFLOW")], sorted(seen)
+    assert "ACME_PAYMENTS_API_TOKEN" not in seen
+    text = "\n".join(seen.values())
+    assert "must-not-leak" not in text and "db-password" not in text
+
+    # A deployment widens it by name or pattern; Airflow's settings stay out even when named.
+    monkeypatch.setenv("SEEKFLOW_JOB_ENV_ALLOW", "ACME_PAYMENTS_*, AIRFLOW__CORE__FERNET_KEY")
+    seen = LocalBackend(env_allow=["LC_ALL"]).run(sleeper_spec("environ"), log=lambda line: None)
+    assert seen["ACME_PAYMENTS_API_TOKEN"] == "made-up-secret-must-not-leak"
+    assert "AIRFLOW__CORE__FERNET_KEY" not in seen
+
+
 def test_multi_node_is_refused_locally():
     spec = JobSpec(stage="pretrain", config_yaml="", launcher="torchrun", nodes=2)
     with pytest.raises(ValueError, match="2 nodes"):

@@ -50,6 +50,11 @@ class StageSpec:
         other field stays reachable through the `overrides` Param.
     inputs: what the stage reads (see `StageInput`); an input with a field leads or joins the stage's own DAG form,
         and in the pipeline the upstream stage fills it.
+    retries, retry_delay_minutes, timeout_minutes: the Airflow task defaults of the stage's jobs (a DAG author's
+        own `retries` / `retry_delay` / `execution_timeout`, or default_args, win). Retrying is safe because stages
+        are idempotent: a finished stage skips, a training stage resumes from its last complete checkpoint, and
+        promote gates again against whatever champion is current. The timeout turns a hung job (a stuck collective,
+        a dead data source) into a failed try whose job is stopped.
     """
 
     kind: str
@@ -58,6 +63,14 @@ class StageSpec:
     shardable: bool = False
     form_fields: tuple[str, ...] = ()
     inputs: tuple[StageInput, ...] = ()
+    retries: int = 2
+    retry_delay_minutes: float = 2.0
+    timeout_minutes: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.retry_delay_minutes < 0 or not self.timeout_minutes > 0:
+            raise ValueError(f"stage {self.kind}: retries and retry_delay_minutes must be >= 0 and timeout_minutes "
+                             f"> 0 (got {self.retries}, {self.retry_delay_minutes}, {self.timeout_minutes})")
 
     @property
     def upstream(self) -> tuple[str, ...]:

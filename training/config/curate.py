@@ -96,7 +96,9 @@ class CurateConfig(StageConfig):
     """CPU work: `shards` processes (a Kubernetes Indexed Job) curate their share, then one process merges them."""
 
     stage_spec: ClassVar[StageSpec] = StageSpec(
-        kind="curate", shardable=True, form_fields=("sources", "max_reject_ratio", "shards", "near_dedup"))
+        kind="curate", shardable=True, form_fields=("sources", "max_reject_ratio", "shards", "near_dedup"),
+        # Long: a real corpus is hours of download and dedup. A retry reuses the finished shards' markers.
+        retries=2, retry_delay_minutes=5, timeout_minutes=12 * 60)
 
     sources: list[CurateSource] = Field(
         default_factory=lambda: [CurateSource(kind="package_metadata"), CurateSource(kind="package_code")])

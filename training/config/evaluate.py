@@ -97,7 +97,7 @@ class EvaluateConfig(StageConfig):
     in training)."""
 
     stage_spec: ClassVar[StageSpec] = StageSpec(
-        kind="evaluate", launcher="torchrun", gpus_per_node=1,
+        kind="evaluate", launcher="torchrun", gpus_per_node=1, retries=2, retry_delay_minutes=5, timeout_minutes=4 * 60,
         inputs=(StageInput("checkpoint", upstream="pretrain"),),
         form_fields=(
             "humaneval.enabled", "humaneval.max_problems", "fim.enabled", "fim.num_spans", "passkey.enabled",

@@ -15,7 +15,9 @@ class PretrainConfig(StageConfig):
     """Pretraining under torchrun, one process per GPU; the data comes from the curate stage."""
 
     stage_spec: ClassVar[StageSpec] = StageSpec(
-        kind="pretrain", launcher="torchrun",
+        # Long (a real run sets its own): a retry resumes from the last complete checkpoint, so a try lost to a
+        # node failure or a hung collective costs at most one save interval.
+        kind="pretrain", launcher="torchrun", retries=3, retry_delay_minutes=5, timeout_minutes=3 * 24 * 60,
         inputs=(StageInput("data_manifest", upstream="curate"), StageInput("init_checkpoint", required=False)),
         form_fields=(
             "train.steps", "train.seq_length", "train.micro_batch_size", "train.global_batch_size",

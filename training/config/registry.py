@@ -12,7 +12,7 @@ class RegisterConfig(StageConfig):
     """Registers the pretrain stage's release (with the evaluate stage's scores, when it ran) as a model version."""
 
     stage_spec: ClassVar[StageSpec] = StageSpec(
-        kind="register",
+        kind="register", retries=2, retry_delay_minutes=2, timeout_minutes=2 * 60,   # uploads the release
         inputs=(StageInput("checkpoint", upstream="pretrain"), StageInput(upstream="evaluate", required=False)),
         form_fields=("model_name", "alias"))
 
@@ -64,7 +64,8 @@ class PromoteConfig(StageConfig):
     (no gated metric worse than the current champion's by more than its max_regression)."""
 
     stage_spec: ClassVar[StageSpec] = StageSpec(
-        kind="promote",
+        # Short; a retry after a lost compare-and-swap gates again against the champion that won.
+        kind="promote", retries=2, retry_delay_minutes=1, timeout_minutes=15,
         # Without a register stage before it, it promotes the candidate alias of seekflow-<profile>.
         inputs=(StageInput("model_name", upstream="register", required=False),
                 StageInput("version", upstream="register", required=False)),
