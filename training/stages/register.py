@@ -1,8 +1,10 @@
 """The `register` stage: the final pretrain checkpoint becomes a version of `seekflow-<profile>` in the MLflow
 registry, with its lineage as tags and the alias `candidate`.
 
-A version carries: the release checkpoint (artifact `checkpoint/`), its Hugging Face DeepseekV3 export (artifact
-`hf/`, what the standard ecosystem serves), lineage tags (data manifest hash, config hash, parent version, DAG run id,
+A version carries: the release checkpoint (artifact `checkpoint/`, verified against its complete.json before it is
+registered), the sha256 of that complete.json as the tag `seekflow.release_sha256` (what every later download of the
+version must match: training.registry), its Hugging Face DeepseekV3 export (artifact `hf/`, what the standard
+ecosystem serves), lineage tags (data manifest hash, config hash, parent version, DAG run id,
 git commit) and, when the evaluate stage scored this checkpoint, its results as `seekflow.eval.<suite>.<metric>`.
 Idempotent by a lineage key (the pretrain result it registers + the model name): re-running the same pipeline run
 finds the version it already created instead of adding a duplicate.
@@ -31,7 +33,8 @@ def run(cfg: RegisterConfig) -> dict:
     pretrain = read_manifest(storage.stage_uri(cfg.run_root, "pretrain"))
     checkpoint_uri = cfg.checkpoint or pretrain["outputs"]["release_checkpoint"]
     uri = tracking_uri(cfg)
-    # s3: downloaded; a torn or missing one: a clear error, before anything is written
+    # s3: downloaded; a torn, missing or altered one (any file's sha256 differs from its complete.json): a clear
+    # error naming the file, before anything is written
     downloads = storage.local_dir(cfg.run_root, create=False) / cfg.stage_name / "checkpoints"
     checkpoint = registry.resolve_release(checkpoint_uri, tracking_uri=uri, into=downloads).path
     inputs = {"pretrain_manifest_hash": manifest_hash(pretrain), "checkpoint": checkpoint_uri}
@@ -66,6 +69,7 @@ def register(cfg: RegisterConfig, stage: StageRun, pretrain: dict, checkpoint: P
                 "seekflow.pretrain_run_id": str(pretrain["outputs"].get("mlflow_run_id")),
                 "seekflow.final_loss": f"{pretrain['metrics'].get('final_loss', float('nan')):.6f}",
                 "seekflow.checkpoint_format": "megatron-core dist_checkpointing (model only)",
+                **registry.release_tags(checkpoint),
                 "seekflow.parent_version": cfg.parent_version or "none",
                 "seekflow.git_commit": _git_commit(),
                 **hf_tags,

@@ -202,18 +202,17 @@ class Trainer:
         self._say(f"{how} {path.name} in {time.time() - started:.1f}s")
 
     def save_release(self) -> Path:
-        """Model weights only, plus the architecture that reads them: what register and evaluate take."""
-        from training.model.release import write_model_config
-
+        """Model weights only, plus the architecture that reads them and the complete marker (every file's sha256):
+        what register and evaluate take."""
         release_dir = self.directory / "release"
         if self.is_main:   # a remote release from an earlier run must not keep files this layout won't write
             storage.delete(storage.uri_of(release_dir, self.run_root))
-        release = checkpoint.save_release(release_dir, self.module.model)
-        if self.is_main:
-            write_model_config(release, self.module.architecture)
+        release = checkpoint.save_release(release_dir, self.module.model, self.module.architecture)
+        if self.info.local_rank == 0:   # s3 run roots: upload (each node its ranks' files); local: nothing to do
+            storage.publish(release, exclude=(checkpoint.COMPLETE,))
         dist.barrier()
-        if self.info.local_rank == 0:
-            storage.publish(release)   # s3 run roots: upload (each node its ranks' files); local: nothing to do
+        if self.is_main:   # the marker last: a reader never sees it before every file it lists
+            storage.publish(release / checkpoint.COMPLETE)
         dist.barrier()
         self._say(f"release checkpoint at {storage.uri_of(release, self.run_root)}")
         return release

@@ -40,7 +40,7 @@ def reshard(release: str, out: str) -> None:
 
     from training import checkpoint
     from training.config import ParallelConfig
-    from training.model.release import load_release, write_model_config
+    from training.model.release import load_release
     from training.parallel.setup import init_distributed, shutdown
 
     parallel = ParallelConfig(expert_model_parallel_size=int(__import__("os").environ["WORLD_SIZE"]))
@@ -48,9 +48,8 @@ def reshard(release: str, out: str) -> None:
     gpt, model = load_release(release, parallel)
     experts = len(gpt.decoder.layers[-1].mlp.experts.local_experts)
     assert experts == model.num_experts // parallel.expert_model_parallel_size, experts
-    checkpoint.save_release(Path(out), gpt)
+    checkpoint.save_release(Path(out), gpt, model)
     if dist.get_rank() == 0:
-        write_model_config(Path(out), model)
         print(f"resharded: {experts} local experts per rank", flush=True)
     shutdown()
 

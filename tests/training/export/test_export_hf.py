@@ -19,6 +19,7 @@ import torch
 from tests.support.micro import VOCAB, write_corpus
 from tests.support.mlflow_store import sqlite_store
 from tests.support.processes import ok, run_python, run_training
+from tests.support.tamper import flip_byte, largest
 from training.config import resolve_stage_config
 from training.export.convert import ExportError, hf_config, model_config_from_hf
 
@@ -262,12 +263,21 @@ def test_torn_checkpoint_fails_clearly_and_leaves_nothing(trained, tmp_path):
     assert f"checkpoint {no_metadata} is incomplete: metadata.json is missing" in result.stderr
     _no_leftovers(tmp_path / "hf")
 
-    no_shard = tmp_path / "no_shard"   # metadata present, a data file gone: fails while loading, after staging began
+    no_shard = tmp_path / "no_shard"   # metadata present, a data file gone: complete.json lists it
     shutil.copytree(trained["release"], no_shard)
-    next(no_shard.glob("*.distcp")).unlink()
+    shard = next(no_shard.glob("*.distcp"))
+    shard.unlink()
     result = export(no_shard, tmp_path / "hf")
     assert result.returncode == 2
-    assert re.search(rf"checkpoint {re.escape(str(no_shard))} could not be loaded", result.stderr), result.stderr
+    assert f"checkpoint {no_shard} is incomplete: no_shard/{shard.name} is missing" in result.stderr, result.stderr
+    _no_leftovers(tmp_path / "hf")
+
+    altered = tmp_path / "altered"   # a shard of the same size with other bytes: refused before it is read
+    shutil.copytree(trained["release"], altered)
+    shard = flip_byte(largest(altered))
+    result = export(altered, tmp_path / "hf")
+    assert result.returncode == 2
+    assert re.search(rf"{re.escape(str(shard))}: sha256 .* recorded at save", result.stderr), result.stderr
     _no_leftovers(tmp_path / "hf")
 
 

@@ -181,9 +181,11 @@ def test_register_puts_the_checkpoint_on_s3_and_is_idempotent(trained, tmp_path,
     version = client.get_model_version("seekflow-reg", first)
     assert first == "1" and _aliases(client, "seekflow-reg") == {"candidate": "1"}
     assert version.tags["seekflow.lineage_key"] and version.source.startswith("mlflow-artifacts:/")
+    assert len(version.tags["seekflow.release_sha256"]) == 64   # what every download must match
     keys = _bucket_keys(server)
     run_prefix = f"mlflow/{client.get_run(version.run_id).info.experiment_id}/{version.run_id}/artifacts/checkpoint/"
-    assert {run_prefix + f for f in ("metadata.json", "seekflow_model.json", "common.pt")} <= set(keys), keys[:20]
+    assert {run_prefix + f for f in ("metadata.json", "seekflow_model.json", "common.pt", "complete.json")} <= set(
+        keys), keys[:20]
 
     again = _register(trained, tmp_path / "rerun", server, "seekflow-reg")   # same lineage, another run root
     assert again == first

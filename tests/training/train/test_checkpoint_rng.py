@@ -1,5 +1,6 @@
-"""Checkpoints carry every random generator a step can draw from, through megatron's dist_checkpointing (which loads
-with `torch.load(weights_only=True)`): after a load, each generator continues exactly where the save left it."""
+"""Checkpoints carry every random generator a step can draw from, through megatron's dist_checkpointing (a
+ShardedObject, stored as bytes in the .distcp files and read back with `torch.load(weights_only=False)`: see
+training/checkpoint.py): after a load, each generator continues exactly where the save left it."""
 from __future__ import annotations
 
 import json

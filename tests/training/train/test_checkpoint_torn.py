@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.support.micro import pretrain, write_corpus
-from training import checkpoint
+from training import checkpoint, integrity
 
 
 def _fake_save(root, step, files=None, complete=True):
@@ -17,8 +17,7 @@ def _fake_save(root, step, files=None, complete=True):
     for name, data in files.items():
         (target / name).write_bytes(data)
     if complete:
-        sizes = {name: len(data) for name, data in files.items()}
-        (target / checkpoint.COMPLETE).write_text(json.dumps({"step": step, "files": sizes}))
+        integrity.seal(target, step=step)
     return target
 
 
