@@ -304,6 +304,8 @@ def _fetch_latest(root: Path, remote: str) -> None:
             for candidate in reversed([s for s in remote_steps if s <= step]):
                 try:
                     local = storage.fetch(storage.join(remote, step_dir(root, candidate).name))
+                except storage.UnsafeKeyError:
+                    raise   # a planted key is an attack on the mirror, not a torn save: stop, naming it
                 except storage.StorageError as err:
                     _warn(f"cannot fetch checkpoint {candidate}: {err}")
                     continue

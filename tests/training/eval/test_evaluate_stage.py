@@ -49,12 +49,14 @@ def _cfg(tmp_path, **extra) -> EvaluateConfig:
 
 
 def _fake_release(path, max_positions=512):
+    from training import integrity
     from training.config import ModelConfig
     from training.model.release import write_model_config
 
     path.mkdir(parents=True)
     (path / "metadata.json").write_text("{}")
     write_model_config(path, ModelConfig(max_position_embeddings=max_positions))
+    integrity.seal(path)
     return path
 
 
