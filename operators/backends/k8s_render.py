@@ -6,7 +6,8 @@ Pure functions of (JobSpec, KubernetesSettings) -> plain dicts, so the manifests
 - `job_name(spec)`: `sf-<stage>-<hash10>`, the hash over the stage and the spec's labels (dag, task, run, try). A task
   restarted mid-wait computes the same name and reattaches; a second submission of the same try gets a 409.
 - `job_labels(spec)`: valid label values identifying dag/task/run/try, for selectors (reattach across tries).
-- `render(spec, settings)`: the manifest.
+- `render(spec, settings)`: the manifest. Every pod meets the Pod Security Standard `restricted` (`pod_security`) and
+  gets its credentials only by Secret name (`env_secrets`: S3, then the stage's MLflow login).
 
 Multi-node torchrun uses static rendezvous, the form JobSet documents for PyTorch: node rank = the pod's completion
 index, master = the leader pod (index 0), reachable before it is Ready at its stable DNS name
@@ -27,6 +28,7 @@ REPLICATED_JOB = "node"                    # the one replicatedJob of a training
 CONTAINER = "train"                        # the one container of every job pod
 CONFIG_ENV = "SEEKFLOW_STAGE_CONFIG"       # the validated stage config YAML, read by `--config env:...`
 SHARDS_ENV = "SEEKFLOW_NUM_SHARDS"         # an Indexed Job's shard count (the index is JOB_COMPLETION_INDEX)
+SANDBOX_URL_ENV = "SEEKFLOW_SANDBOX_URL"   # where evaluate/RL send model-written programs (training.verify)
 
 LABEL_PREFIX = "seekflow.io/"
 PART_OF_LABEL = "app.kubernetes.io/part-of"
@@ -105,6 +107,8 @@ def _env(spec: JobSpec, settings: KubernetesSettings, extra: dict[str, str]) -> 
     env = {CONFIG_ENV: spec.config_yaml, **extra,
            "PYTHONUNBUFFERED": "1",                  # log lines reach `kubectl logs` as they happen
            "TMPDIR": settings.scratch_mount,         # temporary files on scratch, not the container's root fs
+           "HOME": f"{settings.scratch_mount.rstrip('/')}/home",   # caches (triton, HF) too: the root fs is read-only
+           **({SANDBOX_URL_ENV: settings.sandbox_url} if settings.sandbox_url else {}),
            **dict(sorted(settings.extra_env.items())),
            **dict(sorted(spec.env.items()))}         # the spec wins over cluster-wide defaults
     return [{"name": k, "value": _literal(v)} for k, v in env.items()]
@@ -118,6 +122,8 @@ def _volumes(settings: KubernetesSettings, shm: bool) -> tuple[list[dict], list[
     else:
         scratch = {"name": "scratch", "emptyDir": {"sizeLimit": settings.scratch_size}}
     volumes, mounts = [scratch], [{"name": "scratch", "mountPath": settings.scratch_mount}]
+    if settings.scratch_mount.rstrip("/") != "/tmp":   # /tmp for tools that ignore $TMPDIR (read-only root fs)
+        mounts.append({"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"})
     if shm:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -137,25 +143,46 @@ def _resources(cpu: str, memory: str, memory_limit: str | None, cpu_limit: str |
     return {"requests": requests, **({"limits": limits} if limits else {})}
 
 
+def env_secrets(stage: str, settings: KubernetesSettings) -> list[str]:
+    """The Secrets a job of stage kind `stage` gets (envFrom, in order): S3 and endpoints, then its MLflow login."""
+    mlflow = settings.stage_mlflow_secrets.get(stage, settings.mlflow_secret)
+    return [name for name in (settings.env_secret, mlflow) if name]
+
+
+def pod_security(settings: KubernetesSettings) -> tuple[dict, dict]:
+    """(pod, container) securityContext meeting the Pod Security Standard `restricted` (k8s/platform/namespace.yaml).
+    GPUs come from the device plugin, /dev/shm is an emptyDir: nothing here needs privilege or a capability."""
+    uid = settings.run_as_user
+    pod = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,   # fsGroup: scratch writable
+           "seccompProfile": {"type": "RuntimeDefault"}}
+    container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "privileged": False,
+                 "readOnlyRootFilesystem": settings.read_only_root_filesystem}
+    return pod, container
+
+
 def _pod_spec(spec: JobSpec, settings: KubernetesSettings, *, command: list[str], env_extra: dict[str, str],
               resources: dict, gpu: bool, node_selector: dict[str, str], ports: list[dict] | None = None) -> dict:
     volumes, mounts = _volumes(settings, shm=gpu or spec.launcher == "torchrun")
+    secrets = env_secrets(spec.stage, settings)
+    pod_context, container_context = pod_security(settings)
     container = {
         "name": CONTAINER,
         "image": spec.image or settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": command,
         "env": _env(spec, settings, env_extra),
-        **({"envFrom": [{"secretRef": {"name": settings.env_secret}}]} if settings.env_secret else {}),
+        **({"envFrom": [{"secretRef": {"name": name}} for name in secrets]} if secrets else {}),
         "resources": resources,
         "volumeMounts": mounts,
         **({"ports": ports} if ports else {}),
+        "securityContext": container_context,
     }
     pod = {
         "restartPolicy": "Never",   # a failed process fails its pod: the Job/JobSet decides what to restart
         "serviceAccountName": settings.service_account,
         "automountServiceAccountToken": False,   # jobs never call the Kubernetes API
         "enableServiceLinks": False,   # a Service named `mlflow` would inject MLFLOW_PORT=tcp://..., which mlflow reads
+        "securityContext": pod_context,
         "containers": [container],
         "volumes": volumes,
     }

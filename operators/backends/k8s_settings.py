@@ -2,7 +2,8 @@
 
 The Airflow side reads it once (`KubernetesSettings.from_env()`: the YAML file named by `$SEEKFLOW_K8S_SETTINGS`, which
 the platform mounts from the `seekflow-k8s` ConfigMap) and hands it to `k8s_render.render`. Secrets never live here:
-`env_secret` names a Secret whose keys become the job's environment, so no credential is ever written into a manifest.
+`env_secret` (S3) and `mlflow_secret` / `stage_mlflow_secrets` (the MLflow login) name Secrets whose keys become the
+job's environment, so no credential is ever written into a manifest.
 """
 from __future__ import annotations
 
@@ -75,6 +76,23 @@ class KubernetesSettings(BaseModel):
         "Only its name appears in manifests.")
     extra_env: dict[str, str] = Field(default_factory=dict,
                                       description="Non-secret environment variables for every job (e.g. NCCL_DEBUG).")
+    # MLflow users (basic-auth): the registry writes (register, promote) run as a user of their own, because MLflow
+    # lets whoever may create a version of a registered model (EDIT) also move its aliases (k8s/platform/mlflow.yaml).
+    mlflow_secret: str | None = Field(
+        "seekflow-mlflow-jobs", description="Secret with MLFLOW_TRACKING_USERNAME/PASSWORD of the jobs' MLflow user "
+        "(envFrom, after env_secret), for every stage not in stage_mlflow_secrets; None: no MLflow login.")
+    stage_mlflow_secrets: dict[str, str] = Field(
+        default_factory=lambda: {"register": "seekflow-mlflow-promoter", "promote": "seekflow-mlflow-promoter"},
+        description="Stage kind -> Secret replacing mlflow_secret for that stage's jobs (the promoter's login).")
+    sandbox_url: str | None = Field(
+        "http://seekflow-sandbox:8080", description="The sandbox service (k8s/platform/sandbox.yaml) that evaluate "
+        "and RL jobs send model-written programs to, as $SEEKFLOW_SANDBOX_URL; None: not set.")
+
+    # -- pod security (every job pod meets the Pod Security Standard `restricted`) -----------------------------------
+    run_as_user: int = Field(1000, ge=1, description="UID (and GID, fsGroup) of job pods: the training image's USER. "
+                             "Never 0: pods run with runAsNonRoot.")
+    read_only_root_filesystem: bool = Field(
+        True, description="Read-only root filesystem for job containers; $HOME, $TMPDIR and /tmp are on scratch.")
 
     # -- GPU training pods (JobSet) ---------------------------------------------------------------------------------
     gpus_per_node: int = Field(8, ge=0, description="GPUs per training pod (one pod per node) when the JobSpec does "
@@ -127,7 +145,7 @@ class KubernetesSettings(BaseModel):
             raise ValueError(f"{v!r} is not a valid namespace name (DNS-1123 label)")
         return v
 
-    @field_validator("service_account", "env_secret", "scratch_storage_class")
+    @field_validator("service_account", "env_secret", "mlflow_secret", "scratch_storage_class")
     @classmethod
     def _object_name(cls, v: str | None) -> str | None:
         if v is not None and not _DNS_SUBDOMAIN.match(v):
@@ -139,6 +157,25 @@ class KubernetesSettings(BaseModel):
     def _pull_secrets(cls, v: list[str]) -> list[str]:
         for name in v:
             cls._object_name(name)
+        return v
+
+    @field_validator("stage_mlflow_secrets")
+    @classmethod
+    def _stage_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        # Keys are stage kinds, as JobSpec.stage is; training.config is pure Python (no torch).
+        from training.config.pipeline import STAGES
+
+        for stage, secret in v.items():
+            if stage not in STAGES:
+                raise ValueError(f"stage_mlflow_secrets: unknown stage kind {stage!r}; choose from {', '.join(STAGES)}")
+            cls._object_name(secret)
+        return v
+
+    @field_validator("sandbox_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+(/\S*)?$", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
         return v
 
     @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit", "shm_size", "scratch_size",

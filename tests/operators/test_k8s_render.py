@@ -88,7 +88,8 @@ def test_pretrain_pods_get_gpus_tolerations_shm_scratch_and_pull_secrets():
     assert volumes[mounts["/scratch"]]["emptyDir"] == {"sizeLimit": "200Gi"}
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert container["image"] == SETTINGS.image
-    assert container["envFrom"] == [{"secretRef": {"name": "seekflow-env"}}]
+    assert container["envFrom"] == [{"secretRef": {"name": "seekflow-env"}},
+                                    {"secretRef": {"name": "seekflow-mlflow-jobs"}}]
     assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "seekflow-job"
     assert js["spec"]["failurePolicy"] == {"maxRestarts": 3}
 
@@ -141,7 +142,8 @@ def test_curate_is_a_cpu_indexed_job_with_one_pod_per_shard():
     env = env_of(job)
     assert "JOB_COMPLETION_INDEX" not in env   # Kubernetes sets it per pod; nothing may override it
     assert env["SEEKFLOW_NUM_SHARDS"] == "4" and env["SEEKFLOW_STAGE_CONFIG"] == curate_spec().config_yaml
-    assert container["envFrom"] == [{"secretRef": {"name": "seekflow-env"}}]
+    assert container["envFrom"] == [{"secretRef": {"name": "seekflow-env"}},
+                                    {"secretRef": {"name": "seekflow-mlflow-jobs"}}]
     assert job["metadata"]["labels"] == pod_of_labels(job) == job_labels(curate_spec())
 
 
@@ -248,6 +250,43 @@ def test_spec_env_wins_over_extra_env_and_dollar_signs_stay_literal():
     assert expand_k8s_vars(env["FOO"], container_env) == "spec $(BAR)"
     names = [e["name"] for e in pod_of(job)["containers"][0]["env"]]
     assert len(names) == len(set(names))
+
+
+def test_registry_stages_log_in_to_mlflow_as_the_promoter_and_the_others_as_the_jobs_user():
+    secrets = {stage: pod_of(render(curate_spec(stage=stage, shards=1, sharded=False), SETTINGS))["containers"][0]
+               ["envFrom"] for stage in ("curate", "evaluate", "register", "promote")}
+    names = {stage: [ref["secretRef"]["name"] for ref in refs] for stage, refs in secrets.items()}
+    assert names["curate"] == names["evaluate"] == ["seekflow-env", "seekflow-mlflow-jobs"]
+    assert names["register"] == names["promote"] == ["seekflow-env", "seekflow-mlflow-promoter"]
+    custom = KubernetesSettings(mlflow_secret=None, stage_mlflow_secrets={"promote": "prod-promoter"})
+    assert pod_of(render(curate_spec(stage="promote", shards=1, sharded=False), custom))["containers"][0][
+        "envFrom"] == [{"secretRef": {"name": "seekflow-env"}}, {"secretRef": {"name": "prod-promoter"}}]
+    assert pod_of(render(curate_spec(), custom))["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "seekflow-env"}}]
+    with pytest.raises(ValidationError, match="unknown stage kind 'promotion'"):
+        KubernetesSettings(stage_mlflow_secrets={"promotion": "x"})
+
+
+def test_pods_run_as_non_root_with_a_read_only_root_and_writable_scratch_home_and_tmp():
+    for manifest in (render(pretrain_spec(), SETTINGS), render(curate_spec(), SETTINGS)):
+        pod = pod_of(manifest)
+        [container] = pod["containers"]
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                                          "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                                "privileged": False, "readOnlyRootFilesystem": True}
+        assert {"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"} in container["volumeMounts"]
+        env = env_of(manifest)
+        assert (env["HOME"], env["TMPDIR"]) == ("/scratch/home", "/scratch")
+        assert env["SEEKFLOW_SANDBOX_URL"] == "http://seekflow-sandbox:8080"
+    pod = pod_of(render(curate_spec(), KubernetesSettings(scratch_mount="/tmp", sandbox_url=None, run_as_user=4242)))
+    assert [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]] == ["/tmp"]   # no second /tmp mount
+    assert "SEEKFLOW_SANDBOX_URL" not in env_of({"kind": "Job", "spec": {"template": {"spec": pod}}})
+    assert pod["securityContext"]["runAsUser"] == 4242
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        KubernetesSettings(run_as_user=0)
+    with pytest.raises(ValidationError, match="not an http"):
+        KubernetesSettings(sandbox_url="seekflow-sandbox:8080")
 
 
 def test_spec_image_overrides_settings_image():
