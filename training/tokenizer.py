@@ -101,7 +101,13 @@ def tokenizer_fingerprint() -> str:
 # Bavarian et al. 2022 ("Efficient Training of Language Models to Fill in the Middle", arXiv:2207.14255) move a
 # document's middle to its end behind sentinel tokens; DeepSeek-Coder (Guo et al. 2024, arXiv:2401.14196, §3.1)
 # trains in PSM order with <｜fim▁begin｜>, <｜fim▁hole｜>, <｜fim▁end｜> as the prefix, suffix and middle sentinels.
-# The model writes the middle after the prompt; training appends it (then EOD) to the prompt.
+# The model writes the middle after the prompt; training appends it (then EOD) to the prompt. This is the one
+# definition: evaluation's FIM prompts (training.eval.fim) and the training documents (training.data.fim) both
+# build on the functions below.
+PSM, SPM = "psm", "spm"
+FIM_MODES = (PSM, SPM)
+
+
 def fim_psm(prefix: str, suffix: str) -> str:
     """Prefix-suffix-middle prompt: <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>."""
     return f"{FIM_BEGIN}{prefix}{FIM_HOLE}{suffix}{FIM_END}"
@@ -122,3 +128,24 @@ def fim_psm_ids(prefix_ids: list[int], suffix_ids: list[int]) -> list[int]:
 def fim_spm_ids(prefix_ids: list[int], suffix_ids: list[int]) -> list[int]:
     """`fim_spm` in token space."""
     return [token_id(FIM_BEGIN), token_id(FIM_HOLE), *suffix_ids, token_id(FIM_END), *prefix_ids]
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in FIM_MODES:
+        raise ValueError(f"FIM mode must be one of {FIM_MODES}, got {mode!r}")
+    return mode
+
+
+def fim_document(prefix: str, middle: str, suffix: str, mode: str = PSM) -> str:
+    """A FIM training document as text: the prompt, the middle, then EOD. PSM is DeepSeek-V3 §4.1's
+    <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>middle<｜end▁of▁sentence｜>."""
+    prompt = fim_psm if _check_mode(mode) == PSM else fim_spm
+    return f"{prompt(prefix, suffix)}{middle}{EOD}"
+
+
+def fim_document_ids(prefix_ids: list[int], middle_ids: list[int], suffix_ids: list[int],
+                     mode: str = PSM) -> list[int]:
+    """`fim_document` in token space: prefix, middle and suffix each encoded on its own (as Bavarian et al. 2022 and
+    Megatron-LM's FIM dataset do), so the sentinels sit on token boundaries and the middle's ids are the middle's."""
+    prompt = fim_psm_ids if _check_mode(mode) == PSM else fim_spm_ids
+    return [*prompt(prefix_ids, suffix_ids), *middle_ids, eod_id()]

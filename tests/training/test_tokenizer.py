@@ -79,3 +79,19 @@ def test_fim_prompts_in_psm_and_spm_order_as_text_and_as_ids():
     # the sentinels cut the text, so encoding the prompt text gives the same ids as assembling them
     assert encode(psm) == T.fim_psm_ids(encode(prefix), encode(suffix))
     assert encode(spm) == T.fim_spm_ids(encode(prefix), encode(suffix))
+
+
+def test_fim_training_documents_append_the_middle_and_eod_to_the_prompt():
+    prefix, middle, suffix = "def f(a):\n", "    b = a + 1", "\n    return b\n"
+    begin, hole, end = (T.token_id(t) for t in (T.FIM_BEGIN, T.FIM_HOLE, T.FIM_END))
+    assert T.fim_document(prefix, middle, suffix, T.PSM) == (
+        "<｜fim▁begin｜>def f(a):\n<｜fim▁hole｜>\n    return b\n<｜fim▁end｜>    b = a + 1<｜end▁of▁sentence｜>")
+    assert T.fim_document(prefix, middle, suffix, T.SPM) == (
+        "<｜fim▁begin｜><｜fim▁hole｜>\n    return b\n<｜fim▁end｜>def f(a):\n    b = a + 1<｜end▁of▁sentence｜>")
+    ids = T.fim_document_ids(encode(prefix), encode(middle), encode(suffix), T.PSM)
+    assert ids == [begin, *encode(prefix), hole, *encode(suffix), end, *encode(middle), T.eod_id()]
+    assert ids[:-len(encode(middle)) - 1] == T.fim_psm_ids(encode(prefix), encode(suffix))   # evaluation's prompt
+    assert T.fim_document_ids(encode(prefix), encode(middle), encode(suffix), T.SPM) == [
+        *T.fim_spm_ids(encode(prefix), encode(suffix)), *encode(middle), T.eod_id()]
+    with pytest.raises(ValueError, match="FIM mode must be one of"):
+        T.fim_document(prefix, middle, suffix, "middle-first")

@@ -16,6 +16,20 @@ URI_KINDS = ("jsonl", "parquet", "text", "repos")
 CODE_KINDS = ("package_code", "repos")                  # code: no language ID or prose quality filters
 
 
+class FimConfig(Section):
+    """Fill-in-the-middle on a code source's documents, applied while packing (`training.data.fim`; why there: its
+    docstring). Off by default, so existing corpora keep their bytes; paper presets set the papers' rate."""
+
+    # DeepSeek-Coder §3.1 and Coder-V2 §3.1 (Coder-V2-Lite): 0.5, PSM only. DeepSeek-V3 §4.1: 0.1, PSM only.
+    rate: float = Field(0.0, ge=0, le=1, description="Share of the source's documents turned into FIM documents: "
+                                                     "0.5 in DeepSeek-Coder §3.1 / Coder-V2-Lite, 0.1 in "
+                                                     "DeepSeek-V3 §4.1; 0 turns FIM off.")
+    # The DeepSeek papers train PSM only; Bavarian et al. 2022 recommend training SPM and PSM jointly.
+    spm_rate: float = Field(0.0, ge=0, le=1, description="Of the FIM documents, the share in SPM order (the rest "
+                                                         "PSM). DeepSeek trains PSM only: 0.")
+    seed: int = Field(0, description="Seeds the per-document draws (hash of seed and document id).")
+
+
 class CurateSource(Section):
     """One input of the blend: where it is, what it is, its weight, and which steps apply to it."""
 
@@ -44,6 +58,8 @@ class CurateSource(Section):
     pii: bool = Field(True, description="Redact e-mails, IPs, phone numbers and secrets.")
     decontaminate: bool = Field(True, description="Remove documents that overlap the evaluation benchmarks.")
     near_dedup: bool = Field(True, description="MinHash-LSH near-duplicate removal across all shards and sources.")
+    fim: FimConfig = Field(default_factory=FimConfig, description="Fill-in-the-middle at packing time (code "
+                                                                  "kinds only).")
 
     @property
     def label(self) -> str:
@@ -69,6 +85,9 @@ class CurateSource(Section):
             raise ValueError(f"uri: a {self.kind} source needs a uri (local path or s3://bucket/prefix)")
         if self.kind in PACKAGE_KINDS and self.uri:
             raise ValueError(f"uri: a {self.kind} source reads installed packages and takes no uri")
+        if self.fim.rate > 0 and not self.is_code:
+            raise ValueError(f"fim.rate: fill-in-the-middle applies to code sources ({', '.join(CODE_KINDS)}), "
+                             f"not to a {self.kind} source; set fim.rate to 0")
         return self
 
 

@@ -7,7 +7,9 @@ one merge. A Kubernetes Indexed Job (or the local backend's processes) runs `pyt
 yet, then merges. The merge is the cross-shard part: MinHash-LSH clustering over every shard's signatures, exact
 dedup across shards and sources, then `{stage}/data/{name}_text_document.{bin,idx}` for megatron's blended dataset
 builder (weights in the manifest). Any N keeps the same documents: shard i reads the items with ordinal ≡ i (mod N)
-and every decision after that depends on the document alone or on its global order key.
+and every decision after that depends on the document alone or on its global order key. Fill-in-the-middle
+(`training.data.fim`, a code source's `fim` section) is one of those per-document decisions, made while packing; the
+manifest counts each source's kept documents per FIM mode (metrics `{source}.fim.{psm,spm,none}`).
 
 Bad input (unreadable files, malformed records, empty documents) is counted per reason and sampled into
 `{stage}/rejects/{source}/{step}.jsonl`; a source whose bad input exceeds `max_reject_ratio` fails the stage, naming
@@ -82,8 +84,10 @@ def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> Outcom
             stats = shards.source_stats(funnel, counts)
             stats["pii"] = dict(sum((Counter(m["sources"][source.label]["pii"]) for m in markers), Counter()))
             metrics[source.label] = stats
+            fim = (f"; FIM at rate {source.fim.rate}: " + ", ".join(f"{k} {v}" for k, v in counts["fim"].items())
+                   if source.fim.rate > 0 else "")
             print(f"curate {source.label}: kept {counts['documents']} documents, {counts['tokens']:,} tokens "
-                  f"({cfg.shards} shard{'s' * (cfg.shards > 1)}); " + funnels.describe(funnel), flush=True)
+                  f"({cfg.shards} shard{'s' * (cfg.shards > 1)}){fim}; " + funnels.describe(funnel), flush=True)
             tracking.log_metrics(mlflow_run, tracking.flatten(source.label, stats, {}))   # before the check below
             ratio = stats["bad_input"] / max(stats["read"], 1)
             if ratio > cfg.max_reject_ratio:
@@ -92,7 +96,8 @@ def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> Outcom
                                   f"{out / 'rejects' / source.label / 'bad_input.jsonl'}")
             datasets.append({"kind": source.kind, "name": source.label, "prefix": storage.uri_of(prefix, cfg.run_root),
                              "weight": source.weight, "documents": counts["documents"], "tokens": counts["tokens"],
-                             "bin_sha256": sha256_file(prefix.with_suffix(".bin"))})
+                             "bin_sha256": sha256_file(prefix.with_suffix(".bin")),
+                             "fim": {**source.fim.model_dump(), "documents": counts["fim"]}})
 
         documents, tokens = sum(d["documents"] for d in datasets), sum(d["tokens"] for d in datasets)
         metrics.update(documents=documents, tokens=tokens, shards=cfg.shards,

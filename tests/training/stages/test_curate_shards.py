@@ -1,4 +1,5 @@
-"""Curation as shard i of N plus a merge: any N keeps the same documents; shard jobs read their index from the
+"""Curation as shard i of N plus a merge: any N keeps the same documents, fill-in-the-middle documents included
+(the code source turns half its documents into FIM, half of those SPM); shard jobs read their index from the
 environment exactly as a Kubernetes Indexed Job sets it."""
 import json
 
@@ -13,7 +14,8 @@ def _config(run_root, mlflow_db, shards, documents=(40, 60)):
         "run_root": str(run_root), "shards": shards,
         "tracking": {"uri": f"sqlite:///{mlflow_db}", "experiment": "test-shards"},
         "sources": [{"kind": "package_metadata", "weight": 0.6, "max_documents": documents[0]},
-                    {"kind": "package_code", "weight": 0.4, "max_documents": documents[1], "max_file_bytes": 50_000}]})
+                    {"kind": "package_code", "weight": 0.4, "max_documents": documents[1], "max_file_bytes": 50_000,
+                     "fim": {"rate": 0.5, "spm_rate": 0.5, "seed": 7}}]})
 
 
 def _kept(manifest):
@@ -53,8 +55,31 @@ def test_three_shard_jobs_then_merge_keep_what_one_shard_keeps(one_shard, tmp_pa
     assert three["metrics"]["tokens"] == one_shard["metrics"]["tokens"]
     assert three["metrics"]["shards"] == 3
     for kind in ("package_metadata", "package_code"):   # the same items read and set aside as bad input
-        for key in ("read", "bad_input_reasons", "too_short", "near_duplicates", "documents", "tokens"):
+        for key in ("read", "bad_input_reasons", "too_short", "near_duplicates", "documents", "tokens", "fim"):
             assert three["metrics"][kind][key] == one_shard["metrics"][kind][key], (kind, key)
+
+
+def test_fim_documents_are_counted_and_packed(one_shard):
+    """Every mode occurs, the counts add up to the kept documents, and the packed documents carry the sentinels."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from training import tokenizer as T
+    from training.storage import local_dir
+
+    code = next(d for d in one_shard["outputs"]["datasets"] if d["name"] == "package_code")
+    counts = one_shard["metrics"]["package_code"]["fim"]
+    assert code["fim"] == {"rate": 0.5, "spm_rate": 0.5, "seed": 7, "documents": counts}
+    print(f"package_code FIM documents (rate 0.5, spm_rate 0.5): {counts}")
+    assert sum(counts.values()) == code["documents"] and min(counts.values()) > 0, counts
+    prose = one_shard["metrics"]["package_metadata"]
+    assert prose["fim"] == {"psm": 0, "spm": 0, "none": prose["documents"]}   # no FIM on prose
+    begin, hole, end = (T.token_id(t) for t in (T.FIM_BEGIN, T.FIM_HOLE, T.FIM_END))
+    dataset = IndexedDataset(str(local_dir(code["prefix"], create=False)))
+    docs = [dataset[i].tolist() for i in range(len(dataset))]
+    assert all(doc[-1] == T.eod_id() for doc in docs)
+    fim_docs = [doc for doc in docs if doc[0] == begin]
+    assert len(fim_docs) == counts["psm"] + counts["spm"]
+    assert all(doc.count(begin) == doc.count(hole) == doc.count(end) == 1 for doc in fim_docs)
 
 
 def test_shard_environment_is_checked(tmp_path, mlflow_db, monkeypatch):

@@ -2,7 +2,7 @@
 
     read → bad input → normalise → exact dedup → decontamination → [language ID → Gopher/C4 quality]   (prose)
                                                                  → [code file quality]          (package_code files)
-         → PII redaction → tokenize + pack → MinHash signatures
+         → PII redaction → tokenize (+ fill-in-the-middle, code sources) + pack → MinHash signatures
 (`repos` sources apply DeepSeek-Coder's file filters while reading, before files are ordered and concatenated.)
 
 Each filter drops with a reason that datatrove counts in its stats, and keeps samples of what it dropped in
@@ -72,7 +72,8 @@ def source_pipeline(cfg, source, source_index: int, shard: Path) -> list:
         steps.append(CodeFileQuality(exclusion_writer=rejects("code_quality")))
     if source.pii:
         steps.append(pii.RedactPII())
-    steps.append(PackCandidates(shard / source.label, source.label, exclusion_writer=rejects("pack")))
+    steps.append(PackCandidates(shard / source.label, source.label, exclusion_writer=rejects("pack"),
+                                fim_options=source.fim.model_dump()))
     if source.near_dedup:
         nd = cfg.near_dedup
         steps.append(minhash.MinhashSignatureStep(shard / "minhash" / source.label, minhash.MinhashParams(

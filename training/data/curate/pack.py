@@ -1,13 +1,16 @@
 """Tokenise and pack: a shard's candidates into a megatron-core indexed dataset, then the merge of every shard.
 
 `PackCandidates` is the last filter of a source's chain in a shard: it tokenizes with DeepSeek's tokenizer (HF
-`tokenizers`, batched), appends EOD, and writes `{kind}.bin/.idx` with megatron-core's `IndexedDatasetBuilder` plus one
-JSON line per document (`{kind}.docs.jsonl`: order, content key, id, tokens). A document whose raw text encodes to a
-control token (a literal end-of-sentence or FIM marker inside the data) would corrupt document boundaries and is set
-aside, except the repository and file-name markers a repository sample is built from.
+`tokenizers`, batched), turns the source's FIM share into fill-in-the-middle documents (`training.data.fim`: at
+packing, per document, from a hash of seed and document id, so any shard count writes the same tokens), appends EOD,
+and writes `{kind}.bin/.idx` with megatron-core's `IndexedDatasetBuilder` plus one JSON line per document
+(`{kind}.docs.jsonl`: order, content key, id, tokens, FIM mode). A document whose raw text encodes to a control token
+(a literal end-of-sentence or FIM marker inside the data) would corrupt document boundaries and is set aside, except
+the repository and file-name markers a repository sample is built from.
 
 `merge_source` reads every shard's candidates in order and keeps a document unless an earlier one has the same
 content key (across shards and sources) or the near-dedup clustering removed it: exactly what one shard would keep.
+It counts the kept documents per FIM mode (psm, spm, none) for the manifest.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from training import tokenizer
+from training.data import fim
 from training.data.curate.steps import TOKEN_BATCH
 
 PROGRESS_SECONDS = 5.0
@@ -40,9 +44,10 @@ def megatron_builder():
 class PackCandidates(BaseFilter):
     name = "tokenize + pack"
 
-    def __init__(self, prefix: Path, label: str, exclusion_writer=None):
+    def __init__(self, prefix: Path, label: str, exclusion_writer=None, fim_options: dict | None = None):
         super().__init__(exclusion_writer=exclusion_writer, batch_size=TOKEN_BATCH)
         self.prefix, self.label = Path(prefix), label
+        self.fim_options = dict(fim_options or {})   # rate, spm_rate, seed of `fim.document_ids` (a FimConfig's dump)
         self.builder = self.docs_file = None
 
     def _open(self) -> None:
@@ -68,7 +73,7 @@ class PackCandidates(BaseFilter):
         if self.builder is None:
             self._open()
         results = []
-        # No special tokens from the tokenizer (DeepSeek's adds none anyway); EOD is appended explicitly.
+        # No special tokens from the tokenizer (DeepSeek's adds none anyway); fim.document_ids adds FIM and EOD.
         for doc, encoding in zip(batch, self.encode_batch([d.text for d in batch], add_special_tokens=False)):
             ids = np.asarray(encoding.ids, dtype=self.dtype)
             control = self.is_control[ids]
@@ -77,12 +82,14 @@ class PackCandidates(BaseFilter):
             if control.any():
                 results.append((False, "control_token"))
                 continue
-            self.builder.add_document(np.append(ids, np.asarray([self.eod], dtype=self.dtype)), [len(ids) + 1])
-            doc.metadata["token_count"] = len(ids) + 1
+            packed = fim.document_ids(doc.text, doc.id, plain_ids=encoding.ids, **self.fim_options)   # EOD last
+            ids = np.asarray(packed.ids, dtype=self.dtype)
+            self.builder.add_document(ids, [len(ids)])
+            doc.metadata["token_count"] = len(ids)
             self.docs_file.write(json.dumps({"order": doc.metadata["order"], "key": doc.metadata["content_key"],
-                                             "id": doc.id, "tokens": len(ids) + 1}) + "\n")
+                                             "id": doc.id, "tokens": len(ids), "fim": packed.mode}) + "\n")
             self.documents += 1
-            self.tokens += len(ids) + 1
+            self.tokens += len(ids)
             results.append(True)
         self._progress()
         return results
@@ -102,14 +109,15 @@ class PackCandidates(BaseFilter):
                   f"{self.tokens:,} tokens ({self.tokens / elapsed:,.0f}/s)", flush=True)
 
 
-def read_candidates(shard_dirs: list[Path], label: str) -> list[tuple[int, int, int, str, int]]:
-    """(order, shard position, row in that shard's dataset, content key, tokens) of every shard's candidates."""
+def read_candidates(shard_dirs: list[Path], label: str) -> list[tuple[int, int, int, str, int, str]]:
+    """(order, shard position, row in that shard's dataset, content key, tokens, FIM mode) of every shard's
+    candidates."""
     rows = []
     for position, directory in enumerate(shard_dirs):
         with open(directory / f"{label}.docs.jsonl") as f:
             for row, line in enumerate(f):
                 r = json.loads(line)
-                rows.append((r["order"], position, row, r["key"], r["tokens"]))
+                rows.append((r["order"], position, row, r["key"], r["tokens"], r.get("fim", fim.NONE)))
     rows.sort()
     return rows
 
@@ -125,8 +133,8 @@ def merge_source(label: str, shard_dirs: list[Path], prefix: Path, seen_keys: se
     candidates = read_candidates(shard_dirs, label)
     counts = {"candidates": len(candidates), "candidate_tokens": sum(c[4] for c in candidates),
               "exact_duplicates": 0, "exact_duplicate_tokens": 0, "near_duplicates": 0, "near_duplicate_tokens": 0,
-              "documents": 0, "tokens": 0}
-    for order, position, row, key, tokens in candidates:
+              "documents": 0, "tokens": 0, "fim": dict.fromkeys(fim.MODES, 0)}
+    for order, position, row, key, tokens, mode in candidates:
         if key in seen_keys:
             counts["exact_duplicates"] += 1
             counts["exact_duplicate_tokens"] += tokens
@@ -142,5 +150,6 @@ def merge_source(label: str, shard_dirs: list[Path], prefix: Path, seen_keys: se
         builder.add_document(ids, [len(ids)])
         counts["documents"] += 1
         counts["tokens"] += len(ids)
+        counts["fim"][mode] += 1
     builder.finalize(str(prefix) + ".idx")
     return counts

@@ -104,4 +104,5 @@ def source_stats(funnel: list[dict], counts: dict) -> dict:
             "skipped_files": funnel[0].get("skipped_files", {}),
             "too_short": too_short, "dropped": {s["step"]: sum(s["dropped"].values()) for s in funnel if s["dropped"]},
             "exact_duplicates": counts["exact_duplicates"], "near_duplicates": counts["near_duplicates"],
-            "documents": counts["documents"], "tokens": counts["tokens"]}
+            "documents": counts["documents"], "tokens": counts["tokens"],
+            "fim": counts["fim"]}   # kept documents per FIM mode (psm, spm, none)
