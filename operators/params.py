@@ -235,7 +235,8 @@ def _check_inputs(pipeline: PipelineConfig, stages: Sequence[str]) -> None:
         cfg = pipeline.stage(name)
         for needed in cfg.stage_spec.inputs:
             if needed.required and needed.upstream and needed.upstream not in kinds:
-                problem = _missing_input(cfg.run_root, getattr(cfg, needed.field) if needed.field else None, needed)
+                problem = _missing_input(cfg.run_root, getattr(cfg, needed.field) if needed.field else None, needed,
+                                         cfg.upstream(needed.upstream))
                 if problem:
                     where = f"{name}.{needed.field}" if needed.field else name
                     raise ConfigError(f"invalid config:\n  {where}: {problem}")
@@ -244,14 +245,15 @@ def _check_inputs(pipeline: PipelineConfig, stages: Sequence[str]) -> None:
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")   # s3://, models:/, file://
 
 
-def _missing_input(run_root: str, ref: str | None, needed: StageInput) -> str | None:
-    """Why the input is missing: unset, the upstream's manifest under run_root must exist; set, the path must."""
-    location = ref or f"{run_root.rstrip('/')}/{needed.upstream}"
+def _missing_input(run_root: str, ref: str | None, needed: StageInput, upstream: str) -> str | None:
+    """Why the input is missing: unset, the upstream instance's manifest under run_root must exist; set, the path
+    must."""
+    location = ref or f"{run_root.rstrip('/')}/{upstream}"
     if _SCHEME.match(location) and not location.startswith("file://"):
         return None
     path = Path(location.removeprefix("file://"))
     if ref is None and not (path / "manifest.json").is_file():
-        return (f"no {needed.upstream} manifest at {location!r}; run the {needed.upstream} stage under this "
+        return (f"no {upstream} manifest at {location!r}; run the {upstream} stage under this "
                 f"run_root first, or set this field")
     if ref is not None and not path.exists():
         return f"nothing at {ref!r} (the {needed.upstream} stage's output is expected)"

@@ -7,10 +7,11 @@ nothing here may import torch, megatron or mlflow.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -102,10 +103,31 @@ class StageConfig(Section):
                     "document. Default: the stage kind. A pipeline may hold a second instance of a kind under "
                     "another name (a section with `stage: <kind>`).")
 
+    reads: dict[str, str] = Field(
+        default_factory=dict,
+        description="Which stage instance stands in for an upstream kind, e.g. {pretrain: code_cpt}: this instance "
+                    "then reads {run_root}/code_cpt/ wherever its kind reads {run_root}/pretrain/ (how a pipeline "
+                    "chains a second evaluate → register → promote after code_cpt).")
+
     @property
     def stage_name(self) -> str:
         """The instance's name, which is also its run directory under run_root (default: the stage kind)."""
         return self.name or self.stage_spec.kind
+
+    def upstream(self, kind: str) -> str:
+        """The stage instance whose output this one reads for upstream `kind` (default: that kind's own)."""
+        return self.reads.get(kind, kind)
+
+    @model_validator(mode="after")
+    def _reads_known_kinds(self) -> "StageConfig":
+        unknown = sorted(set(self.reads) - set(self.stage_spec.upstream))
+        if unknown:
+            raise ValueError(f"reads: {self.stage_spec.kind} reads no {unknown} (its upstream kinds: "
+                             f"{list(self.stage_spec.upstream) or 'none'})")
+        bad = sorted(v for v in self.reads.values() if not re.match(INSTANCE_NAME, v))
+        if bad:
+            raise ValueError(f"reads: {bad} are not stage instance names")
+        return self
 
 
 # Copied from a pipeline document into every stage section; `name` is per instance, not shared.

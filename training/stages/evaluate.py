@@ -7,7 +7,8 @@ and the suites' prompts fit the model's context (EvaluateError). Only then is th
 megatron-core GPTModel).
 
 Results: metrics `eval/<suite>/<metric>` in one MLflow run, per-item results as an MLflow table
-(`eval/items.json`) plus `eval/results.json`, `eval/summary.md` and `eval/summary.csv`, and, for a registered
+(`eval/items.json`) plus `eval/results.json`, `eval/summary.md` and `eval/summary.csv`, the suites' own tables and
+files (`eval/niah/grid.json` + `eval/niah/heatmap.png`, `eval/perplexity/positions.json`), and, for a registered
 version, `seekflow.eval.<suite>.<metric>` tags on that version. The manifest is written last.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def run(cfg: EvaluateConfig) -> dict:
         raise EvaluateError("evaluate runs in one process; launch it without torchrun (nproc 1)")
     uri = tracking_uri(cfg)
     registry.check_tracking_server(uri)
-    ref = cfg.checkpoint or read_manifest(storage.stage_uri(cfg.run_root, "pretrain"))["outputs"]["release_checkpoint"]
+    ref = cfg.checkpoint or read_manifest(storage.stage_uri(cfg.run_root, cfg.upstream("pretrain")))["outputs"]["release_checkpoint"]
     # The registry client is made only for a models:/ reference: opening a sqlite store creates it, and a bad local
     # checkpoint must fail before anything is written.
     downloads = storage.local_dir(cfg.run_root, create=False) / cfg.stage_name / "checkpoints"
@@ -88,6 +89,13 @@ def evaluate(cfg: EvaluateConfig, stage: StageRun, release: Path, model_cfg, tar
             if items:
                 table = {key: [row[key] for row in items] for key in items[0]}
                 mlflow.log_table(table, artifact_file="eval/items.json")   # the MLflow UI's table view
+            for r in results.values():   # a suite's own: the NIAH grid and heatmap, perplexity by position
+                for path, suite_table in r.tables.items():
+                    mlflow.log_table(suite_table, artifact_file=f"eval/{path}")
+                for path, content in r.files.items():
+                    (out_dir / path).parent.mkdir(parents=True, exist_ok=True)
+                    (out_dir / path).write_bytes(content)
+                    mlflow.log_artifact(str(out_dir / path), artifact_path=str(Path("eval", path).parent))
             if target is not None:
                 scores = {k: v for k, v in metrics.items() if not k.endswith(".seconds")}
                 registry.tag_version(registry.mlflow_client(tracking_uri(cfg)), target.name, target.version,
@@ -108,7 +116,8 @@ def evaluate(cfg: EvaluateConfig, stage: StageRun, release: Path, model_cfg, tar
 def _write_results(out: Path, results: dict, metrics: dict, inputs: dict, model_name: str) -> Path:
     """results.json (metrics + every item), summary.md (a table a person reads), summary.csv (one row per metric)."""
     payload = {"checkpoint": inputs["checkpoint"], "model": model_name, "heldout": inputs["heldout"],
-               "metrics": metrics, "items": {suite: r.items for suite, r in results.items()}}
+               "metrics": metrics, "items": {suite: r.items for suite, r in results.items()},
+               "tables": {path: t for r in results.values() for path, t in r.tables.items()}}
     storage.write_json_atomic(out / "results.json", payload)
     lines = [f"# Evaluation of `{inputs['checkpoint']}` ({model_name})", "", "| suite | metric | value |",
              "|---|---|---|"]

@@ -112,7 +112,7 @@ def _outcome(gating: Gating, run_id: str | None) -> Outcome:
 
 def _target(cfg: PromoteConfig) -> tuple[str, str]:
     """(model name, version number or alias): config first, then the register stage's manifest, then @candidate."""
-    text = storage.read_text(manifest_uri(cfg.run_root, "register"))
+    text = storage.read_text(manifest_uri(cfg.run_root, cfg.upstream("register")))
     registered = json.loads(text)["outputs"] if text else {}
     name = cfg.model_name or registered.get("model_name") or f"seekflow-{cfg.profile}"
     if cfg.version:

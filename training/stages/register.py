@@ -30,7 +30,7 @@ def model_name(cfg: RegisterConfig) -> str:
 
 
 def run(cfg: RegisterConfig) -> dict:
-    pretrain = read_manifest(storage.stage_uri(cfg.run_root, "pretrain"))
+    pretrain = read_manifest(storage.stage_uri(cfg.run_root, cfg.upstream("pretrain")))
     checkpoint_uri = cfg.checkpoint or pretrain["outputs"]["release_checkpoint"]
     uri = tracking_uri(cfg)
     # s3: downloaded; a torn, missing or altered one (any file's sha256 differs from its complete.json): a clear
@@ -38,7 +38,7 @@ def run(cfg: RegisterConfig) -> dict:
     downloads = storage.local_dir(cfg.run_root, create=False) / cfg.stage_name / "checkpoints"
     checkpoint = registry.resolve_release(checkpoint_uri, tracking_uri=uri, into=downloads).path
     inputs = {"pretrain_manifest_hash": manifest_hash(pretrain), "checkpoint": checkpoint_uri}
-    evaluation = _evaluation_of(cfg.run_root, checkpoint_uri)
+    evaluation = _evaluation_of(cfg.run_root, cfg.upstream("evaluate"), checkpoint_uri)
     registry.check_tracking_server(uri)
     # Always runs: the registry is its memory (a version with this lineage key is found, not registered again).
     return run_stage(cfg, inputs, lambda stage: register(cfg, stage, pretrain, checkpoint, evaluation),
@@ -97,10 +97,10 @@ def _existing_version(client, name: str, lineage_key: str) -> str | None:
     return str(found[0].version) if found else None
 
 
-def _evaluation_of(run_root: str, checkpoint_uri: str) -> dict[str, float]:
+def _evaluation_of(run_root: str, evaluate_stage: str, checkpoint_uri: str) -> dict[str, float]:
     """The evaluate stage's metrics for this very checkpoint (none when it has not run or scored another one)."""
     try:
-        evaluated = read_manifest(storage.stage_uri(run_root, "evaluate"))
+        evaluated = read_manifest(storage.stage_uri(run_root, evaluate_stage))
     except FileNotFoundError:
         return {}
     if evaluated["inputs"].get("checkpoint") != checkpoint_uri:

@@ -297,3 +297,15 @@ def test_a_bad_further_instance_fails_naming_the_field(section, field, message):
     with pytest.raises(ConfigError) as err:
         validate(PipelineConfig, {**_two_pretrains(), "pretrain_more": section})
     assert f"  {field}: " in str(err.value) and message in str(err.value)
+
+
+def test_an_instance_reads_another_instance_in_place_of_an_upstream_kind():
+    from training.config import PipelineConfig
+
+    pipeline = PipelineConfig.model_validate({
+        "evaluate_more": {"stage": "evaluate", "reads": {"pretrain": "pretrain_more"}},
+        "pretrain_more": {"stage": "pretrain"}})
+    assert pipeline.stage("evaluate_more").upstream("pretrain") == "pretrain_more"
+    assert pipeline.evaluate.upstream("pretrain") == "pretrain"
+    with pytest.raises(ValueError, match=r"reads: evaluate reads no \['curate'\]"):
+        PipelineConfig.model_validate({"evaluate": {"reads": {"curate": "x"}}})
