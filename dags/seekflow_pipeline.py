@@ -1,7 +1,7 @@
 """seekflow_pipeline: the whole run, end to end — curate (shards, then merge) → pretrain → evaluate → register →
 promote.
 
-Wiring only. The stages, their order and their form fields come from the stage registry
+Wiring only. The stages, their order and their form fields come from the stage registry and its pipeline chain
 (`training/config/pipeline.py`); the trigger form is generated from the stage config schemas (`operators/params.py`):
 a value the config would reject is rejected by the form before a run exists. The first task resolves the preset plus
 the form into the full pipeline config and validates every stage, so cross-field mistakes (warm-up ≥ steps...) fail
@@ -18,9 +18,9 @@ from airflow.sdk import DAG
 
 from operators.job import stage_jobs
 from operators.params import config_param, form_params, pipeline_form_fields, validate_config
-from training.config import STAGES as STAGE_REGISTRY
+from training.config import PIPELINE_CHAIN
 
-STAGES = tuple(STAGE_REGISTRY)   # every registered stage kind, in pipeline order
+STAGES = PIPELINE_CHAIN   # the stage instances of the end-to-end run, in order (training/config/pipeline.py)
 # Pretraining steps keep their short key `steps` here (README, `make run STEPS=N`, REST {"steps": N}); empty means
 # the profile's value, so pretrain.train.steps is not a second field.
 FIELDS = tuple(f for f in pipeline_form_fields(STAGES) if f != "pretrain.train.steps")
@@ -39,7 +39,7 @@ with DAG(
 ) as dag:
     pipeline = validate_config(FIELDS, STAGES)
     previous = pipeline
-    for kind in STAGES:   # one stage after the other; curate's shard phase is a task of its own
-        jobs = stage_jobs(kind, pipeline)
+    for name in STAGES:   # one stage after the other; curate's shard phase is a task of its own
+        jobs = stage_jobs(name, pipeline)
         previous >> jobs[0]
         previous = jobs[-1]

@@ -20,7 +20,7 @@ from training.config.loader import (
 )
 from training.config.model import ModelConfig, YarnConfig
 from training.config.parallel import ParallelConfig, RecomputeModule, stage_layers, stage_sizes
-from training.config.pipeline import STAGES, PipelineConfig
+from training.config.pipeline import PIPELINE_CHAIN, STAGES, PipelineConfig
 from training.config.pretrain import PretrainConfig
 from training.config.registry import GateRule, PromoteConfig, RegisterConfig
 from training.config.train import BatchSizeRampup, OptimizerConfig, TrainLoopConfig
@@ -38,6 +38,7 @@ __all__ = [
     "to_yaml",
     "SHARED_KEYS",
     "STAGES",
+    "PIPELINE_CHAIN",
     "BatchSizeRampup",
     "CurateConfig",
     "CurateSource",

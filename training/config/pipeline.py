@@ -36,6 +36,11 @@ STAGES: dict[str, type[StageConfig]] = {cls.stage_spec.kind: cls for cls in (
 )}
 
 
+# The end-to-end pipeline's stage instances, in the order seekflow_pipeline runs them. A kind in STAGES is not in the
+# pipeline until it is listed here (its own DAG runs it either way).
+PIPELINE_CHAIN: tuple[str, ...] = ("curate", "pretrain", "evaluate", "register", "promote")
+
+
 def field_error(loc: tuple[str, ...], message: str, value: Any) -> ValidationError:
     """A validation error at `loc`; raised inside a validator, pydantic prefixes the validator's own location."""
     error = PydanticCustomError("value_error", message.replace("{", "{{").replace("}", "}}"))
