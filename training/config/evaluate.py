@@ -50,7 +50,9 @@ class FimSuite(Section):
 
 
 class PasskeySuite(Section):
-    """Passkey retrieval: a 5-digit key hidden in filler at each depth, for each context length (in tokens)."""
+    """Passkey retrieval: a 5-digit key hidden in filler at each depth, for each context length (in tokens). The
+    needle-in-a-haystack test of DeepSeek-V2 §3.1.4 / V3 §4.3: the (length × depth) accuracy grid is logged as the
+    table eval/niah/grid.json and the heatmap eval/niah/heatmap.png."""
 
     enabled: bool = True
     context_lengths: list[int] = Field(default_factory=lambda: [128, 256], min_length=1,
@@ -90,6 +92,23 @@ class PerplexitySuite(Section):
     max_documents: int = Field(20, ge=1, le=100000, description="Documents per source.")
     max_tokens: int = Field(2048, ge=16, le=10**9, description="Tokens scored per source.")
     seq_length: int = Field(128, ge=8, le=131072, description="Window length; must fit the model's context.")
+    # Perplexity by position: a context extension's effect shows beyond the original length (DeepSeek-V3 §4.3).
+    position_buckets: list[int] | Literal["quarters"] | None = Field(
+        None, description="Also report perplexity per bucket of prediction positions within each window: edges "
+        "[0, e1, ..., seq_length] (metrics pos_<a>_<b>, e.g. [0, 64, 256] after a 64 -> 256 extension), or "
+        "'quarters' for [0, L/4, L/2, L]. None: off.")
+    allow_beyond_max_positions: bool = Field(
+        False, description="Score windows longer than the model's max_position_embeddings (RoPE applies at any "
+        "position): the un-extended parent's baseline at the extended length.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PerplexitySuite":
+        edges = self.position_buckets
+        if isinstance(edges, list) and (not edges or edges[0] != 0 or edges != sorted(set(edges))
+                                        or edges[-1] > self.seq_length):
+            raise ValueError(f"position_buckets {edges} must rise strictly from 0 to at most seq_length "
+                             f"({self.seq_length})")
+        return self
 
 
 class EvaluateConfig(StageConfig):

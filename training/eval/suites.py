@@ -1,9 +1,10 @@
 """Each evaluation suite end to end against a `Generator`: build the items, decode, score.
 
-A suite returns a `SuiteResult`: its metrics (flat name -> float, logged as `eval/<suite>/<name>`) and one record per
+A suite returns a `SuiteResult`: its metrics (flat name -> float, logged as `eval/<suite>/<name>`), one record per
 item with the same columns for every suite (suite, id, correct, prediction, target, status, reason), so all items fit
-one table. `context_problems` names settings that cannot fit the model's context, so the stage can refuse them
-before loading anything.
+one table, and any tables and files of its own (paths under `eval/`: the needle-in-a-haystack grid and heatmap, the
+perplexity-by-position table). `context_problems` names settings that cannot fit the model's context, so the stage
+can refuse them before loading anything.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 from training import benchmarks_data
 from training.config import EvaluateConfig, ModelConfig
-from training.eval import arith, fim, heldout, humaneval, passkey, perplexity
+from training.eval import arith, fim, heldout, humaneval, niah, passkey, perplexity
 from training.eval.generate import Generator
 from training.verify.sandbox import Limits
 
@@ -23,6 +24,8 @@ FIM_SPECIAL_TOKENS = 3          # <｜fim▁begin｜>, <｜fim▁hole｜>, <｜f
 class SuiteResult:
     metrics: dict[str, float]
     items: list[dict] = field(default_factory=list)
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)   # artifact path -> column -> values
+    files: dict[str, bytes] = field(default_factory=dict)              # artifact path -> content (PNG)
 
 
 def item(suite: str, id_: str, correct: bool, prediction: str, target: str = "", status: str = "",
@@ -37,8 +40,12 @@ def context_problems(cfg: EvaluateConfig, model: ModelConfig) -> list[str]:
     if cfg.passkey.enabled and max(cfg.passkey.context_lengths) + cfg.passkey.max_new_tokens > limit:
         bad.append(f"passkey.context_lengths {cfg.passkey.context_lengths} + max_new_tokens "
                    f"{cfg.passkey.max_new_tokens} exceed the model's max_position_embeddings {limit}")
-    if cfg.perplexity.enabled and cfg.perplexity.seq_length + 1 > limit:
-        bad.append(f"perplexity.seq_length {cfg.perplexity.seq_length} (+1) exceeds max_position_embeddings {limit}")
+    # A window's seq_length predictions come from positions 0..seq_length-1, as in training; its last token is an
+    # input nobody attends to (causal), so it needs no position of its own.
+    p = cfg.perplexity
+    if p.enabled and p.seq_length > limit and not p.allow_beyond_max_positions:
+        bad.append(f"perplexity.seq_length {p.seq_length} exceeds max_position_embeddings {limit} (set "
+                   f"perplexity.allow_beyond_max_positions to score beyond it)")
     f = cfg.fim
     if f.enabled and FIM_SPECIAL_TOKENS + f.max_prefix_tokens + f.max_suffix_tokens + f.max_new_tokens > limit:
         bad.append(f"fim prompt budget (max_prefix_tokens + max_suffix_tokens + max_new_tokens + 3) exceeds "
@@ -89,8 +96,11 @@ def run_passkey(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
     cells = benchmarks_data.draw_passkey_items(gen.encode, s.context_lengths, s.depths, s.trials, cfg.seed)
     outs = gen.generate([list(x.prompt_ids) for x in cells], s.max_new_tokens)
     texts = [o.text for o in outs]
-    items = [item("passkey", x.id, passkey.hit(t, x.key), t, x.key) for t, x in zip(texts, cells)]
-    return SuiteResult(passkey.score(texts, cells), items)
+    hits = [passkey.hit(t, x.key) for t, x in zip(texts, cells)]
+    items = [item("passkey", x.id, h, t, x.key) for h, t, x in zip(hits, texts, cells)]
+    grid = niah.grid(hits, cells)
+    return SuiteResult({**passkey.score(texts, cells), **niah.depth_metrics(grid)}, items,
+                       tables={"niah/grid.json": niah.table(grid)}, files={"niah/heatmap.png": niah.heatmap_png(grid)})
 
 
 def run_arith(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
@@ -106,14 +116,32 @@ def run_arith(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
 def run_perplexity(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
     s = cfg.perplexity
     metrics: dict[str, float] = {}
+    edges = perplexity.bucket_edges(s.seq_length, s.position_buckets) if s.position_buckets else None
+    pooled = perplexity.PositionBuckets(edges) if edges else None
+    rows: list[tuple[str, perplexity.PositionBuckets]] = []
     for source in s.sources:
         docs = (heldout.docstrings if source == "stdlib_docstrings" else heldout.code_files)(cfg.seed, s.max_documents)
         streams = (gen.encode(text) for _, text in docs)
         token_windows = perplexity.windows(streams, s.seq_length, s.max_tokens, eod_id=gen.eod_id)
-        acc = perplexity.evaluate(gen.token_nll, token_windows, batch_size=cfg.batch_size, pad_id=gen.pad_id)
+        positions = perplexity.PositionBuckets(edges) if edges else None
+        acc = perplexity.evaluate(gen.token_nll, token_windows, batch_size=cfg.batch_size, pad_id=gen.pad_id,
+                                  positions=positions)
         metrics.update({source: acc.perplexity, f"{source}_nll": acc.mean_nll,
                         f"{source}_tokens": float(acc.tokens), f"{source}_documents": float(len(docs))})
-    return SuiteResult(metrics)
+        if positions is not None:
+            metrics.update(positions.metrics(prefix=f"{source}_"))
+            pooled.merge(positions)
+            rows.append((source, positions))
+    if pooled is None:
+        return SuiteResult(metrics)
+    metrics.update(pooled.metrics())   # pos_<a>_<b>: every source's tokens together
+    rows.append(("all", pooled))
+    cells = [(source, start, end, acc) for source, buckets in rows
+             for acc, start, end in zip(buckets.buckets, edges, edges[1:])]
+    table = {"source": [c[0] for c in cells], "bucket": [perplexity.bucket_name(c[1], c[2]) for c in cells],
+             "start": [c[1] for c in cells], "end": [c[2] for c in cells], "tokens": [c[3].tokens for c in cells],
+             "nll": [c[3].mean_nll for c in cells], "perplexity": [c[3].perplexity for c in cells]}
+    return SuiteResult(metrics, tables={"perplexity/positions.json": table})
 
 
 SUITES = {"humaneval": run_humaneval, "fim": run_fim, "passkey": run_passkey, "arith": run_arith,

@@ -113,6 +113,29 @@ def yarn(sharpened, trained):
             "megatron": megatron_logits(root / "release_yarn", root / "tokens.pt", root / "megatron_yarn.pt")}
 
 
+# The long-context case (issue 16): the tiny profile's 4x extension, 64 -> 256 tokens, every position compared.
+YARN_LONG = {**YARN, "original_max_position_embeddings": 64}
+LONG = 256
+
+
+@pytest.fixture(scope="module")
+def yarn_long(sharpened, trained):
+    """The sharpened weights under YaRN s = 4 from a 64-token context, scored on 256 tokens (192 of them beyond the
+    original length), imported to megatron-core from the HF config.json as above."""
+    root = trained["root"]
+    dst = root / "hf_yarn_long"
+    shutil.copytree(sharpened["hf"], dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(rope_scaling=YARN_LONG, max_position_embeddings=LONG)
+    (dst / "config.json").write_text(json.dumps(config))
+    ok(run("-m", "training.export", "import-hf", "--hf", str(dst), "--out", str(root / "release_yarn_long")))
+    tokens = torch.randint(0, VOCAB, (2, LONG), generator=torch.Generator().manual_seed(2))
+    torch.save(tokens, root / "tokens_long.pt")
+    return {"hf": dst, "release": root / "release_yarn_long", "tokens": tokens,
+            "megatron": megatron_logits(root / "release_yarn_long", root / "tokens_long.pt",
+                                        root / "megatron_yarn_long.pt")}
+
+
 # ------------------------------------------------------------------------------------------------- logit parity --
 def test_trained_tiny_model_logits_match_transformers(trained):
     model, info = hf_model(trained["hf"])
@@ -182,6 +205,30 @@ def test_yarn_logits_match_transformers(yarn, sharpened, trained):
         config.rope_parameters.update(wrong)
         bad = transformers.DeepseekV3ForCausalLM.from_pretrained(yarn["hf"], config=config, dtype=torch.float32)
         assert (hf_logits(bad.eval(), tokens) - ref).abs().max() > 100 * TOL, wrong
+
+
+def test_yarn_logits_match_transformers_beyond_the_original_length(yarn_long):
+    """A 64 -> 256 extension (the tiny profile's long_context phase, issue 16): all 256 positions, including the 192
+    beyond original_max_position_embeddings, match transformers within 1e-4."""
+    import transformers
+
+    released = json.loads((yarn_long["release"] / "seekflow_model.json").read_text())
+    assert released["rope_scaling"]["original_max_position_embeddings"] == 64
+    assert released["max_position_embeddings"] == LONG
+    ref, tokens = yarn_long["megatron"]["logits"], yarn_long["tokens"]
+    assert ref.shape == (2, LONG, VOCAB)
+    model, _ = hf_model(yarn_long["hf"])
+    diff = (hf_logits(model, tokens) - ref).abs()
+    inside, beyond = diff[:, :64].max().item(), diff[:, 64:].max().item()
+    print(f"YaRN 64 -> 256: max |logit diff| positions 0-63 {inside:.2e}, 64-255 {beyond:.2e} "
+          f"(logit std {ref.std():.2f})")
+    assert inside < TOL and beyond < TOL
+    # Sensitive where it matters: without YaRN (plain RoPE, no softmax temperature) transformers' logits move far
+    # from megatron's beyond the original length.
+    config = transformers.AutoConfig.from_pretrained(yarn_long["hf"])
+    config.rope_parameters = {"rope_type": "default", "rope_theta": config.rope_parameters["rope_theta"]}
+    plain = transformers.DeepseekV3ForCausalLM.from_pretrained(yarn_long["hf"], config=config, dtype=torch.float32)
+    assert (hf_logits(plain.eval(), tokens) - ref)[:, 64:].abs().max() > 100 * TOL
 
 
 # -------------------------------------------------------------------------------------- files and round trip --
