@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from airflow.sdk import BaseOperator
 
 from operators.backends import JobSpec, get_backend
+from operators.backends.base import JobFailed
 
 def seekflow_home() -> Path:
     return Path(os.environ.get("SEEKFLOW_HOME", Path.home() / ".seekflow")).expanduser()
@@ -119,7 +120,14 @@ class TrainingJobOperator(BaseOperator):
         spec = self.build_spec()
         self.log.info("stage %s config:\n%s", self.stage, spec.config_yaml)
         self._backend = get_backend(self.backend_name)
-        result = self._backend.run(spec, log=self._log_line)
+        try:
+            result = self._backend.run(spec, log=self._log_line)
+        except JobFailed as err:
+            if err.permanent:   # bad input: every retry would fail the same way
+                from airflow.exceptions import AirflowFailException
+
+                raise AirflowFailException(f"{err}\n(bad input: not retried)") from err
+            raise
         self.log.info("stage %s result: %s", self.stage, result)
         return result
 

@@ -17,6 +17,10 @@ import sys
 from training.config import STAGES, ConfigError, list_presets, resolve_stage_config, to_yaml
 
 EXIT_BAD_CONFIG = 2
+EXIT_BAD_INPUT = 3
+# Printed (on stdout, which torchrun and the pod logs pass on) before exiting on bad input: the operator then fails
+# the task without retrying it (operators/backends/base.py FAILURE_PREFIX).
+FAILURE_PREFIX = "SEEKFLOW_FAILURE "
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,16 +43,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_stage_config(args.stage, args.preset, args.config, args.overrides)
     except ConfigError as err:
-        print(f"{args.stage}: {err}", file=sys.stderr)
+        _report_bad_input(args.stage, err, f"{args.stage}: {err}")
         return EXIT_BAD_CONFIG
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
     stage = importlib.import_module(f"training.stages.{args.stage}")
-    manifest = stage.run(cfg)
+    try:
+        manifest = stage.run(cfg)
+    except Exception as err:
+        if not getattr(err, "permanent", False):
+            raise   # transient or unexpected: the traceback, and the task's retries
+        _report_bad_input(args.stage, err, f"{args.stage}: {type(err).__name__}: {err}")
+        return EXIT_BAD_INPUT
     if manifest is not None:
         print("SEEKFLOW_RESULT " + json.dumps(manifest.get("result", {}), default=str), flush=True)
     return 0
+
+
+def _report_bad_input(stage: str, err: Exception, message: str) -> None:
+    """Bad input (an error class with `permanent = True`): say so for the operator, and the reason for people."""
+    print(FAILURE_PREFIX + json.dumps({"stage": stage, "error": f"{type(err).__name__}: {err}"}), flush=True)
+    print(message, file=sys.stderr, flush=True)
 
 
 def _params(argv: list[str]) -> int:

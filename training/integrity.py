@@ -31,6 +31,8 @@ _VERIFIED: dict[str, tuple] = {}   # directory -> the stat of every file when it
 class IntegrityError(RuntimeError):
     """A directory's bytes are not the ones its trusted record lists (the message names the file): not loaded."""
 
+    permanent = True   # bytes that fail their hashes stay failed: the task is not retried (training/__main__.py)
+
 
 def sha256_file(path: Path) -> str:
     digest, buffer = hashlib.sha256(), bytearray(CHUNK)

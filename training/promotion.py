@@ -26,9 +26,13 @@ TOLERANCE = 1e-9     # tags hold `%.6g` text: equal values parse to equal floats
 class PromoteError(RuntimeError):
     """The version cannot be gated (a gated metric is missing or not a number): the registry is unchanged."""
 
+    permanent = True   # bad input: the task is not retried (training/__main__.py)
+
 
 class PromotionRefused(RuntimeError):
     """`fail_on_refusal`: the candidate was refused (the decision is already recorded on the version)."""
+
+    permanent = True   # the same scores would be refused again: the task is not retried
 
 
 @dataclass

@@ -31,7 +31,15 @@ RELEASE_SHA256_TAG = "seekflow.release_sha256"   # sha256 of the registered rele
 
 
 class RegistryError(RuntimeError):
-    """A checkpoint reference, the tracking server or the registry failed a check: nothing was written."""
+    """A checkpoint reference, the tracking server or the registry failed a check: nothing was written.
+
+    `permanent` (the default): the reference itself is bad (no such model, version or alias; torn or tampered
+    bytes), so the job reports bad input and the task is not retried; an unreachable server or a failed download
+    is transient and is retried."""
+
+    def __init__(self, message: str, permanent: bool = True):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0, *, require_registry:
         raise RegistryError(f"no MLflow registry at {uri} (the file does not exist)")
     problem = unreachable_reason(uri, timeout_s)
     if problem is not None:
-        raise RegistryError(f"MLflow tracking server {uri} is unreachable ({problem})")
+        raise RegistryError(f"MLflow tracking server {uri} is unreachable ({problem})", permanent=False)
 
 
 def resolve_version(client, ref: str) -> ModelVersion:
@@ -180,7 +188,8 @@ def download_release(version: ModelVersion, into: Path) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(partial)))
     except Exception as err:   # noqa: BLE001 - any transport error is a bad input here
         shutil.rmtree(partial, ignore_errors=True)
-        raise RegistryError(f"{version.uri}: could not download its artifacts from {version.source}: {err}") from None
+        raise RegistryError(f"{version.uri}: could not download its artifacts from {version.source}: {err}",
+                            permanent=False) from None
     os.replace(local, final)      # rename: the directory appears only once it is complete
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -208,7 +217,9 @@ def resolve_release(ref: str, *, tracking_uri: str, into: Path, version: ModelVe
             path = storage.fetch(ref) if storage.is_remote(ref) else storage.local_dir(ref, create=False)
         return LocalRelease(verify_release(path), version)
     except (ReleaseError, storage.StorageError, integrity.IntegrityError) as err:
-        raise RegistryError(str(err)) from None
+        # An unsafe key or bad bytes are bad input; any other storage error (a network failure) is transient.
+        transient = isinstance(err, storage.StorageError) and not isinstance(err, storage.UnsafeKeyError)
+        raise RegistryError(str(err), permanent=not transient) from None
 
 
 def resolve_release_on_every_rank(ref: str, *, tracking_uri: str, into: Path) -> Path:
@@ -224,12 +235,12 @@ def resolve_release_on_every_rank(ref: str, *, tracking_uri: str, into: Path) ->
         try:
             pinned = [resolve_version(mlflow_client(tracking_uri), ref)]
         except RegistryError as err:
-            pinned = [str(err)]
+            pinned = [err]
     dist.broadcast_object_list(pinned, src=0)
     answers: list = [None] * dist.get_world_size()
     answer = None
-    if isinstance(pinned[0], str):
-        answer = RegistryError(pinned[0])
+    if isinstance(pinned[0], RegistryError):
+        answer = pinned[0]
     elif int(os.environ.get("LOCAL_RANK", "0")) == 0:
         try:
             answer = str(resolve_release(ref, tracking_uri=tracking_uri, into=into, version=pinned[0]).path)
@@ -238,7 +249,7 @@ def resolve_release_on_every_rank(ref: str, *, tracking_uri: str, into: Path) ->
     dist.all_gather_object(answers, answer)   # also the barrier: every node's download is complete
     for item in answers:
         if isinstance(item, RegistryError):
-            raise RegistryError(str(item))
+            raise RegistryError(str(item), permanent=item.permanent)
     return Path(answers[0])
 
 

@@ -30,7 +30,15 @@ class JobSpec:
 
 
 class JobFailed(RuntimeError):
-    """The job ran and failed; the message carries its exit status and last output lines."""
+    """The job ran and failed; the message carries its exit status and last output lines. `permanent`: the job said
+    its input is bad (a `SEEKFLOW_FAILURE` line), so running it again cannot succeed and the task is not retried."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+FAILURE_PREFIX = "SEEKFLOW_FAILURE "   # what a job prints before exiting on bad input (training/__main__.py)
 
 
 class Backend(Protocol):

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Callable, Iterable, Mapping
 
-from operators.backends.base import RESULT_PREFIX, JobFailed, JobSpec, MalformedResult, read_result
+from operators.backends.base import FAILURE_PREFIX, RESULT_PREFIX, JobFailed, JobSpec, MalformedResult, read_result
 
 _PR_SET_PDEATHSIG = 1
 SHARD_INDEX_ENV = "JOB_COMPLETION_INDEX"    # the names a Kubernetes Indexed Job's pods see (k8s_render sets the
@@ -188,7 +188,8 @@ class LocalBackend:
             raise JobFailed(f"{label}: killed (exit status {returncode})")
         last = "\n".join(output.tail)
         if returncode != 0:
-            raise JobFailed(f"{label} failed with exit status {returncode}; last output:\n{last}")
+            raise JobFailed(f"{label} failed with exit status {returncode}; last output:\n{last}",
+                            permanent=output.bad_input)
         if output.result_broken:   # exit 0, but what it reported last is unreadable: downstream would get nothing
             raise JobFailed(f"{label} exited 0 but its result is unreadable: {output.malformed} malformed "
                             f"{RESULT_PREFIX.strip()} line(s) and no well-formed one after them; last output:\n{last}")
@@ -257,6 +258,7 @@ class _OutputPump:
         self.result: dict = {}
         self.malformed = 0             # malformed SEEKFLOW_RESULT lines
         self.result_broken = False     # the last SEEKFLOW_RESULT line was malformed
+        self.bad_input = False         # the job reported bad input (SEEKFLOW_FAILURE): a retry cannot help
         self._thread: threading.Thread | None = None
 
     def start(self, stream) -> None:
@@ -276,6 +278,9 @@ class _OutputPump:
     def _take(self, line: str) -> None:
         self._log(line)
         self.tail.append(line)
+        if line.startswith(FAILURE_PREFIX):
+            self.bad_input = True
+            return
         try:
             result = read_result(line)
         except MalformedResult as exc:

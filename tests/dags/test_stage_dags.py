@@ -69,3 +69,5 @@ def test_promote_dag_refuses_a_model_that_does_not_exist(dags, mlflow_server, mo
     dagrun = dags["seekflow_promote"].test(run_conf={"promote.model_name": "seekflow-nothing",
                                                       "run_root": str(tmp_path)})
     assert _states(dagrun) == {"validate_config": "success", "promote": "failed"}, _states(dagrun)
+    # Bad input (training/__main__.py prints SEEKFLOW_FAILURE): failed on its first try, not retried.
+    assert dagrun.get_task_instance("promote").try_number == 1

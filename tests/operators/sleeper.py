@@ -1,7 +1,7 @@
 """A stand-in training entry point for backend tests: `python -m sleeper <mode> --config PATH`.
 
 modes: `sleep` prints "ready <pid>" and sleeps (with a child process of its own); `fail` prints and exits 3;
-`ok` prints a SEEKFLOW_RESULT line; `shard` reports its shard index (and fails as shard 2); `malformed` prints a broken
+`bad_input` reports bad input (SEEKFLOW_FAILURE) and exits 3; `ok` prints a SEEKFLOW_RESULT line; `shard` reports its shard index (and fails as shard 2); `malformed` prints a broken
 result line, bytes that are not UTF-8 and more output than a pipe holds, then exits 0 (`malformed_then_ok`: and then a
 good result line); `environ` reports the environment the kernel gave it (/proc/self/environ).
 """
@@ -38,6 +38,9 @@ elif mode == "environ":
     print("SEEKFLOW_RESULT " + json.dumps({k.decode(): v.decode(errors="replace") for k, v in pairs}), flush=True)
 elif mode == "fail":
     print("something went wrong: boom", flush=True)
+    sys.exit(3)
+elif mode == "bad_input":   # what training/__main__.py prints for an error marked permanent
+    print('SEEKFLOW_FAILURE {"stage": "bad_input", "error": "RegistryError: no registered model"}', flush=True)
     sys.exit(3)
 else:
     print("SEEKFLOW_RESULT " + json.dumps({"final_loss": 1.5, "config_seen": open(sys.argv[3]).read(),

@@ -50,7 +50,13 @@ def test_torchrun_launcher_runs_every_rank():
 def test_non_zero_exit_fails_with_the_last_lines():
     with pytest.raises(JobFailed, match="exit status 3") as err:
         LocalBackend().run(sleeper_spec("fail"), log=lambda line: None)
-    assert "boom" in str(err.value)
+    assert "boom" in str(err.value) and not err.value.permanent   # an ordinary failure: the task retries
+
+
+def test_a_job_reporting_bad_input_fails_permanently():
+    with pytest.raises(JobFailed, match="exit status 3") as err:
+        LocalBackend().run(sleeper_spec("bad_input"), log=lambda line: None)
+    assert err.value.permanent and "no registered model" in str(err.value)
 
 
 def test_shards_run_as_processes_told_their_index():

@@ -23,6 +23,8 @@ from training.config.pipeline import STAGES, PipelineConfig, instance_section
 class ConfigError(ValueError):
     """A config that does not validate. The message lists every bad field by its dotted path."""
 
+    permanent = True   # bad input: the job says so and the task is not retried (training/__main__.py)
+
 
 # Extra preset folders (os.pathsep-separated), searched after the packaged ones: the test suite's `micro` preset
 # lives in tests/support/presets, so it never shows up in a user's trigger form.

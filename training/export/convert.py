@@ -33,6 +33,8 @@ HF_NORM_EPS = 1e-6   # HF builds q_a_layernorm and kv_a_layernorm with the defau
 class ExportError(ValueError):
     """A checkpoint or directory that cannot be converted; the message names the path or the field."""
 
+    permanent = True
+
 
 # ------------------------------------------------------------------------------------------------------- config --
 def hf_config(model: ModelConfig, *, bos_token_id: int, eos_token_id: int) -> dict:

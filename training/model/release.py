@@ -20,7 +20,9 @@ MODEL_CONFIG_FILE = "seekflow_model.json"
 
 
 class ReleaseError(RuntimeError):
-    pass
+    """A release that cannot load (missing files, another architecture): bad input, not retried."""
+
+    permanent = True
 
 
 def write_model_config(release_dir: Path, model: ModelConfig) -> None:

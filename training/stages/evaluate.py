@@ -33,6 +33,8 @@ HEADLINE = {"humaneval": "pass_at_1", "fim": "exact_match", "passkey": "accuracy
 class EvaluateError(RuntimeError):
     """Settings the evaluate stage cannot run, found before any work (nothing written, nothing tagged)."""
 
+    permanent = True   # bad input: the task is not retried
+
 
 def run(cfg: EvaluateConfig) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
