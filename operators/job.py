@@ -72,6 +72,14 @@ def pipeline_overrides(params: dict[str, Any], dag_id: str, run_id: str) -> dict
     return overrides
 
 
+
+def _fail_permanently_on_bad_input(err: JobFailed) -> None:
+    """A job that reported bad input fails its task without retries: every retry would fail the same way."""
+    if err.permanent:
+        from airflow.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"{err}\n(bad input: not retried)") from err
+
 class TrainingJobOperator(BaseOperator):
     """Run `python -m training <kind>` with a validated config on a backend (default: this machine).
 
@@ -123,10 +131,7 @@ class TrainingJobOperator(BaseOperator):
         try:
             result = self._backend.run(spec, log=self._log_line)
         except JobFailed as err:
-            if err.permanent:   # bad input: every retry would fail the same way
-                from airflow.exceptions import AirflowFailException
-
-                raise AirflowFailException(f"{err}\n(bad input: not retried)") from err
+            _fail_permanently_on_bad_input(err)
             raise
         self.log.info("stage %s result: %s", self.stage, result)
         return result
@@ -158,7 +163,11 @@ class TrainingJobOperator(BaseOperator):
         self.log.info("stage %s config:\n%s", self.stage, spec.config_yaml)
         self._backend = backend
         if not self.deferrable:
-            result = backend.run(spec, log=self._log_line)
+            try:
+                result = backend.run(spec, log=self._log_line)
+            except JobFailed as err:
+                _fail_permanently_on_bad_input(err)
+                raise
             self.log.info("stage %s result: %s", self.stage, result)
             return result
         self._handle = handle = backend.submit(spec)
@@ -189,7 +198,11 @@ class TrainingJobOperator(BaseOperator):
                     self.log.error("could not delete %s %s/%s: %s", handle.kind, handle.namespace, handle.name, exc)
             raise KubernetesApiError(f"waiting for {handle.kind} {handle.namespace}/{handle.name} failed: "
                                      f"{event['reason']}: {event['message']}")
-        result = backend.finish(handle, event, log=self._log_line)
+        try:
+            result = backend.finish(handle, event, log=self._log_line)
+        except JobFailed as err:
+            _fail_permanently_on_bad_input(err)
+            raise
         self.log.info("stage %s result: %s", self.stage, result)
         return result
 

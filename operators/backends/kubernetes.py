@@ -14,7 +14,7 @@ from datetime import datetime
 from functools import cached_property
 from typing import Callable
 
-from operators.backends.base import JobFailed, JobSpec, parse_result
+from operators.backends.base import FAILURE_PREFIX, JobFailed, JobSpec, parse_result
 from operators.backends.k8s_render import JOB_LABEL, TRY_LABEL, job_labels, render
 from operators.backends.k8s_settings import KubernetesSettings
 
@@ -322,8 +322,9 @@ class KubernetesBackend:
             pod, lines = next((c for c in collected if _exit_code(c[0])), collected[0] if collected else ({}, []))
             who = pod.get("metadata", {}).get("name", "no pod")
             last = "\n".join(lines[-self.failure_tail_lines:]) or "(no output)"
+            bad_input = any(line.startswith(FAILURE_PREFIX) for _, pod_lines in collected for line in pod_lines)
             raise JobFailed(f"{handle.kind} {handle.namespace}/{handle.name} failed ({status.get('reason')}: "
-                            f"{status.get('message')}); last output of {who}:\n{last}")
+                            f"{status.get('message')}); last output of {who}:\n{last}", permanent=bad_input)
         return result or {}
 
     def wait(self, handle: JobHandle, log: Callable[[str], None]) -> dict:

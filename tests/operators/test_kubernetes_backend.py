@@ -139,13 +139,17 @@ def test_python_stage_runs_as_an_indexed_job(fake):
     assert fake.count("delete", "jobs") == 1
 
 
-def test_failed_job_fails_the_task_with_the_pods_last_lines(fake):
-    fake.outcome = Outcome.fail(exit_code=3, lines=["step 7 loss nan", "RuntimeError: loss is NaN at step 7"])
+@pytest.mark.parametrize("bad_input", [False, True])   # True: the job said so (SEEKFLOW_FAILURE): no retries
+def test_failed_job_fails_the_task_with_the_pods_last_lines(fake, bad_input):
+    from airflow.exceptions import AirflowFailException
+
+    said = ['SEEKFLOW_FAILURE {"error": "RegistryError: no alias"}'] if bad_input else []
+    fake.outcome = Outcome.fail(exit_code=3, lines=["step 7 loss nan", *said, "RuntimeError: loss is NaN at step 7"])
     op, ctx = operator(), context()
     event = first_event(defer(op, ctx))
     assert event["status"] == "failed" and event["reason"] == "FailedJobs"
     err, lines = complete(op, ctx, event)
-    assert isinstance(err, JobFailed)
+    assert isinstance(err, AirflowFailException if bad_input else JobFailed)
     assert "RuntimeError: loss is NaN at step 7" in str(err) and "FailedJobs" in str(err)
     assert "RuntimeError: loss is NaN at step 7" in lines   # and the log is in the task log
     assert fake.count("delete", "jobsets") == 1
