@@ -23,6 +23,7 @@ from pydantic_core import PydanticCustomError
 from training.config.base import SHARED_KEYS, Section, StageConfig, TrackingConfig, deep_merge
 from training.config.curate import CurateConfig
 from training.config.evaluate import EvaluateConfig
+from training.config.long_context import LongContextConfig
 from training.config.pretrain import PretrainConfig
 from training.config.registry import PromoteConfig, RegisterConfig
 
@@ -33,6 +34,7 @@ STAGES: dict[str, type[StageConfig]] = {cls.stage_spec.kind: cls for cls in (
     EvaluateConfig,
     RegisterConfig,
     PromoteConfig,
+    LongContextConfig,
 )}
 
 
