@@ -101,7 +101,7 @@ class LongContextConfig(StageConfig):
         "Default: the parent's original context if it already uses YaRN, else its model.max_position_embeddings.")
     rope_scaling: bool = Field(True, description="False: train the same phases with plain RoPE (the ablation).")
     phases: list[LongContextPhase] = Field(
-        default_factory=lambda: [LongContextPhase(seq_length=256, factor=4, steps=20, global_batch_size=2, lr=3e-4)],
+        default_factory=lambda: [LongContextPhase(seq_length=256, factor=4, steps=30, global_batch_size=2, lr=3e-4)],
         min_length=1, description="Extension phases in order, each {seq_length, factor (s), beta_slow (α), "
         "beta_fast (β), mscale_all_dim, steps, global_batch_size, lr, min_lr, warmup_steps}.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
