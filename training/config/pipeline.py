@@ -21,6 +21,7 @@ from pydantic import model_validator
 from pydantic_core import PydanticCustomError
 
 from training.config.base import SHARED_KEYS, Section, StageConfig, TrackingConfig, deep_merge
+from training.config.code_cpt import CodeCptConfig
 from training.config.curate import CurateConfig
 from training.config.evaluate import EvaluateConfig
 from training.config.long_context import LongContextConfig
@@ -34,6 +35,7 @@ STAGES: dict[str, type[StageConfig]] = {cls.stage_spec.kind: cls for cls in (
     EvaluateConfig,
     RegisterConfig,
     PromoteConfig,
+    CodeCptConfig,
     LongContextConfig,
 )}
 

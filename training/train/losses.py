@@ -92,3 +92,23 @@ def auxiliary_losses(model, num_microbatches: int) -> dict:
         MTPLossLoggingHelper.clean_loss_in_tracker()
     clear_aux_losses_tracker()
     return out
+
+
+def fim_middle_span(prefix_len: int, middle_len: int, suffix_len: int) -> tuple[int, int]:
+    """Token indices [start, end) of the middle in `training.tokenizer.fim_document_ids(prefix, middle, suffix,
+    mode)`, in either mode: PSM (<begin> P <hole> S <end> M <eod>) and SPM (<begin> <hole> S <end> P M <eod>) both
+    put the middle after the prefix, the suffix and three sentinels."""
+    start = prefix_len + suffix_len + 3
+    return start, start + middle_len
+
+
+def middle_token_nll(token_nll: torch.Tensor, spans: list[tuple[int, int]]) -> tuple[float, int]:
+    """(summed NLL, token count) over the middle tokens of FIM documents, one per row: the loss a model pays to fill
+    the hole. `token_nll` [batch, seq - 1]: column t is the NLL of token t + 1 given tokens 0..t (next-token labels'
+    layout, as `Generator.token_nll` returns it); `spans`: each row's middle [start, end) in token indices."""
+    mask = torch.zeros(token_nll.shape, dtype=torch.bool)
+    for row, (start, end) in enumerate(spans):
+        if start < 1 or end > token_nll.shape[1] + 1:
+            raise ValueError(f"row {row}: middle span {start}:{end} outside tokens 1..{token_nll.shape[1]}")
+        mask[row, start - 1:end - 1] = True
+    return float(token_nll[mask].double().sum()), int(mask.sum())

@@ -187,7 +187,7 @@ def test_config_can_come_from_an_environment_variable(monkeypatch):
 def test_the_registry_lists_every_stage_kind_in_pipeline_order_with_a_sound_spec():
     from training.config.pipeline import STAGES, registry_problems
 
-    assert list(STAGES) == ["curate", "pretrain", "evaluate", "register", "promote", "long_context"]
+    assert list(STAGES) == ["curate", "pretrain", "evaluate", "register", "promote", "code_cpt", "long_context"]
     assert registry_problems() == []
     for kind in STAGES:   # `python -m training <kind>` imports training.stages.<kind>
         assert (REPO / "training" / "stages" / f"{kind}.py").is_file(), kind
@@ -255,8 +255,8 @@ def test_a_pipeline_holds_two_instances_of_one_stage_kind():
     # a further instance starts from its kind's section: the same model unless it says otherwise
     assert more.model == first.model and more.model.max_position_embeddings == 512
     assert first.init_checkpoint is None and more.init_checkpoint == "/tmp/two/pretrain/release"
-    assert [name for name, _ in pipeline.instances()] == ["curate", "pretrain", "pretrain_more", "evaluate",
-                                                          "register", "promote", "long_context"]
+    assert [name for name, _ in pipeline.instances()] == ["curate", "curate_code", "pretrain", "pretrain_more",
+                                                          "evaluate", "register", "promote", "code_cpt", "long_context"]
     dumped = pipeline.model_dump(mode="json")
     assert dumped["pretrain_more"]["stage"] == "pretrain"
     assert validate(PipelineConfig, dumped) == pipeline   # a dump validates back to the same pipeline

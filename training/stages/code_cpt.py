@@ -1,0 +1,168 @@
+"""The `code_cpt` stage: continued pretraining of a released model on a code-heavy mixture with fill-in-the-middle, as
+DeepSeek-Coder-V2 continues DeepSeek-V2 (arXiv:2406.11931 §2-3).
+
+config -> data (the curate manifest's sources reweighted by `mixture` and blended by megatron-core; the code sources
+carry FIM documents made at packing time, whose rate `fim_rate` checks) + loss (next-token cross-entropy on every
+token, FIM documents included, as §3.1 trains them) -> trainer, starting from the parent release's weights.
+
+The parent is pinned before anything runs (`models:/name@alias` becomes `models:/name/<version>`), hash-verified
+when fetched, and refused unless its architecture is `model`. The run records the parent it started from
+(`parent.json`, kept by a resumed run) and the manifest carries it as `outputs.parent`, which `register` turns into
+the version's `seekflow.parent_version` tag.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from training import integrity, registry, storage
+from training.config.code_cpt import CodeCptConfig
+from training.config.curate import CODE_KINDS
+from training.manifest import manifest_hash, read_manifest
+from training.parallel.setup import init_distributed, shutdown
+from training.stages.lifecycle import Outcome, StageRun, run_stage
+from training.stages.pretrain import curated_dataset
+from training.tracking import tracking_uri
+
+PARENT_FILE = "parent.json"   # under the stage: the parent this run's weights started from
+
+
+class CodeCptError(ValueError):
+    """Bad input found before training; the message names the field. Not retried (`permanent`)."""
+
+    permanent = True
+
+
+def run(cfg: CodeCptConfig) -> dict | None:
+    curate = read_manifest(cfg.data_manifest or storage.stage_uri(cfg.run_root, cfg.upstream("curate")))
+    mixture = mixed(cfg, curate)
+    vocab = curate["outputs"]["tokenizer"]["vocab_size"]
+    if vocab > cfg.model.vocab_size:
+        raise CodeCptError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({vocab})")
+    parent = pin_parent(cfg)
+    inputs = {"data_manifest_hash": manifest_hash(curate), "parent": parent["uri"]}
+    return run_stage(cfg, inputs, lambda stage: train(cfg, mixture, parent, stage))
+
+
+def mixed(cfg: CodeCptConfig, curate: dict) -> dict:
+    """The curate manifest with only the datasets to blend, weighted by `mixture` (default: the manifest's weights);
+    its code sources must have been curated with FIM at `fim_rate`."""
+    datasets = {d.get("name"): d for d in curate["outputs"]["datasets"]}
+    weights = cfg.mixture or {name: d["weight"] for name, d in datasets.items()}
+    for name in weights:
+        if name not in datasets:
+            raise CodeCptError(f"mixture.{name}: the curate manifest has no such source (it has: "
+                               f"{', '.join(map(str, datasets))})")
+    chosen = [{**datasets[name], "weight": float(weight)} for name, weight in weights.items()]
+    code = [d for d in chosen if d.get("kind") in CODE_KINDS]
+    if cfg.fim_rate is not None and (code or cfg.fim_rate > 0):
+        if not code:
+            raise CodeCptError(f"fim_rate: {cfg.fim_rate}, but the mixture has no code source ({', '.join(CODE_KINDS)}) "
+                               f"to carry FIM; add one to the mixture or set fim_rate: null")
+        for source in code:
+            rate = source.get("fim", {}).get("rate", 0.0)
+            if not math.isclose(rate, cfg.fim_rate):
+                raise CodeCptError(f"fim_rate: {cfg.fim_rate}, but the code source {source['name']!r} was curated with "
+                                   f"fim.rate {rate}; curate it with sources[].fim.rate {cfg.fim_rate} (e.g. a "
+                                   f"curate_code instance) or set fim_rate to match")
+    return {**curate, "outputs": {**curate["outputs"], "datasets": chosen}}
+
+
+def pin_parent(cfg: CodeCptConfig) -> dict:
+    """{ref, uri, model_name, version}: the reference to continue from, a registered one pinned to its version."""
+    ref, upstream_hash = cfg.init_checkpoint, None
+    if ref is None:
+        try:
+            upstream = read_manifest(storage.stage_uri(cfg.run_root, cfg.upstream("pretrain")))
+        except FileNotFoundError as err:
+            raise CodeCptError(f"init_checkpoint: unset, and {err}") from None
+        ref, upstream_hash = upstream["outputs"]["release_checkpoint"], manifest_hash(upstream)
+    parent = {"ref": ref, "uri": ref, "model_name": None, "version": None, "manifest_hash": upstream_hash}
+    if registry.is_registry_ref(ref):
+        uri = tracking_uri(cfg)
+        try:
+            registry.check_tracking_server(uri, require_registry=True)
+            version = registry.resolve_version(registry.mlflow_client(uri), ref)
+        except registry.RegistryError as err:
+            raise registry.RegistryError(f"init_checkpoint: {err}", permanent=err.permanent) from None
+        parent.update(uri=version.uri, model_name=version.name, version=version.version)
+    return parent
+
+
+def train(cfg: CodeCptConfig, curate: dict, parent: dict, stage: StageRun) -> Outcome:
+    from training.train.trainer import InitialWeights
+
+    info = init_distributed(cfg.parallel, cfg.seed)
+    try:
+        release = fetch_parent(cfg, parent, stage)
+        with stage.tracking(enabled=info.is_main) as mlflow_run:
+            start = InitialWeights(parent["uri"], lambda: record_parent(stage, parent, release))
+            metrics = build_trainer(cfg, curate, stage, info, start).fit(mlflow_run)
+            lineage = started_from(stage, parent, release)
+            if mlflow_run:
+                import mlflow
+
+                mlflow.set_tags({"seekflow.init_checkpoint": lineage["ref"], "seekflow.parent_version":
+                                 lineage["uri"] if lineage["version"] else "none"})
+            run_id = mlflow_run.info.run_id if mlflow_run else None
+    except BaseException:
+        shutdown(failed=True)
+        raise
+    shutdown()
+    release_uri = storage.join(stage.uri, "release")
+    outputs = {"release_checkpoint": release_uri, "checkpoints": storage.join(stage.uri, "checkpoints"),
+               "mlflow_run_id": run_id, "parent": lineage}
+    result = {"final_loss": metrics["final_loss"], "steps": metrics["steps"], "release_checkpoint": release_uri,
+              "mlflow_run_id": run_id, "parent": lineage["uri"]}
+    return Outcome(outputs, metrics, result)
+
+
+def fetch_parent(cfg: CodeCptConfig, parent: dict, stage: StageRun) -> Path:
+    """The parent release on this machine (every rank calls it; hash-verified), refused unless its architecture is
+    `model`: continued pretraining changes no architecture field, not even the context ones."""
+    from training.model.release import read_model_config
+
+    try:
+        release = registry.resolve_release_on_every_rank(parent["uri"], tracking_uri=tracking_uri(cfg),
+                                                         into=stage.directory / "init")
+    except registry.RegistryError as err:
+        raise registry.RegistryError(f"init_checkpoint {parent['ref']}: {err}", permanent=err.permanent) from None
+    differences = cfg.model.architecture_differences(read_model_config(release).model_dump(mode="json"))
+    if differences:
+        raise CodeCptError(f"init_checkpoint {parent['ref']}: the parent's architecture differs from `model` "
+                           f"({'; '.join(differences)}); code_cpt continues the parent's architecture unchanged")
+    return release
+
+
+def record_parent(stage: StageRun, parent: dict, release: Path) -> Path:
+    """Called by the Trainer when it starts from the parent (not on resume): remember what the weights came from."""
+    if stage.writes:
+        lineage = {**parent, "release_sha256": integrity.marker_digest(release)}
+        storage.write_text(storage.join(stage.uri, PARENT_FILE), json.dumps(lineage, indent=2))
+    return release
+
+
+def started_from(stage: StageRun, parent: dict, release: Path) -> dict:
+    """The parent this run's weights descend from: the recorded one (a resumed run keeps it), else `parent`."""
+    text = storage.read_text(storage.join(stage.uri, PARENT_FILE))
+    lineage = json.loads(text) if text else {**parent, "release_sha256": integrity.marker_digest(release)}
+    if lineage["uri"] != parent["uri"] and stage.writes:
+        print(f"{stage.name}: warning: this run resumed weights that started from {lineage['uri']}; init_checkpoint "
+              f"now names {parent['uri']}, which a resumed run ignores (use a new run_root to start from it)",
+              flush=True)
+    return lineage
+
+
+def build_trainer(cfg: CodeCptConfig, curate: dict, stage: StageRun, info, init_weights):
+    """The GPT train module on the mixture with the next-token loss, in the Trainer with pretrain's MoE callbacks."""
+    from training.train.callbacks import ExpertLoad, TokenSchedules
+    from training.train.gpt_module import GPTTrainModule
+    from training.train.losses import NextTokenLoss
+    from training.train.trainer import Trainer
+
+    module = GPTTrainModule(cfg, info.device, loss=NextTokenLoss(), dataset=lambda num_samples: (
+        curated_dataset(cfg, curate, stage, info.local_rank, num_samples)))
+    return Trainer(module, cfg.train, info, label=stage.name, directory=stage.directory, run_root=cfg.run_root,
+                   init_weights=init_weights, callbacks=[TokenSchedules(cfg.model, cfg.train.seq_length),
+                                                        ExpertLoad(stage.directory / "expert_load_heatmap.png")])
