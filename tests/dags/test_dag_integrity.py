@@ -14,7 +14,7 @@ EXPECTED = {
     "seekflow_pipeline": ["validate_config", "curate_shards", "curate", "pretrain", "evaluate", "register", "promote"],
     "seekflow_curate": ["validate_config", "curate_shards", "curate"],
     "seekflow_pretrain": ["validate_config", "pretrain"],
-    "seekflow_code_cpt": ["code_cpt_not_implemented"],
+    "seekflow_code_cpt": ["validate_config", "code_cpt"],
     "seekflow_long_context": ["validate_config", "long_context"],
     "seekflow_post_train": ["post_train_not_implemented"],
     "seekflow_evaluate": ["validate_config", "evaluate"],
