@@ -6,7 +6,7 @@ loss (next-token cross-entropy) -> trainer, starting from the previous phase's r
 {run_root}/{stage}/phase_<i>/ (checkpoints/, release/, phase.json). A rerun skips the phases that finished with the
 same settings and starting weights, resumes the interrupted one from its checkpoint, and starts over a phase whose
 settings or starting weights changed. References and phase fit are checked before the first step. The manifest
-lists every phase's release; `outputs.release_checkpoint` is the last one, `outputs.parent_*` the lineage.
+lists every phase's release; `outputs.release_checkpoint` is the last one, `outputs.parent` the lineage.
 """
 from __future__ import annotations
 
@@ -27,24 +27,26 @@ from training.tracking import tracking_uri
 
 def run(cfg: LongContextConfig) -> dict | None:
     curate = _read(cfg, "data_manifest", cfg.data_manifest or storage.stage_uri(cfg.run_root, "curate"))
-    ref = cfg.init_checkpoint or _read(cfg, "init_checkpoint", storage.stage_uri(
-        cfg.run_root, cfg.upstream(PARENT_KIND)))["outputs"]["release_checkpoint"]
+    parent = {"ref": cfg.init_checkpoint, "manifest_hash": None}
+    if cfg.init_checkpoint is None:   # the upstream training stage's release
+        upstream = _read(cfg, "init_checkpoint", storage.stage_uri(cfg.run_root, cfg.upstream(PARENT_KIND)))
+        parent = {"ref": upstream["outputs"]["release_checkpoint"], "manifest_hash": manifest_hash(upstream)}
     info = init_distributed(cfg.parallel, cfg.seed)
     try:
         from megatron.core import parallel_state
 
         from training.model.release import read_model_config
 
-        release, version = resolve_parent(cfg, ref)
-        parent = read_model_config(release)
+        release = resolve_parent(cfg, parent)
+        model = read_model_config(release)
         vocab = curate["outputs"]["tokenizer"]["vocab_size"]
-        if vocab > parent.vocab_size:
-            raise LongContextError(f"{cfg.stage_name}.init_checkpoint: the model's vocabulary ({parent.vocab_size}) "
+        if vocab > model.vocab_size:
+            raise LongContextError(f"{cfg.stage_name}.init_checkpoint: the model's vocabulary ({model.vocab_size}) "
                                    f"is smaller than the tokenizer's ({vocab})")
-        phases = phase_configs(cfg, parent, parallel_state.get_data_parallel_world_size())
-        inputs = {"data_manifest_hash": manifest_hash(curate), "init_checkpoint": ref,
-                  "parent_release_sha256": integrity.marker_digest(release)}
-        manifest = run_stage(cfg, inputs, lambda stage: extend(cfg, stage, curate, phases, release, version, info))
+        phases = phase_configs(cfg, model, parallel_state.get_data_parallel_world_size())
+        inputs = {"data_manifest_hash": manifest_hash(curate), "init_checkpoint": parent["ref"],
+                  "parent_release_sha256": parent["release_sha256"]}
+        manifest = run_stage(cfg, inputs, lambda stage: extend(cfg, stage, curate, phases, parent, release, info))
     except BaseException:
         shutdown(failed=True)
         raise
@@ -59,34 +61,38 @@ def _read(cfg: LongContextConfig, field: str, location: str) -> dict:
         raise LongContextError(f"{cfg.stage_name}.{field}: {err}") from None
 
 
-def resolve_parent(cfg: LongContextConfig, ref: str):
-    """(the verified local release, the fixed registered version `ref` names or None), on every rank; a
+def resolve_parent(cfg: LongContextConfig, parent: dict):
+    """The verified local release of `parent["ref"]`, on every rank; fills in the lineage (`uri`: the reference, a
+    registered one pinned to its version once for the whole job; `model_name`, `version`, `release_sha256`). A
     RegistryError naming the field when the reference is missing, torn or altered."""
-    uri, pinned = tracking_uri(cfg), [ref]
+    uri, ref = tracking_uri(cfg), parent["ref"]
+    pinned = [(ref, None, None)]
     if dist.get_rank() == 0 and registry.is_registry_ref(ref):
-        try:   # one answer for the whole job, even if the alias moves meanwhile
-            pinned = [registry.resolve_version(registry.mlflow_client(uri), ref).uri]
+        try:
+            version = registry.resolve_version(registry.mlflow_client(uri), ref)
+            pinned = [(version.uri, version.name, version.version)]
         except registry.RegistryError as err:
             pinned = [(str(err), err.permanent)]
     dist.broadcast_object_list(pinned, src=0)
     try:
-        if isinstance(pinned[0], tuple):
+        if len(pinned[0]) == 2:
             raise registry.RegistryError(*pinned[0])
         into = storage.stage_dir(cfg.run_root, cfg.stage_name) / "init"
-        path = registry.resolve_release_on_every_rank(pinned[0], tracking_uri=uri, into=into)
+        release = registry.resolve_release_on_every_rank(pinned[0][0], tracking_uri=uri, into=into)
     except registry.RegistryError as err:
         raise registry.RegistryError(f"{cfg.stage_name}.init_checkpoint: {err}", permanent=err.permanent) from None
-    return path, pinned[0] if registry.is_registry_ref(ref) else None
+    parent.update(zip(("uri", "model_name", "version"), pinned[0]), release_sha256=integrity.marker_digest(release))
+    return release
 
 
-def extend(cfg: LongContextConfig, stage: StageRun, curate: dict, phases, release, version, info) -> Outcome:
-    records, source, key = [], (stage.inputs["init_checkpoint"], lambda: release), stage.inputs
+def extend(cfg: LongContextConfig, stage: StageRun, curate: dict, phases, parent: dict, release, info) -> Outcome:
+    records, source, key = [], (parent["uri"], lambda: release), stage.inputs
     with stage.tracking(enabled=info.is_main) as mlflow_run:
         if mlflow_run:
             import mlflow
 
-            mlflow.set_tags({"seekflow.init_checkpoint": stage.inputs["init_checkpoint"],
-                             "seekflow.parent_version": version or "none"})
+            mlflow.set_tags({"seekflow.init_checkpoint": parent["ref"],
+                             "seekflow.parent_version": parent["uri"] if parent["version"] else "none"})
         for i, phase in enumerate(phases):
             key = phase_key(cfg, i, key)
             records.append(run_phase(cfg, stage, curate, i, phase, source, key, info, mlflow_run))
@@ -96,14 +102,13 @@ def extend(cfg: LongContextConfig, stage: StageRun, curate: dict, phases, releas
         run_id = mlflow_run.info.run_id if mlflow_run else None
     last = records[-1]
     outputs = {"release_checkpoint": last["release_checkpoint"], "checkpoints": last["checkpoints"],
-               "phases": records, "parent_checkpoint": stage.inputs["init_checkpoint"], "parent_version": version,
-               "parent_release_sha256": stage.inputs["parent_release_sha256"], "mlflow_run_id": run_id,
+               "phases": records, "parent": parent, "mlflow_run_id": run_id,
                "max_position_embeddings": last["max_position_embeddings"], "rope_scaling": last["rope_scaling"]}
     metrics = {"final_loss": last["final_loss"], "steps": sum(r["steps"] for r in records),
                "tokens": sum(r["tokens"] for r in records),
                **{f"phase_{i}.{k}": r[k] for i, r in enumerate(records) for k in ("final_loss", "steps", "tokens")}}
-    result = {"final_loss": last["final_loss"], "steps": metrics["steps"], "release_checkpoint":
-              last["release_checkpoint"], "parent_version": version, "mlflow_run_id": run_id}
+    result = {"final_loss": last["final_loss"], "steps": metrics["steps"],
+              "release_checkpoint": last["release_checkpoint"], "mlflow_run_id": run_id, "parent": parent["uri"]}
     return Outcome(outputs, metrics, result, mlflow_run_id=run_id)
 
 
@@ -137,15 +142,19 @@ def run_phase(cfg, stage: StageRun, curate: dict, i: int, phase, source, key: st
     dist.barrier()
     directory.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, stage, curate, phase, directory, label, source, info)
-    with _phase_run(mlflow_run, label, phase) as child:
-        fitted = trainer.fit(child)
-        run_id = child.info.run_id if child else None
     model, where = phase.model, lambda part: storage.uri_of(directory / part, cfg.run_root)
     record = {"seq_length": phase.train.seq_length, "release_checkpoint": where("release"),
               "checkpoints": where("checkpoints"), "started_from": source[0],
-              "final_loss": fitted["final_loss"], "steps": fitted["steps"], "tokens": fitted["tokens"],
               "max_position_embeddings": model.max_position_embeddings,
-              "rope_scaling": model.rope_scaling.model_dump() if model.rope_scaling else None, "mlflow_run_id": run_id}
+              "rope_scaling": model.rope_scaling.model_dump() if model.rope_scaling else None}
+    with _phase_run(mlflow_run, label) as child:
+        if child:
+            import mlflow
+
+            mlflow.log_params({**cfg.phases[i].model_dump(), **{k: json.dumps(record[k]) for k in record}})
+        fitted = trainer.fit(child)
+        record.update(mlflow_run_id=child.info.run_id if child else None,
+                      **{k: fitted[k] for k in ("final_loss", "steps", "tokens")})
     if info.is_main:
         storage.write_text(marker_uri, json.dumps({"key": key, "record": record}))
     dist.barrier()
@@ -166,18 +175,10 @@ def build_trainer(cfg, stage: StageRun, curate: dict, phase, directory, label: s
                    init_weights=InitialWeights(*source), callbacks=[ExpertLoad(directory / "expert_load_heatmap.png")])
 
 
-@contextlib.contextmanager
-def _phase_run(mlflow_run, name: str, phase):
-    """A nested MLflow run per phase under the stage's run (rank 0; None elsewhere): its own steps and metrics."""
+def _phase_run(mlflow_run, name: str):
+    """A nested MLflow run per phase under the stage's run (rank 0; nothing elsewhere): its own steps and metrics."""
     if mlflow_run is None:
-        yield None
-        return
+        return contextlib.nullcontext()
     import mlflow
 
-    with mlflow.start_run(run_name=name, nested=True, tags={"seekflow.phase": name}) as child:
-        mlflow.log_params({"seq_length": phase.train.seq_length, "global_batch_size": phase.train.global_batch_size,
-                           "steps": phase.train.steps, "lr": phase.optimizer.lr,
-                           "rope_scaling": json.dumps(phase.model.rope_scaling.model_dump()
-                                                      if phase.model.rope_scaling else None),
-                           "max_position_embeddings": phase.model.max_position_embeddings})
-        yield child
+    return mlflow.start_run(run_name=name, nested=True, tags={"seekflow.phase": name})
