@@ -18,12 +18,14 @@ from airflow.sdk import DAG
 
 from operators.job import stage_jobs
 from operators.params import config_param, form_params, pipeline_form_fields, validate_config
-from training.config import PIPELINE_CHAIN
+from training.config import PIPELINE_CHAIN, chain_kind
 
 STAGES = PIPELINE_CHAIN   # the stage instances of the end-to-end run, in order (training/config/pipeline.py)
-# Pretraining steps keep their short key `steps` here (README, `make run STEPS=N`, REST {"steps": N}); empty means
-# the profile's value, so pretrain.train.steps is not a second field.
-FIELDS = tuple(f for f in pipeline_form_fields(STAGES) if f != "pretrain.train.steps")
+KINDS = tuple(dict.fromkeys(chain_kind(name) for name in STAGES))
+# Each kind's knobs once (the further instances of a kind start from its section). Pretraining steps keep their short
+# key `steps` here (README, `make run STEPS=N`, REST {"steps": N}); empty means the profile's value, so
+# pretrain.train.steps is not a second field.
+FIELDS = tuple(f for f in pipeline_form_fields(KINDS) if f != "pretrain.train.steps")
 
 with DAG(
     dag_id="seekflow_pipeline",
@@ -40,6 +42,6 @@ with DAG(
     pipeline = validate_config(FIELDS, STAGES)
     previous = pipeline
     for name in STAGES:   # one stage after the other; curate's shard phase is a task of its own
-        jobs = stage_jobs(name, pipeline)
+        jobs = stage_jobs(name, pipeline, kind=chain_kind(name))
         previous >> jobs[0]
         previous = jobs[-1]

@@ -40,9 +40,37 @@ STAGES: dict[str, type[StageConfig]] = {cls.stage_spec.kind: cls for cls in (
 )}
 
 
-# The end-to-end pipeline's stage instances, in the order seekflow_pipeline runs them. A kind in STAGES is not in the
-# pipeline until it is listed here (its own DAG runs it either way).
-PIPELINE_CHAIN: tuple[str, ...] = ("curate", "pretrain", "evaluate", "register", "promote")
+
+
+def _gated(trained: str) -> dict[str, dict]:
+    """evaluate → register → promote instances for the release of training stage instance `trained`: each reads
+    the instance before it in place of its kind's default upstream."""
+    return {f"evaluate_{trained}": {"stage": "evaluate", "reads": {"pretrain": trained}},
+            f"register_{trained}": {"stage": "register",
+                                    "reads": {"pretrain": trained, "evaluate": f"evaluate_{trained}"}},
+            f"promote_{trained}": {"stage": "promote", "reads": {"register": f"register_{trained}"}}}
+
+
+# What every pipeline document starts from (a preset's section of the same name goes on top): the code corpus that
+# code continued pretraining reads (a preset gives its code source fim.rate); context extension of the code model
+# (DeepSeek-Coder-V2; V3 §4.3 extends the pretrained base instead: set long_context.init_checkpoint); and the gated
+# release of each later training stage.
+CHAIN_INSTANCES: dict[str, dict] = {"curate_code": {"stage": "curate"}, **_gated("code_cpt"),
+                                    "long_context": {"reads": {"pretrain": "code_cpt"}}, **_gated("long_context")}
+
+# The end-to-end pipeline's stage instances, in the order seekflow_pipeline runs them (DeepSeek-Coder-V2's line:
+# pretrain, then code continued pretraining with FIM, then YaRN context extension; every release evaluated,
+# registered with its parent and gated for promotion). A kind in STAGES joins the pipeline only when listed here.
+PIPELINE_CHAIN: tuple[str, ...] = (
+    "curate", "pretrain", "evaluate", "register", "promote",
+    "curate_code", "code_cpt", *_gated("code_cpt"),
+    "long_context", *_gated("long_context"),
+)
+
+
+def chain_kind(name: str) -> str:
+    """The stage kind of a pipeline chain instance (`evaluate_code_cpt` -> `evaluate`)."""
+    return name if name in STAGES else CHAIN_INSTANCES[name]["stage"]
 
 
 def field_error(loc: tuple[str, ...], message: str, value: Any) -> ValidationError:
@@ -120,6 +148,9 @@ class PipelineShape(Section):
         if not isinstance(data, dict):
             return data
         shared = {k: data[k] for k in SHARED_KEYS if k in data}
+        data = {**{name: deep_merge(copy.deepcopy(default), data.get(name) or {})
+                   for name, default in CHAIN_INSTANCES.items()}, **{k: v for k, v in data.items()
+                                                                     if k not in CHAIN_INSTANCES}}
         sections = {}
         for key, section in data.items():
             if key in STAGES and isinstance(section or {}, dict):

@@ -70,14 +70,16 @@ def register(cfg: RegisterConfig, stage: StageRun, pretrain: dict, checkpoint: P
                 "seekflow.final_loss": f"{pretrain['metrics'].get('final_loss', float('nan')):.6f}",
                 "seekflow.checkpoint_format": "megatron-core dist_checkpointing (model only)",
                 **registry.release_tags(checkpoint),
-                "seekflow.parent_version": cfg.parent_version or "none",
+                "seekflow.parent_version": cfg.parent_version or _parent_version(client, name, pretrain) or "none",
+                "seekflow.parent_ref": str((pretrain["outputs"].get("parent") or {}).get("uri") or "none"),
+                "seekflow.trained_by": cfg.upstream("pretrain"),
                 "seekflow.git_commit": _git_commit(),
                 **hf_tags,
                 **{f"seekflow.{k}": v for k, v in cfg.tracking.tags.items()},
             }
             created = client.create_model_version(name, source=f"{run_.info.artifact_uri}/checkpoint",
                                                   run_id=run_.info.run_id, tags=tags,
-                                                  description=f"pretrain of profile {cfg.profile}")
+                                                  description=f"{cfg.upstream('pretrain')} of profile {cfg.profile}")
             version = created.version
             print(f"{stage.name}: created {name} version {version}", flush=True)
         else:
@@ -90,6 +92,22 @@ def register(cfg: RegisterConfig, stage: StageRun, pretrain: dict, checkpoint: P
         outputs = {"model_name": name, "version": str(version), "alias": cfg.alias, "lineage_key": lineage_key,
                    "mlflow_run_id": run_.info.run_id}
     return Outcome(outputs, {}, {k: outputs[k] for k in ("model_name", "version", "alias")})
+
+
+def _parent_version(client, name: str, trained: dict) -> str | None:
+    """The registered version the training stage started from (code_cpt, long_context record `outputs.parent`): named
+    by its reference, else found by the sha256 of its release marker (a pipeline passes the release path)."""
+    parent = trained["outputs"].get("parent") or {}
+    if parent.get("version"):
+        same = parent.get("model_name") in (None, name)
+        return str(parent["version"]) if same else f"{parent['model_name']}/{parent['version']}"
+    sha = parent.get("release_sha256")
+    if not sha:
+        return None
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get(registry.RELEASE_SHA256_TAG) == sha:
+            return str(version.version)
+    return None
 
 
 def _existing_version(client, name: str, lineage_key: str) -> str | None:

@@ -255,8 +255,10 @@ def test_a_pipeline_holds_two_instances_of_one_stage_kind():
     # a further instance starts from its kind's section: the same model unless it says otherwise
     assert more.model == first.model and more.model.max_position_embeddings == 512
     assert first.init_checkpoint is None and more.init_checkpoint == "/tmp/two/pretrain/release"
-    assert [name for name, _ in pipeline.instances()] == ["curate", "curate_code", "pretrain", "pretrain_more",
-                                                          "evaluate", "register", "promote", "code_cpt", "long_context"]
+    assert [name for name, _ in pipeline.instances()] == [
+        "curate", "curate_code", "pretrain", "pretrain_more", "evaluate", "evaluate_code_cpt", "evaluate_long_context",
+        "register", "register_code_cpt", "register_long_context", "promote", "promote_code_cpt",
+        "promote_long_context", "code_cpt", "long_context"]
     dumped = pipeline.model_dump(mode="json")
     assert dumped["pretrain_more"]["stage"] == "pretrain"
     assert validate(PipelineConfig, dumped) == pipeline   # a dump validates back to the same pipeline
@@ -309,3 +311,20 @@ def test_an_instance_reads_another_instance_in_place_of_an_upstream_kind():
     assert pipeline.evaluate.upstream("pretrain") == "pretrain"
     with pytest.raises(ValueError, match=r"reads: evaluate reads no \['curate'\]"):
         PipelineConfig.model_validate({"evaluate": {"reads": {"curate": "x"}}})
+
+
+def test_the_pipeline_chain_gates_every_training_stage_and_reads_the_one_before():
+    from training.config import PIPELINE_CHAIN, resolve_pipeline_config
+
+    pipeline = resolve_pipeline_config("tiny")
+    assert PIPELINE_CHAIN == ("curate", "pretrain", "evaluate", "register", "promote", "curate_code", "code_cpt",
+                              "evaluate_code_cpt", "register_code_cpt", "promote_code_cpt", "long_context",
+                              "evaluate_long_context", "register_long_context", "promote_long_context")
+    reads = {name: pipeline.stage(name).reads for name in PIPELINE_CHAIN}
+    assert reads["code_cpt"] == {"curate": "curate_code"} and reads["long_context"] == {"pretrain": "code_cpt"}
+    for trained in ("code_cpt", "long_context"):
+        assert reads[f"evaluate_{trained}"] == {"pretrain": trained}
+        assert reads[f"register_{trained}"] == {"pretrain": trained, "evaluate": f"evaluate_{trained}"}
+        assert reads[f"promote_{trained}"] == {"register": f"register_{trained}"}
+    # a further instance starts from its kind's preset section
+    assert pipeline.stage("register_code_cpt").alias == pipeline.register.alias
