@@ -328,30 +328,34 @@ def loss_trend(mlflow_run_id):
     return f"  (MLflow lm_loss: first 10% of steps {first:.2f} -> last 10% {last:.2f}, {last / first - 1:+.0%})"
 
 
-def summary(api, run_id, run_state, tasks, elapsed):
-    bar = "=" * 72
-    say(f"\n{bar}\nseekflow pipeline run {run_id}: {run_state.upper()} in {elapsed:.0f}s")
-    for ti in sorted(tasks, key=lambda t: t.get("start_date") or "~"):
-        dur = ti.get("duration")
-        say(f"  {ti['task_id']:<24} {ti.get('state') or 'none':<16} {f'{dur:.1f}s' if dur else ''}")
-    pretrain = api.xcom(run_id, "pretrain") or {}
-    if "final_loss" in pretrain:
-        say(f"final loss:       {pretrain['final_loss']:.4f}{loss_trend(pretrain.get('mlflow_run_id'))}")
-    reg = api.xcom(run_id, "register") or {}
+
+# The training stages of the pipeline chain and the suffix of the evaluate/register/promote instances that gate them
+# (training/config/pipeline.py PIPELINE_CHAIN).
+def segment_summary(api, run_id, trained, suffix):
+    """One training stage's lines: its final loss, its scores, the version it became (and its parent), the decision."""
+    result = api.xcom(run_id, trained) or {}
+    if not result:
+        return
+    say(f"--- {trained}")
+    if "final_loss" in result:
+        say(f"final loss:       {result['final_loss']:.4f}{loss_trend(result.get('mlflow_run_id'))}")
+    reg = api.xcom(run_id, f"register{suffix}") or {}
     if reg.get("model_name"):
         query = urllib.parse.urlencode({"name": reg["model_name"], "alias": reg.get("alias", "")})
         status, body = http("GET", f"{MLFLOW_URL}/api/2.0/mlflow/registered-models/alias?{query}")
         mv = (body or {}).get("model_version", {}) if isinstance(body, dict) else {}
         confirmed = f"MLflow confirms version {mv['version']}" if status == 200 and mv else \
             f"NOT found in MLflow (HTTP {status})"
-        say(f"registered model: {reg['model_name']} v{reg.get('version')} @{reg.get('alias')} ({confirmed})")
+        parent = {t["key"]: t["value"] for t in mv.get("tags", [])}.get("seekflow.parent_version", "?")
+        say(f"registered model: {reg['model_name']} v{reg.get('version')} @{reg.get('alias')} ({confirmed}), "
+            f"parent version: {parent}")
         version = mv.get("version", reg.get("version"))
         say(f"  {MLFLOW_URL}/#/models/{urllib.parse.quote(reg['model_name'])}/versions/{version}")
-    evaluation = api.xcom(run_id, "evaluate") or {}
+    evaluation = api.xcom(run_id, f"evaluate{suffix}") or {}
     scores = {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if scores:
         say("evaluation:       " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(scores.items())))
-    promotion = api.xcom(run_id, "promote") or {}
+    promotion = api.xcom(run_id, f"promote{suffix}") or {}
     if promotion.get("decision"):
         say(f"promotion:        {promotion.get('model_name')} v{promotion.get('version')} -> "
             f"{promotion['decision'].upper()} (alias @{promotion.get('alias')}): {promotion.get('reason', '')}")
@@ -360,6 +364,15 @@ def summary(api, run_id, run_state, tasks, elapsed):
             against = f"champion {champion:.4g}" if isinstance(champion, (int, float)) else "no champion yet"
             say(f"  {metric:<28} candidate {row.get('candidate', float('nan')):.4g} vs {against} "
                 f"(max regression {row.get('max_regression')}) {'ok' if row.get('ok') else 'NOT OK'}")
+
+def summary(api, run_id, run_state, tasks, elapsed):
+    bar = "=" * 72
+    say(f"\n{bar}\nseekflow pipeline run {run_id}: {run_state.upper()} in {elapsed:.0f}s")
+    for ti in sorted(tasks, key=lambda t: t.get("start_date") or "~"):
+        dur = ti.get("duration")
+        say(f"  {ti['task_id']:<24} {ti.get('state') or 'none':<16} {f'{dur:.1f}s' if dur else ''}")
+    for trained, suffix in (("pretrain", ""), ("code_cpt", "_code_cpt"), ("long_context", "_long_context")):
+        segment_summary(api, run_id, trained, suffix)
     say(f"Airflow UI:       {AIRFLOW_URL}/dags/{DAG_ID}/runs/{urllib.parse.quote(run_id, safe='')}")
     say(f"MLflow UI:        {MLFLOW_URL}")
     say(f"Airflow login:    admin / {airflow_password()}")
