@@ -68,7 +68,8 @@ def resolve_parent(cfg: LongContextConfig, parent: dict):
     uri, ref = tracking_uri(cfg), parent["ref"]
     pinned = [(ref, None, None)]
     if dist.get_rank() == 0 and registry.is_registry_ref(ref):
-        try:
+        try:   # an unreachable server is transient (retried); an unknown model, version or alias is not
+            registry.check_tracking_server(uri, require_registry=True)
             version = registry.resolve_version(registry.mlflow_client(uri), ref)
             pinned = [(version.uri, version.name, version.version)]
         except registry.RegistryError as err:
