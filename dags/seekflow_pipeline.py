@@ -1,15 +1,17 @@
 """seekflow_pipeline: the whole run, end to end — curate (shards, then merge) → pretrain → evaluate → register →
-promote.
+promote → curate_code → code_cpt → evaluate → register → promote → long_context → evaluate → register → promote.
 
 Wiring only. The stages, their order and their form fields come from the stage registry and its pipeline chain
-(`training/config/pipeline.py`); the trigger form is generated from the stage config schemas (`operators/params.py`):
-a value the config would reject is rejected by the form before a run exists. The first task resolves the preset plus
-the form into the full pipeline config and validates every stage, so cross-field mistakes (warm-up ≥ steps...) fail
-before any compute starts; every stage then runs `python -m training <stage>` through the chosen backend and passes
-its result on through XCom. `evaluate` scores the release checkpoint, `register` makes it a model version carrying
-those scores (and a Hugging Face export), and `promote` moves the `staging`/`champion` aliases only when the scores
-pass the gates. Form fields left at the `tiny` preset's value take the chosen profile's value. Parsing this file
-imports no torch, megatron or mlflow.
+(`training/config/pipeline.py` PIPELINE_CHAIN); the trigger form is generated from the stage config schemas
+(`operators/params.py`): a value the config would reject is rejected by the form before a run exists. The first task
+resolves the preset plus the form into the full pipeline config and validates every stage, so cross-field mistakes
+(warm-up ≥ steps...) fail before any compute starts; every stage then runs `python -m training <stage>` through the
+chosen backend and passes its result on through XCom. Each training stage's release is scored by an evaluate
+instance, becomes a version of seekflow-<profile> that names its parent version (register), and moves the
+`staging`/`champion` aliases only when its scores pass the gates against the champion (promote). code_cpt continues
+the pretrained release on a FIM code corpus (curate_code); long_context extends code_cpt's release with YaRN. Form
+fields left at the `tiny` preset's value take the chosen profile's value. Parsing this file imports no torch,
+megatron or mlflow.
 """
 from __future__ import annotations
 

@@ -203,6 +203,18 @@ PIPELINE_RUN = {
     "evaluate.passkey.depths": [0.5],            # scored token costly on 2 cores
     "evaluate.perplexity.max_documents": 4,
     "evaluate.perplexity.max_tokens": 256,
+    # the rest of the chain, as small: code CPT on a small FIM corpus, one short YaRN phase
+    "curate_code.sources": [{"kind": "package_metadata", "max_documents": 40},
+                            {"kind": "package_code", "max_documents": 200, "max_file_bytes": 600,
+                             "fim": {"rate": 0.5}}],
+    "code_cpt.train.steps": 4,
+    "code_cpt.train.save_interval": 2,
+    "code_cpt.optimizer.warmup_steps": 1,
+    "long_context.phases": [{"seq_length": 256, "factor": 4, "steps": 2, "global_batch_size": 2, "lr": 3.0e-4}],
+    "long_context.train.save_interval": 2,
+    "evaluate_long_context.passkey.context_lengths": [248],   # + 8 new tokens: the extended 256 positions
+    "evaluate_long_context.perplexity.seq_length": 256,
+    "evaluate_long_context.perplexity.position_buckets": [0, 64, 256],
 }
 
 

@@ -10,7 +10,10 @@ import pytest
 
 from tests.support.processes import REPO
 
-ALL_TASKS = ("validate_config", "curate_shards", "curate", "pretrain", "evaluate", "register", "promote")
+ALL_TASKS = ("validate_config", "curate_shards", "curate", "pretrain", "evaluate", "register", "promote",
+             "curate_code_shards", "curate_code", "code_cpt", "evaluate_code_cpt", "register_code_cpt",
+             "promote_code_cpt", "long_context", "evaluate_long_context", "register_long_context",
+             "promote_long_context")
 
 
 def test_dag_file_imports_no_torch_megatron_or_mlflow():
@@ -55,12 +58,15 @@ def test_pipeline_runs_end_to_end_and_registers_a_candidate(pipeline_run):
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_server)
-    version = client.get_model_version_by_alias("seekflow-tiny", "candidate")
+    version = client.get_model_version("seekflow-tiny", "1")   # the pretrained model: the first version
     tags = version.tags
     # evaluate's scores travel to the version; the first candidate within the gates' bounds becomes champion
     assert float(tags["seekflow.eval.perplexity.stdlib_code"]) > 1 and "seekflow.eval.humaneval.pass_at_1" in tags
     assert tags["seekflow.promotion.decision"] == "champion"
-    assert client.get_model_version_by_alias("seekflow-tiny", "champion").version == version.version
+    # later versions (code_cpt, long_context) took the champion alias only if they passed the gates
+    promoted = [v.version for v in client.search_model_versions("name = 'seekflow-tiny'")
+                if v.tags.get("seekflow.promotion.decision") == "champion"]
+    assert client.get_model_version_by_alias("seekflow-tiny", "champion").version == max(promoted, key=int)
     assert tags["seekflow.hf_export"].endswith("/hf") and tags["seekflow.git_commit"]
     assert tags["seekflow.dag_run_id"] == dagrun.run_id
     assert len(tags["seekflow.data_manifest_hash"]) == 16 and len(tags["seekflow.config_hash"]) == 16
@@ -68,8 +74,8 @@ def test_pipeline_runs_end_to_end_and_registers_a_candidate(pipeline_run):
 
     experiment = client.get_experiment_by_name("seekflow")
     runs = client.search_runs([experiment.experiment_id], f"tags.dag_run_id = '{dagrun.run_id}'")
-    assert sorted(r.data.tags["seekflow.stage"] for r in runs) == ["curate", "evaluate", "pretrain", "promote",
-                                                                    "register"]
+    assert sorted(r.data.tags["seekflow.stage"] for r in runs if "mlflow.parentRunId" not in r.data.tags) == sorted(
+        name for name in ALL_TASKS if name != "validate_config" and not name.endswith("_shards"))
     pretrain_run = next(r for r in runs if r.data.tags["seekflow.stage"] == "pretrain")
     assert [m.step for m in client.get_metric_history(pretrain_run.info.run_id, "lm_loss")] == [5, 10]
     assert version.run_id == next(r for r in runs if r.data.tags["seekflow.stage"] == "register").info.run_id
@@ -78,3 +84,20 @@ def test_pipeline_runs_end_to_end_and_registers_a_candidate(pipeline_run):
 
     local = download_artifacts(f"runs:/{version.run_id}/checkpoint/metadata.json", tracking_uri=mlflow_server)
     assert os.path.getsize(local) > 0
+
+
+def test_every_registered_version_points_to_its_parent(pipeline_run):
+    """code_cpt continues the pretrained version; tiny's long_context extends the pretrained version too (its preset
+    reads pretrain: V3 §4.3's order): MLflow shows the line."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(pipeline_run["mlflow"])
+    versions = {v.tags["seekflow.trained_by"]: v for v in client.search_model_versions("name = 'seekflow-tiny'")}
+    assert set(versions) == {"pretrain", "code_cpt", "long_context"}
+    pretrain, code, extended = versions["pretrain"], versions["code_cpt"], versions["long_context"]
+    assert pretrain.tags["seekflow.parent_version"] == "none"
+    assert code.tags["seekflow.parent_version"] == pretrain.version
+    assert extended.tags["seekflow.parent_version"] == pretrain.version
+    for version in (code, extended):   # each was evaluated and gated on its own
+        assert "seekflow.eval.perplexity.stdlib_code" in version.tags and "seekflow.promotion.decision" in version.tags
+    assert float(extended.tags["seekflow.eval.perplexity.pos_64_256"]) > 1   # scored beyond the original context

@@ -313,6 +313,12 @@ def test_an_instance_reads_another_instance_in_place_of_an_upstream_kind():
         PipelineConfig.model_validate({"evaluate": {"reads": {"curate": "x"}}})
 
 
+def _chain_default_long_context_reads() -> dict:
+    from training.config import PipelineConfig
+
+    return PipelineConfig.model_validate({}).long_context.reads
+
+
 def test_the_pipeline_chain_gates_every_training_stage_and_reads_the_one_before():
     from training.config import PIPELINE_CHAIN, resolve_pipeline_config
 
@@ -321,7 +327,9 @@ def test_the_pipeline_chain_gates_every_training_stage_and_reads_the_one_before(
                               "evaluate_code_cpt", "register_code_cpt", "promote_code_cpt", "long_context",
                               "evaluate_long_context", "register_long_context", "promote_long_context")
     reads = {name: pipeline.stage(name).reads for name in PIPELINE_CHAIN}
-    assert reads["code_cpt"] == {"curate": "curate_code"} and reads["long_context"] == {"pretrain": "code_cpt"}
+    assert reads["code_cpt"] == {"curate": "curate_code"}
+    # the chain extends the code model (DeepSeek-Coder-V2); tiny extends its pretrained 64-token model (V3 §4.3)
+    assert _chain_default_long_context_reads() == {"pretrain": "code_cpt"} and reads["long_context"] == {"pretrain": "pretrain"}
     for trained in ("code_cpt", "long_context"):
         assert reads[f"evaluate_{trained}"] == {"pretrain": trained}
         assert reads[f"register_{trained}"] == {"pretrain": trained, "evaluate": f"evaluate_{trained}"}
