@@ -144,6 +144,20 @@ def s3_server(tmp_path_factory):
         proc.wait(timeout=10)
 
 
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """This test's process talks to the SeaweedFS server (its env set, a fresh boto3 client) through a scratch
+    mirror of its own."""
+    from training import storage
+
+    for key, value in s3_server["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(storage.SCRATCH_ENV, str(tmp_path / "scratch"))
+    storage._client.cache_clear()
+    yield s3_server
+    storage._client.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def mlflow_s3_server(tmp_path_factory, s3_server):
     """A real `mlflow server` (sqlite backend) proxying artifacts to the S3 server: s3://seekflow-test/mlflow.

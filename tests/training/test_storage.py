@@ -15,16 +15,6 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def s3_env(s3_server, monkeypatch, tmp_path):
-    for key, value in s3_server["env"].items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv(storage.SCRATCH_ENV, str(tmp_path / "scratch"))
-    storage._client.cache_clear()
-    yield s3_server
-    storage._client.cache_clear()
-
-
-@pytest.fixture
 def calls(s3_env):
     """How many requests of each operation storage's own client sent (GetObject, HeadObject, ...)."""
     counts = Counter()

@@ -12,16 +12,6 @@ from tests.support.processes import run_training
 from training import storage
 
 
-@pytest.fixture
-def s3_env(s3_server, monkeypatch, tmp_path):
-    for key, value in s3_server["env"].items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv(storage.SCRATCH_ENV, str(tmp_path / "scratch"))
-    storage._client.cache_clear()
-    yield s3_server
-    storage._client.cache_clear()
-
-
 def test_publish_fetch_round_trip(s3_env, tmp_path):
     root = f"s3://{s3_env['bucket']}/unit/{tmp_path.name}"
     stage = storage.stage_dir(root, "curate")
