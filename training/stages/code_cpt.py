@@ -1,14 +1,12 @@
 """The `code_cpt` stage: continued pretraining of a released model on a code-heavy mixture with fill-in-the-middle, as
 DeepSeek-Coder-V2 continues DeepSeek-V2 (arXiv:2406.11931 §2-3).
 
-config -> data (the curate manifest's sources reweighted by `mixture` and blended by megatron-core; the code sources
-carry FIM documents made at packing time, whose rate `fim_rate` checks) + loss (next-token cross-entropy on every
-token, FIM documents included, as §3.1 trains them) -> trainer, starting from the parent release's weights.
-
-The parent is pinned before anything runs (`models:/name@alias` becomes `models:/name/<version>`), hash-verified
-when fetched, and refused unless its architecture is `model`. The run records the parent it started from
-(`parent.json`, kept by a resumed run) and the manifest carries it as `outputs.parent`, which `register` turns into
-the version's `seekflow.parent_version` tag.
+config -> data (the curate manifest's sources reweighted by `mixture`, blended by megatron-core; the code carries FIM
+documents made at packing time, at the rate `fim_rate` checks) + loss (next-token cross-entropy on every token, FIM
+documents included, as §3.1) -> trainer, from the parent release's weights. The parent is pinned before anything
+runs (`models:/name@alias` -> `models:/name/<version>`), hash-verified, refused unless its architecture is `model`,
+recorded at the first start (`parent.json`, kept on resume) and in the manifest (`outputs.parent`, which register
+turns into `seekflow.parent_version`).
 """
 from __future__ import annotations
 
@@ -56,16 +54,13 @@ def mixed(cfg: CodeCptConfig, curate: dict) -> dict:
                                f"{', '.join(map(str, datasets))})")
     chosen = [{**datasets[name], "weight": float(weight)} for name, weight in weights.items()]
     code = [d for d in chosen if d.get("kind") in CODE_KINDS]
-    if cfg.fim_rate is not None and (code or cfg.fim_rate > 0):
-        if not code:
-            raise CodeCptError(f"fim_rate: {cfg.fim_rate}, but the mixture has no code source ({', '.join(CODE_KINDS)}) "
-                               f"to carry FIM; add one to the mixture or set fim_rate: null")
-        for source in code:
-            rate = source.get("fim", {}).get("rate", 0.0)
-            if not math.isclose(rate, cfg.fim_rate):
-                raise CodeCptError(f"fim_rate: {cfg.fim_rate}, but the code source {source['name']!r} was curated with "
-                                   f"fim.rate {rate}; curate it with sources[].fim.rate {cfg.fim_rate} (e.g. a "
-                                   f"curate_code instance) or set fim_rate to match")
+    rates = {d["name"]: d.get("fim", {}).get("rate", 0.0) for d in code}
+    off = [(name, rate) for name, rate in rates.items() if not math.isclose(rate, cfg.fim_rate or 0.0)]
+    if cfg.fim_rate is not None and (off or not code and cfg.fim_rate > 0):
+        what = (f"the code source {off[0][0]!r} was curated with fim.rate {off[0][1]}" if off else
+                f"the mixture has no code source ({', '.join(CODE_KINDS)})")
+        raise CodeCptError(f"fim_rate: {cfg.fim_rate}, but {what}; curate the code with sources[].fim.rate "
+                           f"{cfg.fim_rate} (e.g. a curate_code instance) or change fim_rate")
     return {**curate, "outputs": {**curate["outputs"], "datasets": chosen}}
 
 
@@ -136,7 +131,7 @@ def fetch_parent(cfg: CodeCptConfig, parent: dict, stage: StageRun) -> Path:
 
 
 def record_parent(stage: StageRun, parent: dict, release: Path) -> Path:
-    """Called by the Trainer when it starts from the parent (not on resume): remember what the weights came from."""
+    """The Trainer's start from the parent (not called on resume): remember which weights this run descends from."""
     if stage.writes:
         lineage = {**parent, "release_sha256": integrity.marker_digest(release)}
         storage.write_text(storage.join(stage.uri, PARENT_FILE), json.dumps(lineage, indent=2))
@@ -144,13 +139,12 @@ def record_parent(stage: StageRun, parent: dict, release: Path) -> Path:
 
 
 def started_from(stage: StageRun, parent: dict, release: Path) -> dict:
-    """The parent this run's weights descend from: the recorded one (a resumed run keeps it), else `parent`."""
+    """The recorded parent (a resumed run keeps the one it started from), else `parent`."""
     text = storage.read_text(storage.join(stage.uri, PARENT_FILE))
     lineage = json.loads(text) if text else {**parent, "release_sha256": integrity.marker_digest(release)}
     if lineage["uri"] != parent["uri"] and stage.writes:
-        print(f"{stage.name}: warning: this run resumed weights that started from {lineage['uri']}; init_checkpoint "
-              f"now names {parent['uri']}, which a resumed run ignores (use a new run_root to start from it)",
-              flush=True)
+        print(f"{stage.name}: warning: resumed weights that started from {lineage['uri']}; init_checkpoint now "
+              f"names {parent['uri']}, which a resumed run ignores (a new run_root starts from it)", flush=True)
     return lineage
 
 
