@@ -394,10 +394,13 @@ def test_pipeline_dag_defers_and_resumes_through_airflow(fake, dagbag, monkeypat
     dagrun = dagbag["seekflow_pipeline"].test(run_conf={"backend": "kubernetes",
                                                         "run_root": "s3://seekflow/runs/dag-test"})
     states = {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
-    assert states == {t: "success" for t in ("validate_config", "curate_shards", "curate", "pretrain", "evaluate",
-                                             "register", "promote")}, states
-    # curate shards, curate merge, register, promote as Jobs; pretrain and evaluate (GPU stages) as JobSets
-    assert fake.count("create", "jobs") == 4 and fake.count("create", "jobsets") == 2
-    assert fake.count("delete", "jobs") == 4 and fake.count("delete", "jobsets") == 2 and not fake.objects
+    from training.config import PIPELINE_CHAIN
+
+    chain = ("validate_config", "curate_shards", "curate_code_shards", *PIPELINE_CHAIN)
+    assert states == {t: "success" for t in chain}, states
+    # curate shards + merge (twice), register and promote (three times each) as Jobs; the training and evaluate
+    # stages (pretrain, code_cpt, long_context and their three evaluations: GPU stages) as JobSets
+    assert fake.count("create", "jobs") == 10 and fake.count("create", "jobsets") == 6
+    assert fake.count("delete", "jobs") == 10 and fake.count("delete", "jobsets") == 6 and not fake.objects
     labels = fake.calls("create", "jobsets")[0].body["metadata"]["annotations"]
     assert labels["seekflow.io/run-id"] == dagrun.run_id and labels["seekflow.io/try-number"] == "1"
