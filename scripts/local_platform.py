@@ -341,16 +341,15 @@ def segment_summary(api, run_id, trained, suffix):
         say(f"final loss:       {result['final_loss']:.4f}{loss_trend(result.get('mlflow_run_id'))}")
     reg = api.xcom(run_id, f"register{suffix}") or {}
     if reg.get("model_name"):
-        query = urllib.parse.urlencode({"name": reg["model_name"], "alias": reg.get("alias", "")})
-        status, body = http("GET", f"{MLFLOW_URL}/api/2.0/mlflow/registered-models/alias?{query}")
+        query = urllib.parse.urlencode({"name": reg["model_name"], "version": reg.get("version", "")})
+        status, body = http("GET", f"{MLFLOW_URL}/api/2.0/mlflow/model-versions/get?{query}")
         mv = (body or {}).get("model_version", {}) if isinstance(body, dict) else {}
-        confirmed = f"MLflow confirms version {mv['version']}" if status == 200 and mv else \
-            f"NOT found in MLflow (HTTP {status})"
-        parent = {t["key"]: t["value"] for t in mv.get("tags", [])}.get("seekflow.parent_version", "?")
-        say(f"registered model: {reg['model_name']} v{reg.get('version')} @{reg.get('alias')} ({confirmed}), "
-            f"parent version: {parent}")
-        version = mv.get("version", reg.get("version"))
-        say(f"  {MLFLOW_URL}/#/models/{urllib.parse.quote(reg['model_name'])}/versions/{version}")
+        tags = {t["key"]: t["value"] for t in mv.get("tags", [])}
+        aliases = ", ".join(f"@{a}" for a in mv.get("aliases", [])) or "no alias now"
+        confirmed = f"in MLflow: {aliases}" if status == 200 and mv else f"NOT found in MLflow (HTTP {status})"
+        say(f"registered model: {reg['model_name']} v{reg.get('version')} ({confirmed}), "
+            f"parent version: {tags.get('seekflow.parent_version', '?')}")
+        say(f"  {MLFLOW_URL}/#/models/{urllib.parse.quote(reg['model_name'])}/versions/{reg.get('version')}")
     evaluation = api.xcom(run_id, f"evaluate{suffix}") or {}
     scores = {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if scores:
