@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +83,18 @@ def shutdown(failed: bool = False) -> None:
             dist.barrier()
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(parallel: ParallelConfig, seed: int) -> Iterator[DistInfo]:
+    """`init_distributed` for the block, then `shutdown`: without the final barrier when the block raised."""
+    info = init_distributed(parallel, seed)
+    try:
+        yield info
+    except BaseException:
+        shutdown(failed=True)
+        raise
+    shutdown()
 
 
 def _free_port() -> int:

@@ -18,9 +18,9 @@ from training import integrity, registry, storage
 from training.config.code_cpt import CodeCptConfig
 from training.config.curate import CODE_KINDS
 from training.manifest import manifest_hash, read_manifest
-from training.parallel.setup import init_distributed, shutdown
+from training.parallel.setup import distributed
 from training.stages.lifecycle import Outcome, StageRun, run_stage
-from training.stages.pretrain import curated_dataset
+from training.stages.pretrain import curated_dataset, trained_outcome
 from training.tracking import tracking_uri
 
 PARENT_FILE = "parent.json"   # under the stage: the parent this run's weights started from
@@ -88,8 +88,7 @@ def pin_parent(cfg: CodeCptConfig) -> dict:
 def train(cfg: CodeCptConfig, curate: dict, parent: dict, stage: StageRun) -> Outcome:
     from training.train.trainer import InitialWeights
 
-    info = init_distributed(cfg.parallel, cfg.seed)
-    try:
+    with distributed(cfg.parallel, cfg.seed) as info:
         release = fetch_parent(cfg, parent, stage)
         with stage.tracking(enabled=info.is_main) as mlflow_run:
             start = InitialWeights(parent["uri"], lambda: record_parent(stage, parent, release))
@@ -101,16 +100,7 @@ def train(cfg: CodeCptConfig, curate: dict, parent: dict, stage: StageRun) -> Ou
                 mlflow.set_tags({"seekflow.init_checkpoint": lineage["ref"], "seekflow.parent_version":
                                  lineage["uri"] if lineage["version"] else "none"})
             run_id = mlflow_run.info.run_id if mlflow_run else None
-    except BaseException:
-        shutdown(failed=True)
-        raise
-    shutdown()
-    release_uri = storage.join(stage.uri, "release")
-    outputs = {"release_checkpoint": release_uri, "checkpoints": storage.join(stage.uri, "checkpoints"),
-               "mlflow_run_id": run_id, "parent": lineage}
-    result = {"final_loss": metrics["final_loss"], "steps": metrics["steps"], "release_checkpoint": release_uri,
-              "mlflow_run_id": run_id, "parent": lineage["uri"]}
-    return Outcome(outputs, metrics, result)
+    return trained_outcome(stage, metrics, run_id, parent=lineage)
 
 
 def fetch_parent(cfg: CodeCptConfig, parent: dict, stage: StageRun) -> Path:

@@ -20,19 +20,18 @@ import torch.distributed as dist
 from training import integrity, registry, storage
 from training.config.long_context import PARENT_KIND, LongContextConfig, LongContextError, phase_configs
 from training.manifest import manifest_hash, read_manifest
-from training.parallel.setup import init_distributed, shutdown
+from training.parallel.setup import distributed
 from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.tracking import tracking_uri
 
 
 def run(cfg: LongContextConfig) -> dict | None:
-    curate = _read(cfg, "data_manifest", cfg.data_manifest or storage.stage_uri(cfg.run_root, "curate"))
+    curate = _read(cfg, "data_manifest", cfg.data_manifest or storage.stage_uri(cfg.run_root, cfg.upstream("curate")))
     parent = {"ref": cfg.init_checkpoint, "manifest_hash": None}
     if cfg.init_checkpoint is None:   # the upstream training stage's release
         upstream = _read(cfg, "init_checkpoint", storage.stage_uri(cfg.run_root, cfg.upstream(PARENT_KIND)))
         parent = {"ref": upstream["outputs"]["release_checkpoint"], "manifest_hash": manifest_hash(upstream)}
-    info = init_distributed(cfg.parallel, cfg.seed)
-    try:
+    with distributed(cfg.parallel, cfg.seed) as info:
         from megatron.core import parallel_state
 
         from training.model.release import read_model_config
@@ -46,12 +45,7 @@ def run(cfg: LongContextConfig) -> dict | None:
         phases = phase_configs(cfg, model, parallel_state.get_data_parallel_world_size())
         inputs = {"data_manifest_hash": manifest_hash(curate), "init_checkpoint": parent["ref"],
                   "parent_release_sha256": parent["release_sha256"]}
-        manifest = run_stage(cfg, inputs, lambda stage: extend(cfg, stage, curate, phases, parent, release, info))
-    except BaseException:
-        shutdown(failed=True)
-        raise
-    shutdown()
-    return manifest
+        return run_stage(cfg, inputs, lambda stage: extend(cfg, stage, curate, phases, parent, release, info))
 
 
 def _read(cfg: LongContextConfig, field: str, location: str) -> dict:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from training import registry, storage
 from training.config import PretrainConfig
 from training.manifest import manifest_hash, read_manifest
-from training.parallel.setup import init_distributed, shutdown
+from training.parallel.setup import distributed
 from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.tracking import tracking_uri
 
@@ -29,24 +29,26 @@ def run(cfg: PretrainConfig) -> dict | None:
 
 
 def train(cfg: PretrainConfig, curate: dict, stage: StageRun) -> Outcome:
-    info = init_distributed(cfg.parallel, cfg.seed)
-    try:
-        with stage.tracking(enabled=info.is_main) as mlflow_run:
-            if mlflow_run and cfg.init_checkpoint:
-                import mlflow
+    with distributed(cfg.parallel, cfg.seed) as info, stage.tracking(enabled=info.is_main) as mlflow_run:
+        if mlflow_run and cfg.init_checkpoint:
+            import mlflow
 
-                mlflow.set_tag("seekflow.init_checkpoint", cfg.init_checkpoint)
-            metrics = build_trainer(cfg, curate, stage, info).fit(mlflow_run)
-            run_id = mlflow_run.info.run_id if mlflow_run else None
-    except BaseException:
-        shutdown(failed=True)
-        raise
-    shutdown()
+            mlflow.set_tag("seekflow.init_checkpoint", cfg.init_checkpoint)
+        metrics = build_trainer(cfg, curate, stage, info).fit(mlflow_run)
+        run_id = mlflow_run.info.run_id if mlflow_run else None
+    return trained_outcome(stage, metrics, run_id)
+
+
+def trained_outcome(stage: StageRun, metrics: dict, run_id: str | None, parent: dict | None = None) -> Outcome:
+    """What a training stage leaves for evaluate and register: its release, checkpoints, MLflow run and, when it
+    continued another model, that parent (`outputs.parent`, the lineage register tags)."""
     release = storage.join(stage.uri, "release")
     outputs = {"release_checkpoint": release, "checkpoints": storage.join(stage.uri, "checkpoints"),
                "mlflow_run_id": run_id}
     result = {"final_loss": metrics["final_loss"], "steps": metrics["steps"], "release_checkpoint": release,
               "mlflow_run_id": run_id}
+    if parent is not None:
+        outputs["parent"], result["parent"] = parent, parent["uri"]
     return Outcome(outputs, metrics, result)
 
 
