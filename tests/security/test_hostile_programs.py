@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.processes import pids_running
+
 ROOT = Path(__file__).resolve().parents[2]
 HOME = Path.home()
 SLEEP_MARK = "6061.5"   # the setsid child's sleep: findable in the process table should it survive
@@ -115,8 +117,7 @@ def test_every_hostile_program_is_scored_a_failure_with_a_reason(hostile_run):
 
 def test_no_process_outlives_the_evaluation(hostile_run):
     assert hostile_run["report"]["survivors"] == []
-    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).find(SLEEP_MARK) >= 0]
-    assert leftovers == []
+    assert pids_running(SLEEP_MARK) == []
 
 
 def test_nothing_escaped_to_the_host(hostile_run, listener):
@@ -144,9 +145,3 @@ def test_no_planted_secret_appears_in_any_output_record_log_or_mlflow(hostile_ru
         for name, secret in hostile_run["planted"].items():
             assert secret not in text, f"{name} leaked into the {where} ({hostile_run['via']})"
 
-
-def _cmdline(proc_dir: Path) -> str:
-    try:
-        return (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""

@@ -23,6 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pids_running(text: str) -> list[int]:
+    """The processes whose command line holds `text` (how a sandbox test finds what a program left running)."""
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def repo_env(**extra: str) -> dict:
     """This process's environment with the repository on PYTHONPATH, for `python -m training` and probe scripts."""
     return {**os.environ, "PYTHONPATH": str(REPO), **extra}

@@ -1,11 +1,11 @@
 """The sandbox's limits, and HumanEval's own canonical solutions scored through it (the executor's sanity check)."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
+from tests.support.processes import pids_running
 from training.benchmarks_data import load_humaneval_problems
 from training.eval import humaneval
 from training.verify.sandbox import Limits, run_many, run_python
@@ -60,21 +60,11 @@ def test_background_children_are_killed_with_the_sandbox():
     program = ("import os, time\n"
                "if os.fork() == 0:\n"
                "    time.sleep(30)\n")
-    before = _sandbox_processes()
+    before = set(pids_running("program.py"))
     out = run_python(program)
     assert out.status == "passed", out
-    assert _sandbox_processes() <= before   # nothing the program started is still running
+    assert set(pids_running("program.py")) <= before   # nothing the program started is still running
 
-
-def _sandbox_processes() -> set[int]:
-    pids = set()
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and b"program.py" in open(f"/proc/{entry}/cmdline", "rb").read():
-                pids.add(int(entry))
-        except OSError:
-            continue
-    return pids
 
 
 def test_canonical_solutions_all_pass_and_wrong_ones_all_fail():

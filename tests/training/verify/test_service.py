@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.processes import pids_running
 from training.verify.remote import run_remote
 from training.verify.sandbox import Limits, run_many
 from training.verify.service import clamp
@@ -87,7 +88,7 @@ def test_pod_isolation_reaps_a_setsid_orphan():
         outcome = run_remote(address, [program])[0]
         assert outcome.status == "passed", outcome
         time.sleep(0.2)
-        assert _processes_with(MARK) == []
+        assert pids_running(MARK) == []
 
 
 def test_pod_isolation_refuses_to_run_outside_a_sandbox_pod():
@@ -98,13 +99,3 @@ def test_pod_isolation_refuses_to_run_outside_a_sandbox_pod():
         with service("--isolation", "pod", env=_pod_env(AWS_SECRET_ACCESS_KEY="x")):
             pass
 
-
-def _processes_with(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
