@@ -76,8 +76,10 @@ def train(root: Path, data: Path, seed: int, ablation: bool) -> dict[str, Path]:
     return releases
 
 
-def heldout_samples(count: int, max_tokens: int, seed: int = 0) -> list[tuple[list[int], tuple[int, int]]]:
-    """(token ids, middle span) of `count` PSM samples from standard-library snippets, each at most `max_tokens`."""
+def heldout_samples(count: int, max_tokens: int, merges: int | None,
+                    seed: int = 0) -> list[tuple[list[int], tuple[int, int]]]:
+    """(token ids, middle span) of `count` PSM samples from standard-library snippets, each at most `max_tokens`,
+    in the vocabulary of the models compared (`merges`: their model.vocab_merges)."""
     from training import tokenizer as T
     from training.data import fim
     from training.eval.heldout import code_files
@@ -89,12 +91,12 @@ def heldout_samples(count: int, max_tokens: int, seed: int = 0) -> list[tuple[li
         start = rng.randrange(len(lines))
         snippet, ids, middle = "", [], []
         for line in lines[start:]:   # whole lines while the snippet and its 4 FIM tokens stay within max_tokens
-            if len(fim.encode_pieces([snippet + line])[0]) > max_tokens - 6:
+            if len(fim.encode_pieces([snippet + line], merges)[0]) > max_tokens - 6:
                 break
             snippet += line
         while snippet.strip():
             decision = fim.plan(snippet, f"{doc_id}:{start}", seed=seed, rate=1.0)
-            prefix, middle, suffix = fim.encode_pieces(list(decision.split(snippet)))
+            prefix, middle, suffix = fim.encode_pieces(list(decision.split(snippet)), merges)
             ids = T.fim_document_ids(prefix, middle, suffix, decision.mode)
             if len(ids) <= max_tokens:
                 break
@@ -116,7 +118,7 @@ def middle_loss(release: Path, samples, batch_size: int = 8) -> tuple[float, int
     from training.train.losses import middle_token_nll
 
     gpt, model_cfg = load_release(release)
-    gen = Generator(gpt, model_cfg.max_position_embeddings)
+    gen = Generator(gpt, model_cfg.max_position_embeddings, vocab_merges=model_cfg.vocab_merges)
     total, count = 0.0, 0
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
@@ -144,11 +146,12 @@ def main() -> None:
         print(f"seed {seed}:", flush=True)
         releases[seed] = train(work / f"seed{seed}", work / "data", seed, not args.no_ablation)
 
-    from training.config import ParallelConfig
+    from training.config import ParallelConfig, load_preset
     from training.parallel.setup import init_distributed
 
     init_distributed(ParallelConfig(), seed=0)
-    samples = heldout_samples(args.samples, args.max_tokens)
+    merges = load_preset("tiny")["pretrain"]["model"].get("vocab_merges")
+    samples = heldout_samples(args.samples, args.max_tokens, merges)
     results = {}
     for seed, models in releases.items():
         losses = {name: middle_loss(path, samples) for name, path in models.items()}

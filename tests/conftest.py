@@ -213,8 +213,8 @@ PIPELINE_RUN = {
     "evaluate.humaneval.max_problems": 2,
     "evaluate.fim.num_spans": 4,
     "evaluate.arith.num_problems": 4,
-    "evaluate.passkey.context_lengths": [128],   # every suite still runs; the 129K-row output head makes each
-    "evaluate.passkey.depths": [0.5],            # scored token costly on 2 cores
+    "evaluate.passkey.context_lengths": [128],   # every suite still runs, each on a few items
+    "evaluate.passkey.depths": [0.5],
     "evaluate.perplexity.max_documents": 4,
     "evaluate.perplexity.max_tokens": 256,
     # the rest of the chain, as small: code CPT on a small FIM corpus, one short YaRN phase

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -59,10 +60,17 @@ def tokenizer_path() -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def load_tokenizer() -> Tokenizer:
-    """The shared tokenizer (loading parses a 7.8 MB JSON, ~1 s, so it is cached). Treat it as read-only."""
-    tok = Tokenizer.from_file(str(tokenizer_path()))
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(merges: int | None = None) -> Tokenizer:
+    """The shared tokenizer (loading parses a 7.8 MB JSON, ~1 s, so it is cached). Treat it as read-only.
+
+    With `merges`, DeepSeek's byte-level BPE keeps only its first `merges` merges: a smaller BPE vocabulary (the 256
+    byte tokens, the kept merges' tokens and every added token) that still encodes any text, and whose ids are
+    DeepSeek's own. training.vocabulary maps those ids to a small model's embedding rows."""
+    if merges is None:
+        tok = Tokenizer.from_file(str(tokenizer_path()))
+    else:
+        tok = Tokenizer.from_str(json.dumps(_truncated_bpe(merges)))
     if tok.get_vocab_size() > VOCAB_SIZE_PADDED:
         raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
                            f"{VOCAB_SIZE_PADDED} embedding rows")
@@ -70,6 +78,26 @@ def load_tokenizer() -> Tokenizer:
         if tok.token_to_id(text) is None:
             raise RuntimeError(f"tokenizer lacks special token {text!r}")
     return tok
+
+
+def _truncated_bpe(merges: int) -> dict:
+    """tokenizer.json with only its first `merges` merges. The vocabulary stays whole, so every id (the added
+    tokens' too) keeps its number, but encoding only ever reaches `bpe_subset_ids(merges)`."""
+    doc = json.loads(tokenizer_path().read_text(encoding="utf-8"))
+    if not 0 <= merges <= len(doc["model"]["merges"]):
+        raise ValueError(f"merges must lie in [0, {len(doc['model']['merges'])}], got {merges}")
+    doc["model"]["merges"] = doc["model"]["merges"][:merges]
+    return doc
+
+
+@functools.lru_cache(maxsize=4)
+def bpe_subset_ids(merges: int) -> tuple[int, ...]:
+    """Ids (ascending) of the tokens that DeepSeek's BPE cut to its first `merges` merges can produce: the 256
+    byte-level symbols and the merges' results. Special tokens are not among them."""
+    doc = json.loads(tokenizer_path().read_text(encoding="utf-8"))
+    vocab = doc["model"]["vocab"]
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in doc["model"]["merges"][:merges]]
+    return tuple(sorted({vocab[a + b] for a, b in pairs} | {i for t, i in vocab.items() if len(t) == 1}))
 
 
 def token_id(text: str) -> int:

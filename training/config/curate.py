@@ -130,6 +130,9 @@ class CurateConfig(StageConfig):
     decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
     language_threshold: float = Field(0.65, ge=0, le=1, description="Minimum fastText language score (FineWeb's "
                                                                     "0.65).")
+    vocab_merges: int | None = Field(None, ge=0, description="Tokenize with DeepSeek's BPE cut to its first N merges "
+                                     "(a subset of its ids; the model trained on it sets the same model.vocab_merges)"
+                                     ". None: the full tokenizer.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "CurateConfig":

@@ -40,6 +40,10 @@ class ModelConfig(Section):
     num_attention_heads: int = Field(4, ge=1)
     ffn_hidden_size: int = Field(192, ge=1, description="Intermediate size of the dense (non-MoE) FFN layers.")
     vocab_size: int = Field(129280, ge=1, description="Embedding rows; DeepSeek-V3's 128K tokenizer padded to 129280.")
+    vocab_merges: int | None = Field(
+        None, ge=0, description="Train on DeepSeek's BPE cut to its first N merges: a subset of its token ids, mapped "
+        "to embedding rows (training/vocabulary.py), for small models whose output head would otherwise dominate "
+        "their compute. The curated data must use the same N (curate's vocab_merges). None: the full tokenizer.")
     max_position_embeddings: int = Field(4096, ge=1)
     rotary_base: float = Field(10000.0, gt=0)
     rope_scaling: YarnConfig | None = Field(

@@ -106,15 +106,16 @@ def plan(text: str, doc_id: str, *, seed: int = 0, rate: float = 0.0, spm_rate: 
     return FimPlan(mode, start, end)
 
 
-@functools.lru_cache(maxsize=1)
-def _tokenizer_encode_batch() -> Callable[[list[str]], list]:
-    tok = T.load_tokenizer()
+@functools.lru_cache(maxsize=4)
+def _tokenizer_encode_batch(merges: int | None) -> Callable[[list[str]], list]:
+    tok = T.load_tokenizer(merges)
     return getattr(tok, "encode_batch_fast", tok.encode_batch)   # no offsets: faster where available
 
 
-def encode_pieces(texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, encoded on its own, with no special tokens added (DeepSeek's tokenizer adds none)."""
-    return [e.ids for e in _tokenizer_encode_batch()(texts, add_special_tokens=False)]
+def encode_pieces(texts: list[str], merges: int | None = None) -> list[list[int]]:
+    """Token ids of each text, encoded on its own, with no special tokens added (DeepSeek's tokenizer adds none),
+    by the full tokenizer or its first `merges` merges (a model's vocab_merges: training/vocabulary.py)."""
+    return [e.ids for e in _tokenizer_encode_batch(merges)(texts, add_special_tokens=False)]
 
 
 def apply_plan(text: str, decision: FimPlan, *, plain_ids: Sequence[int] | None = None,

@@ -17,6 +17,7 @@ import torch
 
 from training import tokenizer as T
 from training.eval.perplexity import nll_from_logits
+from training.vocabulary import vocabulary
 
 
 def hidden_states(gpt, tokens: torch.Tensor) -> torch.Tensor:
@@ -46,10 +47,12 @@ class Generation:
 class Generator:
     """Generates from token-id prompts with a loaded GPTModel (see training.model.release.load_release)."""
 
-    def __init__(self, gpt, max_positions: int, batch_size: int = 8):
+    def __init__(self, gpt, max_positions: int, batch_size: int = 8, vocab_merges: int | None = None):
         self.gpt, self.max_positions, self.batch_size = gpt, max_positions, batch_size
         self.device = next(gpt.parameters()).device      # inputs follow the weights (CPU here, a GPU elsewhere)
-        self.tok = T.load_tokenizer()
+        # Prompts and outputs are DeepSeek token ids; a vocabulary-subset model (model.vocab_merges) sees rows.
+        self.vocabulary = vocabulary(vocab_merges)
+        self.tok = self.vocabulary.tokenizer
         self.pad_id, self.eod_id = T.token_id(T.PAD), T.eod_id()
 
     def encode(self, text: str) -> list[int]:
@@ -86,10 +89,10 @@ class Generator:
             batch = torch.full((len(live), width), self.pad_id, dtype=torch.long)
             for row, i in enumerate(live):
                 batch[row, :len(seqs[i])] = torch.tensor(seqs[i])
-            hidden = hidden_states(self.gpt, batch.to(self.device))       # [seq, batch, h]
+            hidden = hidden_states(self.gpt, self.vocabulary.to_rows(batch.to(self.device)))   # [seq, batch, h]
             last = torch.stack([hidden[len(seqs[i]) - 1, row] for row, i in enumerate(live)])
-            logits = project(self.gpt, last)                              # [batch, vocab]
-            nxt = _pick(logits.cpu(), temperature, rng)
+            logits = self._logits(last)                                   # [batch, rows]
+            nxt = self.vocabulary.to_ids(_pick(logits.cpu(), temperature, rng))
             for row, i in enumerate(live):
                 token = int(nxt[row])
                 if token == self.eod_id:
@@ -111,14 +114,22 @@ class Generator:
     @torch.no_grad()
     def token_nll(self, tokens: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """Per-position NLL [batch, seq-1] of tokens[:, 1:] given the prefix (float64 for a stable sum)."""
-        tokens = tokens.to(self.device)
+        tokens = self.vocabulary.to_rows(tokens.to(self.device))
         hidden = hidden_states(self.gpt, tokens)                          # [seq, batch, h]
         targets = tokens[:, 1:].t()                                      # [seq-1, batch]
         parts = []
         for s in range(0, targets.shape[0], chunk):                      # bounds the [chunk, batch, vocab] logits
-            logits = project(self.gpt, hidden[s:min(s + chunk, targets.shape[0])])
+            logits = self._logits(hidden[s:min(s + chunk, targets.shape[0])])
             parts.append(nll_from_logits(logits, targets[s:s + chunk]))
         return torch.cat(parts).t().cpu()
+
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`project`, with the padding rows of a vocabulary subset (rows no token maps to) never chosen or scored."""
+        logits = project(self.gpt, hidden)
+        if self.vocabulary.is_subset:
+            logits[..., self.vocabulary.rows:] = float("-inf")
+        return logits
 
 
 def _pick(logits: torch.Tensor, temperature: float, rng: torch.Generator) -> torch.Tensor:

@@ -117,6 +117,10 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initializ
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
+    if model.vocab_merges is not None:   # a vocabulary subset: its rows must fit (the full one is checked by curate)
+        from training.vocabulary import vocabulary
+
+        vocabulary(model.vocab_merges).check_fits(model.vocab_size)
     config = transformer_config(model, parallel, use_cpu_initialization=use_cpu_initialization, bf16=bf16)
     use_te = False  # the "local" spec: pure megatron-core + torch (Transformer Engine is not installed here)
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage)

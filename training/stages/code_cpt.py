@@ -22,6 +22,7 @@ from training.parallel.setup import distributed
 from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.stages.pretrain import curated_dataset, trained_outcome
 from training.tracking import tracking_uri
+from training.vocabulary import check_data
 
 PARENT_FILE = "parent.json"   # under the stage: the parent this run's weights started from
 
@@ -35,9 +36,7 @@ class CodeCptError(ValueError):
 def run(cfg: CodeCptConfig) -> dict | None:
     curate = read_manifest(cfg.data_manifest or storage.stage_uri(cfg.run_root, cfg.upstream("curate")))
     mixture = mixed(cfg, curate)
-    vocab = curate["outputs"]["tokenizer"]["vocab_size"]
-    if vocab > cfg.model.vocab_size:
-        raise CodeCptError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({vocab})")
+    check_data(curate["outputs"]["tokenizer"], cfg.model)
     parent = pin_parent(cfg)
     inputs = {"data_manifest_hash": manifest_hash(curate), "parent": parent["uri"]}
     return run_stage(cfg, inputs, lambda stage: train(cfg, mixture, parent, stage))

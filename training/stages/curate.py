@@ -33,6 +33,7 @@ from training.data.curate.shards import CurateError  # noqa: F401 - raised by th
 from training.manifest import manifest_uri
 from training.stages.lifecycle import Outcome, run_stage
 from training.storage import sha256_file, stage_dir
+from training.vocabulary import manifest_entry
 
 SHARDS_ENV = "SEEKFLOW_NUM_SHARDS"       # set on shard jobs only (operators.backends.k8s_render sets the same name)
 INDEX_ENV = "JOB_COMPLETION_INDEX"       # a Kubernetes Indexed Job's completion index
@@ -104,9 +105,7 @@ def merge(cfg: CurateConfig, chash: str, inputs: dict, started: float) -> Outcom
                        near_duplicates=len(near_duplicates), seconds=round(time.time() - started, 2))
         (out / "funnel.json").write_text(json.dumps(all_funnels, indent=2))
         funnels.plot(all_funnels, out / "funnel.png")
-        tok = tokenizer.load_tokenizer()
-        vocab = {"name": tokenizer.NAME, "vocab_size": tok.get_vocab_size(), "eod_id": tokenizer.eod_id()}
-        outputs = {"datasets": datasets, "tokenizer": vocab, "funnel": all_funnels}
+        outputs = {"datasets": datasets, "tokenizer": manifest_entry(cfg.vocab_merges), "funnel": all_funnels}
         for entry in ("data", "rejects", "funnel.json", "funnel.png"):
             storage.publish(out / entry)
         if mlflow_run is not None:

@@ -78,7 +78,7 @@ def evaluate(cfg: EvaluateConfig, stage: StageRun, release: Path, model_cfg, tar
             print(f"{stage.name}: loading {release} ({model_cfg.name})", flush=True)
             gpt, _ = load_release(release)
             gpt.to(info.device)   # loaded on the CPU; the generator's inputs follow the weights
-            gen = Generator(gpt, model_cfg.max_position_embeddings, cfg.batch_size)
+            gen = Generator(gpt, model_cfg.max_position_embeddings, cfg.batch_size, vocab_merges=model_cfg.vocab_merges)
             results = run_enabled(cfg, gen)
             metrics = {f"{suite}.{k}": v for suite, r in results.items() for k, v in r.metrics.items()}
             mlflow.log_metrics({f"eval/{k.replace('.', '/', 1)}": v for k, v in metrics.items() if math.isfinite(v)})

@@ -23,6 +23,7 @@ from training.manifest import manifest_hash, read_manifest
 from training.parallel.setup import distributed
 from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.tracking import tracking_uri
+from training.vocabulary import check_data
 
 
 def run(cfg: LongContextConfig) -> dict | None:
@@ -38,10 +39,7 @@ def run(cfg: LongContextConfig) -> dict | None:
 
         release = resolve_parent(cfg, parent)
         model = read_model_config(release)
-        vocab = curate["outputs"]["tokenizer"]["vocab_size"]
-        if vocab > model.vocab_size:
-            raise LongContextError(f"{cfg.stage_name}.init_checkpoint: the model's vocabulary ({model.vocab_size}) "
-                                   f"is smaller than the tokenizer's ({vocab})")
+        check_data(curate["outputs"]["tokenizer"], model, where=f"{cfg.stage_name}.init_checkpoint's model")
         phases = phase_configs(cfg, model, parallel_state.get_data_parallel_world_size())
         inputs = {"data_manifest_hash": manifest_hash(curate), "init_checkpoint": parent["ref"],
                   "parent_release_sha256": parent["release_sha256"]}

@@ -15,13 +15,12 @@ from training.manifest import manifest_hash, read_manifest
 from training.parallel.setup import distributed
 from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.tracking import tracking_uri
+from training.vocabulary import check_data
 
 
 def run(cfg: PretrainConfig) -> dict | None:
     curate = read_manifest(cfg.data_manifest or storage.stage_uri(cfg.run_root, "curate"))
-    vocab = curate["outputs"]["tokenizer"]["vocab_size"]
-    if vocab > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({vocab})")
+    check_data(curate["outputs"]["tokenizer"], cfg.model)
     inputs = {"data_manifest_hash": manifest_hash(curate)}
     if cfg.init_checkpoint:
         inputs["init_checkpoint"] = cfg.init_checkpoint

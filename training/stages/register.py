@@ -131,7 +131,13 @@ def _log_hf_export(checkpoint: Path, workdir: Path, run_) -> dict[str, str]:
     import mlflow
 
     from training.export.hf import export_hf
+    from training.model.release import read_model_config
 
+    merges = read_model_config(checkpoint).vocab_merges
+    if merges is not None:   # export refuses it (training/export/hf.py): say so on the version instead
+        reason = f"none: a vocabulary-subset model (model.vocab_merges {merges}) has no Hugging Face form"
+        print(f"register: Hugging Face export skipped ({reason})", flush=True)
+        return {"seekflow.hf_export": reason}
     out = workdir / "hf"
     export_hf(checkpoint, out, overwrite=True, log=lambda line: print(f"register: {line}", flush=True))
     mlflow.log_artifacts(str(out), artifact_path="hf")

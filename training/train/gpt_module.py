@@ -16,6 +16,7 @@ import torch
 from training.config import ModelConfig
 from training.train import losses, schedules
 from training.train.module import Loss, TrainModule
+from training.vocabulary import vocabulary
 
 
 class GPTTrainModule(TrainModule):
@@ -38,6 +39,7 @@ class GPTTrainModule(TrainModule):
         if not distrib_optimizer.HAVE_APEX_OR_TE:
             cfg.check_checkpointable_without_fused_adam()
         self.cfg, self.device, self.dataset_of, self.loss = cfg, device, dataset, loss
+        self.vocabulary = vocabulary(cfg.model.vocab_merges)
         self.architecture, self.loss_name = cfg.model, loss.reported[0].replace(" ", "_")
         train, opt = cfg.train, cfg.optimizer
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -124,6 +126,7 @@ class GPTTrainModule(TrainModule):
     def forward_step(self, data_iterator, model):
         """megatron's forward_step_func: the next micro-batch on this rank's device (and CP share), then the loss."""
         batch = {key: value.to(self.device, non_blocking=True) for key, value in next(data_iterator).items()}
+        batch = self.vocabulary.batch_to_rows(batch)   # DeepSeek ids -> embedding rows (identity: full tokenizer)
         if self.cfg.parallel.context_parallel_size > 1:   # this rank's 2 of the sequence's 2 x CP chunks
             from megatron.core.utils import get_batch_on_this_cp_rank
 

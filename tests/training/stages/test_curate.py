@@ -133,7 +133,7 @@ def test_datasets_read_back_with_megatron(curated):
             ids = dataset[i].tolist()
             assert ids[-1] == eod and not control & set(ids[:-1])   # one EOD, at the end; no other control token
     assert manifest["outputs"]["tokenizer"] == {"name": "deepseek-v3", "vocab_size": tok.get_vocab_size(),
-                                                "eod_id": eod}
+                                                "eod_id": eod, "vocab_merges": None}
 
 
 def test_funnel_accounts_for_every_item_read(curated):

@@ -55,7 +55,7 @@ def source_pipeline(cfg, source, source_index: int, shard: Path) -> list:
         return SampledRejects(str(shard / "rejects" / source.label / folder), limit=limit)
 
     steps = [SourceReader(source, source_index),
-             SetAsideBadInput(source.min_chars, exclusion_writer=rejects("bad_input")),
+             SetAsideBadInput(source.min_chars, cfg.vocab_merges, exclusion_writer=rejects("bad_input")),
              text.NormalizeUnicode(),
              ExactDedup(exclusion_writer=rejects("exact_dedup"))]
     if source.decontaminate:   # before language and quality filters: every leak is attributed, whatever else it fails
@@ -73,7 +73,7 @@ def source_pipeline(cfg, source, source_index: int, shard: Path) -> list:
     if source.pii:
         steps.append(pii.RedactPII())
     steps.append(PackCandidates(shard / source.label, source.label, exclusion_writer=rejects("pack"),
-                                fim_options=source.fim.model_dump()))
+                                fim_options=source.fim.model_dump(), vocab_merges=cfg.vocab_merges))
     if source.near_dedup:
         nd = cfg.near_dedup
         steps.append(minhash.MinhashSignatureStep(shard / "minhash" / source.label, minhash.MinhashParams(

@@ -38,33 +38,39 @@ def megatron_builder():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    return IndexedDatasetBuilder, DType.optimal_dtype(tokenizer.load_tokenizer().get_vocab_size())
+    return IndexedDatasetBuilder, DType.optimal_dtype(tokenizer.VOCAB_SIZE_PADDED)
 
 
 class PackCandidates(BaseFilter):
     name = "tokenize + pack"
 
-    def __init__(self, prefix: Path, label: str, exclusion_writer=None, fim_options: dict | None = None):
+    def __init__(self, prefix: Path, label: str, exclusion_writer=None, fim_options: dict | None = None,
+                 vocab_merges: int | None = None):
         super().__init__(exclusion_writer=exclusion_writer, batch_size=TOKEN_BATCH)
+        self.vocab_merges = vocab_merges   # None: DeepSeek's full tokenizer (training/vocabulary.py)
         self.prefix, self.label = Path(prefix), label
         self.fim_options = dict(fim_options or {})   # rate, spm_rate, seed of `fim.document_ids` (a FimConfig's dump)
         self.builder = self.docs_file = None
 
     def _open(self) -> None:
         builder_cls, self.dtype = megatron_builder()
-        tok = tokenizer.load_tokenizer()
+        tok = tokenizer.load_tokenizer(self.vocab_merges)
         self.encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
         self.eod = tokenizer.eod_id()
         # Lookup tables: one numpy gather per document instead of a set scan.
-        self.is_control = np.zeros(tok.get_vocab_size(), dtype=bool)
+        self.is_control = np.zeros(tokenizer.VOCAB_SIZE_PADDED, dtype=bool)   # indexed by id (a subset's ids too)
         self.is_control[list(tokenizer.control_token_ids())] = True
-        self.is_repository_marker = np.zeros(tok.get_vocab_size(), dtype=bool)
+        self.is_repository_marker = np.zeros(tokenizer.VOCAB_SIZE_PADDED, dtype=bool)
         self.is_repository_marker[[tokenizer.token_id(t) for t in REPOSITORY_TOKENS]] = True
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self.builder = builder_cls(str(self.prefix) + ".bin", dtype=self.dtype)
         self.docs_file = open(str(self.prefix) + ".docs.jsonl", "w")
         self.documents = self.tokens = 0
         self.started = self.last_report = time.time()
+
+    def _encode_pieces(self, texts: list[str]) -> list[list[int]]:
+        """A FIM document's prefix, middle and suffix, each encoded on its own with this step's vocabulary."""
+        return [e.ids for e in self.encode_batch(texts, add_special_tokens=False)]
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:   # datatrove's abstract API; batches go below
         return self.filter_batch([doc])[0]
@@ -82,7 +88,8 @@ class PackCandidates(BaseFilter):
             if control.any():
                 results.append((False, "control_token"))
                 continue
-            packed = fim.document_ids(doc.text, doc.id, plain_ids=encoding.ids, **self.fim_options)   # EOD last
+            packed = fim.document_ids(doc.text, doc.id, plain_ids=encoding.ids, encode=self._encode_pieces,
+                                      **self.fim_options)   # EOD last
             ids = np.asarray(packed.ids, dtype=self.dtype)
             self.builder.add_document(ids, [len(ids)])
             doc.metadata["token_count"] = len(ids)

@@ -47,9 +47,9 @@ class SetAsideBadInput(BaseFilter):
 
     name = "bad input"
 
-    def __init__(self, min_chars: int, exclusion_writer=None):
+    def __init__(self, min_chars: int, vocab_merges: int | None = None, exclusion_writer=None):
         super().__init__(exclusion_writer=exclusion_writer, batch_size=TOKEN_BATCH)
-        self.min_chars = min_chars
+        self.min_chars, self.vocab_merges = min_chars, vocab_merges
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         if "reject" in doc.metadata:
@@ -67,7 +67,7 @@ class SetAsideBadInput(BaseFilter):
         results = [self.filter(doc) for doc in batch]
         kept = [doc for doc, result in zip(batch, results) if result is True]
         if kept:
-            tok = tokenizer.load_tokenizer()
+            tok = tokenizer.load_tokenizer(self.vocab_merges)
             encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
             for doc, encoding in zip(kept, encode([d.text for d in kept], add_special_tokens=False)):
                 doc.metadata["token_count"] = len(encoding.ids)
