@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from training.config.base import Section, StageConfig, StageInput, StageSpec
+from training.config.tasks import TasksSuite
 
 
 class HumanEvalSuite(Section):
@@ -120,7 +121,7 @@ class EvaluateConfig(StageConfig):
         inputs=(StageInput("checkpoint", upstream="pretrain"),),
         form_fields=(
             "humaneval.enabled", "humaneval.max_problems", "fim.enabled", "fim.num_spans", "passkey.enabled",
-            "passkey.context_lengths", "arith.enabled", "arith.num_problems", "perplexity.enabled",
+            "passkey.context_lengths", "arith.enabled", "arith.num_problems", "perplexity.enabled", "tasks.enabled",
         ))
 
     checkpoint: str | None = Field(None, description="A release directory, or a registered version: "
@@ -134,6 +135,7 @@ class EvaluateConfig(StageConfig):
     passkey: PasskeySuite = Field(default_factory=PasskeySuite)
     arith: ArithSuite = Field(default_factory=ArithSuite)
     perplexity: PerplexitySuite = Field(default_factory=PerplexitySuite)
+    tasks: TasksSuite = Field(default_factory=TasksSuite)
 
     @model_validator(mode="after")
     def _check(self) -> "EvaluateConfig":

@@ -27,6 +27,7 @@ from training.config.evaluate import EvaluateConfig
 from training.config.long_context import LongContextConfig
 from training.config.pretrain import PretrainConfig
 from training.config.registry import PromoteConfig, RegisterConfig
+from training.config.sft import SftConfig
 
 # The stage registry: kind -> config class, in the order the pipeline runs them.
 STAGES: dict[str, type[StageConfig]] = {cls.stage_spec.kind: cls for cls in (
@@ -37,6 +38,7 @@ STAGES: dict[str, type[StageConfig]] = {cls.stage_spec.kind: cls for cls in (
     PromoteConfig,
     CodeCptConfig,
     LongContextConfig,
+    SftConfig,
 )}
 
 

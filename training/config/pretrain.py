@@ -11,38 +11,18 @@ from training.config.parallel import ParallelConfig, stage_layers, stage_sizes
 from training.config.train import OptimizerConfig, TrainLoopConfig
 
 
-class PretrainConfig(StageConfig):
-    """Pretraining under torchrun, one process per GPU; the data comes from the curate stage."""
-
-    stage_spec: ClassVar[StageSpec] = StageSpec(
-        # Long (a real run sets its own): a retry resumes from the last complete checkpoint, so a try lost to a
-        # node failure or a hung collective costs at most one save interval.
-        kind="pretrain", launcher="torchrun", retries=3, retry_delay_minutes=5, timeout_minutes=3 * 24 * 60,
-        inputs=(StageInput("data_manifest", upstream="curate"), StageInput("init_checkpoint", required=False)),
-        form_fields=(
-            "train.steps", "train.seq_length", "train.micro_batch_size", "train.global_batch_size",
-            "train.log_interval", "train.save_interval",
-            "optimizer.lr", "optimizer.min_lr", "optimizer.warmup_steps", "optimizer.decay_style",
-            "optimizer.weight_decay", "optimizer.clip_grad",
-            "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_experts",
-            "model.moe_router_topk", "model.moe_router_score_function", "model.mtp_num_layers",
-            "model.mtp_loss_scaling_factor",
-        ))
+class TrainingConfig(StageConfig):
+    """What every stage that trains the model shares: the model, its parallel layout, the optimizer and the loop,
+    checked together (the layout must split the model; the schedule must fit the steps). Concrete stages (pretrain,
+    code_cpt, sft, ...) add their inputs and a `stage_spec`."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
-    data_manifest: str | None = Field(None, description="Curate manifest to train on; default {run_root}/curate.")
-    init_checkpoint: str | None = Field(
-        None, min_length=1, description="Start from these weights instead of a random init: a release directory, an "
-        "s3:// URI or a registered version (models:/name/version, models:/name@alias). The optimizer, schedules and "
-        "data start fresh; the architecture must match, except the context fields (model.rope_scaling, "
-        "model.max_position_embeddings), so that a context extension can start from a 4K model. A rerun that "
-        "resumes this stage's own checkpoint ignores it.")
 
     @model_validator(mode="after")
-    def _check(self) -> "PretrainConfig":
+    def _check(self) -> "TrainingConfig":
         if self.optimizer.warmup_steps >= self.train.steps:
             raise ValueError(f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be below train.steps "
                              f"({self.train.steps})")
@@ -100,3 +80,29 @@ class PretrainConfig(StageConfig):
                     f"an MoE layer (parallel.decoder_first_pipeline_num_layers) or set "
                     f"parallel.use_distributed_optimizer: false")
 
+
+class PretrainConfig(TrainingConfig):
+    """Pretraining under torchrun, one process per GPU; the data comes from the curate stage."""
+
+    stage_spec: ClassVar[StageSpec] = StageSpec(
+        # Long (a real run sets its own): a retry resumes from the last complete checkpoint, so a try lost to a
+        # node failure or a hung collective costs at most one save interval.
+        kind="pretrain", launcher="torchrun", retries=3, retry_delay_minutes=5, timeout_minutes=3 * 24 * 60,
+        inputs=(StageInput("data_manifest", upstream="curate"), StageInput("init_checkpoint", required=False)),
+        form_fields=(
+            "train.steps", "train.seq_length", "train.micro_batch_size", "train.global_batch_size",
+            "train.log_interval", "train.save_interval",
+            "optimizer.lr", "optimizer.min_lr", "optimizer.warmup_steps", "optimizer.decay_style",
+            "optimizer.weight_decay", "optimizer.clip_grad",
+            "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_experts",
+            "model.moe_router_topk", "model.moe_router_score_function", "model.mtp_num_layers",
+            "model.mtp_loss_scaling_factor",
+        ))
+
+    data_manifest: str | None = Field(None, description="Curate manifest to train on; default {run_root}/curate.")
+    init_checkpoint: str | None = Field(
+        None, min_length=1, description="Start from these weights instead of a random init: a release directory, an "
+        "s3:// URI or a registered version (models:/name/version, models:/name@alias). The optimizer, schedules and "
+        "data start fresh; the architecture must match, except the context fields (model.rope_scaling, "
+        "model.max_position_embeddings), so that a context extension can start from a 4K model. A rerun that "
+        "resumes this stage's own checkpoint ignores it.")

@@ -59,7 +59,10 @@ class BadRecord(ValueError):
 
 
 class ChatDataError(RuntimeError):
-    """A conversation dataset with too many bad records: it fails the stage, naming the file."""
+    """A conversation dataset with too many bad records: it fails the stage, naming the file. Bad input: not
+    retried."""
+
+    permanent = True
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,14 @@ class ChatTemplate:
                 ids += [self.assistant, *reply]
                 mask += [0] + [1] * len(reply)
         return ids, mask
+
+    def prompt(self, messages: list[Message]) -> list[int]:
+        """The ids a model continues to answer the conversation's last user turn: the conversation so far, then
+        `<｜Assistant｜>` (generation, the task suite's evaluation, rollouts)."""
+        if not messages or messages[-1].role != "user":
+            raise ValueError("a prompt ends with a user turn")
+        ids, _ = self.encode(messages)
+        return [*ids, self.assistant]
 
     def _reply(self, m: Message, k: int) -> list[int]:
         """An assistant turn's tokens between `<｜Assistant｜>` and the closing end-of-sentence.

@@ -1,8 +1,17 @@
-"""Decoding and scoring with a megatron-core GPTModel in one process: greedy (or sampled) generation and token NLL.
+"""Decoding and scoring with a megatron-core GPTModel in one process: batched generation (greedy, or sampled with
+temperature and top-p; stop strings, stop tokens, a budget of new tokens) and token NLL.
 
-No KV cache: every step re-runs the whole (short) sequence, which is simple and exact, and cheap for the tiny model.
-Batches are right-padded: with causal attention a position never sees the padding after it, and MoE routing here
-drops no tokens (no capacity factor), so a padded batch gives each prompt exactly the tokens it would get alone.
+Generation decodes through megatron-core's KV cache by default (`training/eval/kv_cache.py`): the prompts are
+prefilled once and each step then runs one new position per row. `use_cache=False` is the reference: every step
+re-runs the whole right-padded sequence (with causal attention a position never sees the padding after it, and MoE
+routing here drops no tokens, so a padded batch gives each prompt exactly the tokens it would get alone). Greedy
+decoding gives the same tokens either way. Prompts are batched in order of length (results come back in the caller's
+order): with the cache, a batch steps through the part of its longer prompts past its shortest one position at a time.
+
+Sampling (temperature > 0): temperature, then the nucleus (top-p, Holtzman et al. 2019: the most likely tokens
+whose probabilities sum to at least p), then one uniform draw per new token from the prompt's own random stream,
+derived from `seed` and its index in the call. A prompt's sample therefore depends neither on the rest of its batch
+nor on the batch size, and is the same with and without the cache wherever the two give the same probabilities.
 
 `GPTModel.forward` always computes logits for every position and, with MTP, insists on labels. Evaluation needs
 neither: it projects only the positions it asks for, and skips the MTP block, which DeepSeek-V3 (§2.2) uses as a
@@ -10,25 +19,17 @@ training objective only and discards at inference.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from training import tokenizer as T
+from training.eval.kv_cache import KVCache, hidden_states
 from training.eval.perplexity import nll_from_logits
 from training.vocabulary import vocabulary
 
-
-def hidden_states(gpt, tokens: torch.Tensor) -> torch.Tensor:
-    """Final-norm hidden states [seq, batch, hidden] of `tokens` [batch, seq] (the decoder half of GPTModel.forward)."""
-    positions = torch.arange(tokens.shape[1], dtype=torch.long, device=tokens.device).unsqueeze(0).expand_as(tokens)
-    # megatron-core 0.16.1's own preprocessing (embedding + rotary tables); pinned, so the private call is stable.
-    decoder_input, rotary_pos_emb, rotary_cos, rotary_sin, len_offset, padding_mask = \
-        gpt._preprocess(input_ids=tokens, position_ids=positions)[:6]
-    return gpt.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary_pos_emb,
-                       rotary_pos_cos=rotary_cos, rotary_pos_sin=rotary_sin, sequence_len_offset=len_offset,
-                       padding_mask=padding_mask)
+__all__ = ["Generation", "Generator", "cut_at_stop", "hidden_states", "nucleus", "project", "sample"]
 
 
 def project(gpt, hidden: torch.Tensor) -> torch.Tensor:
@@ -41,11 +42,31 @@ def project(gpt, hidden: torch.Tensor) -> torch.Tensor:
 class Generation:
     text: str
     token_ids: list[int]
-    stop_reason: str          # "stop_string", "eod", "max_new_tokens" or "context_full"
+    stop_reason: str          # "stop_string", "stop_token", "eod", "max_new_tokens" or "context_full"
+    stop_token_id: int | None = None   # the token that ended it ("eod", "stop_token"); not in token_ids or text
+
+
+@dataclass(frozen=True)
+class _Settings:
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    stop_token_ids: frozenset[int]
+    temperature: float
+    top_p: float
+
+
+@dataclass
+class _Row:
+    """One prompt's decoding state: its tokens so far (DeepSeek ids), the new ones, and why it ended."""
+    seq: list[int]
+    rng: torch.Generator
+    new: list[int] = field(default_factory=list)
+    reason: str | None = None
+    stop_token_id: int | None = None
 
 
 class Generator:
-    """Generates from token-id prompts with a loaded GPTModel (see training.model.release.load_release)."""
+    """Generates from token-id prompts with a loaded GPTModel in eval mode (see training.model.release.load_release)."""
 
     def __init__(self, gpt, max_positions: int, batch_size: int = 8, vocab_merges: int | None = None):
         self.gpt, self.max_positions, self.batch_size = gpt, max_positions, batch_size
@@ -63,58 +84,97 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = (),
-                 temperature: float = 0.0, seed: int = 0) -> list[Generation]:
-        """Continue each prompt; temperature 0 is greedy. Output text is cut at the first stop string."""
-        rng = torch.Generator().manual_seed(seed)
-        out: list[Generation] = []
-        for start in range(0, len(prompts), self.batch_size):
-            out += self._batch(prompts[start:start + self.batch_size], max_new_tokens, stop, temperature, rng)
+                 temperature: float = 0.0, seed: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
+                 use_cache: bool = True) -> list[Generation]:
+        """Continue each prompt by at most `max_new_tokens`; temperature 0 is greedy (`top_p` and `seed` then do
+        nothing). A row ends at EOD, at any of `stop_token_ids` (neither is kept in its output), once its new text
+        holds a stop string (the text is cut before it; `token_ids` keep the tokens that completed it), or when the
+        model's context is full. `use_cache=False`: the uncached reference path."""
+        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got {max_new_tokens}, "
+                             f"{temperature}, {top_p}")
+        settings = _Settings(max_new_tokens, tuple(s for s in stop if s), frozenset(int(t) for t in stop_token_ids),
+                             temperature, top_p)
+        checked = [self._checked(p) for p in prompts]
+        seeds = torch.randint(2 ** 62, (len(prompts),), generator=torch.Generator().manual_seed(seed)).tolist()
+        # Batches of similar lengths: a cached batch steps through its longer prompts one position at a time.
+        order = sorted(range(len(prompts)), key=lambda i: len(checked[i]))
+        out: list[Generation | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            rows = [_Row(checked[i], torch.Generator().manual_seed(seeds[i])) for i in batch]
+            if max_new_tokens:
+                (self._decode_cached if use_cache else self._decode_uncached)(rows, settings)
+            for i, r in zip(batch, rows):
+                out[i] = Generation(text=cut_at_stop(self.decode(r.new), settings.stop), token_ids=r.new,
+                                    stop_reason=r.reason or "max_new_tokens", stop_token_id=r.stop_token_id)
         return out
 
-    def _batch(self, prompts, max_new_tokens, stop, temperature, rng) -> list[Generation]:
-        for p in prompts:
-            if not p:
-                raise ValueError("empty prompt")
-            if len(p) >= self.max_positions:
-                raise ValueError(f"prompt of {len(p)} tokens leaves no room under max_position_embeddings "
-                                 f"{self.max_positions}")
-        seqs = [list(p) for p in prompts]
-        new: list[list[int]] = [[] for _ in prompts]
-        reason: list[str | None] = [None] * len(prompts)
-        for _ in range(max_new_tokens):
-            live = [i for i, r in enumerate(reason) if r is None]
-            if not live:
-                break
-            width = max(len(seqs[i]) for i in live)
-            batch = torch.full((len(live), width), self.pad_id, dtype=torch.long)
-            for row, i in enumerate(live):
-                batch[row, :len(seqs[i])] = torch.tensor(seqs[i])
-            hidden = hidden_states(self.gpt, self.vocabulary.to_rows(batch.to(self.device)))   # [seq, batch, h]
-            last = torch.stack([hidden[len(seqs[i]) - 1, row] for row, i in enumerate(live)])
-            logits = self._logits(last)                                   # [batch, rows]
-            nxt = self.vocabulary.to_ids(_pick(logits.cpu(), temperature, rng))
-            for row, i in enumerate(live):
-                token = int(nxt[row])
-                if token == self.eod_id:
-                    reason[i] = "eod"
-                    continue
-                seqs[i].append(token)
-                new[i].append(token)
-                if stop and any(s in self.decode(new[i]) for s in stop):
-                    reason[i] = "stop_string"
-                elif len(seqs[i]) >= self.max_positions:
-                    reason[i] = "context_full"
-        results = []
-        for i in range(len(prompts)):
-            text = self.decode(new[i])
-            results.append(Generation(text=cut_at_stop(text, stop), token_ids=new[i],
-                                      stop_reason=reason[i] or "max_new_tokens"))
-        return results
+    def _checked(self, prompt: Sequence[int]) -> list[int]:
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self.max_positions:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_position_embeddings "
+                             f"{self.max_positions}")
+        return [int(t) for t in prompt]
+
+    def _decode_uncached(self, rows: list[_Row], settings: _Settings) -> None:
+        """Every step re-runs each live row's whole sequence, right-padded."""
+        while live := [r for r in rows if r.reason is None]:
+            lengths = torch.tensor([len(r.seq) for r in live])
+            batch = torch.full((len(live), int(lengths.max())), self.pad_id, dtype=torch.long)
+            for i, r in enumerate(live):
+                batch[i, :len(r.seq)] = torch.tensor(r.seq)
+            hidden = hidden_states(self.gpt, self._to_rows(batch))                    # [seq, batch, h]
+            self._take(live, hidden[lengths - 1, torch.arange(len(live))], settings)
+
+    def _decode_cached(self, rows: list[_Row], settings: _Settings) -> None:
+        """Megatron's static-batching schedule (kv_cache.py): prefill to the shortest prompt, then one position per
+        step; a row inside its prompt is fed its prompt's next token, a row past it the token it just took. Rows
+        that end leave the cache."""
+        longest = max(len(r.seq) for r in rows)
+        cache = KVCache(self.gpt, len(rows), min(self.max_positions, longest + settings.max_new_tokens))
+        start = min(len(r.seq) for r in rows)
+        live = rows
+        hidden = cache.step(self._to_rows(torch.tensor([r.seq[:start] for r in live])))   # [batch, h]
+        while True:
+            ready = [i for i, r in enumerate(live) if len(r.seq) == cache.length]   # past their prompt
+            if ready:
+                self._take([live[i] for i in ready], hidden[ready], settings)
+            keep = [i for i, r in enumerate(live) if r.reason is None]
+            if not keep:
+                return
+            if len(keep) < len(live):
+                cache.keep(keep)
+                live = [live[i] for i in keep]
+            hidden = cache.step(self._to_rows(torch.tensor([[r.seq[cache.length]] for r in live])))
+
+    def _to_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.vocabulary.to_rows(ids.to(self.device))
+
+    def _take(self, rows: list[_Row], hidden: torch.Tensor, settings: _Settings) -> None:
+        """Choose each row's next token from its last hidden state [rows, h] and apply the stopping rules."""
+        logits = self._logits(hidden).cpu()
+        uniforms = (torch.cat([torch.rand(1, generator=r.rng) for r in rows]) if settings.temperature > 0
+                    else None)
+        tokens = self.vocabulary.to_ids(sample(logits, settings.temperature, settings.top_p, uniforms))
+        for r, token in zip(rows, tokens.tolist()):
+            if token == self.eod_id or token in settings.stop_token_ids:
+                r.reason, r.stop_token_id = ("eod" if token == self.eod_id else "stop_token"), token
+                continue
+            r.seq.append(token)
+            r.new.append(token)
+            if settings.stop and any(s in self.decode(r.new) for s in settings.stop):
+                r.reason = "stop_string"
+            elif len(r.seq) >= self.max_positions:
+                r.reason = "context_full"
+            elif len(r.new) >= settings.max_new_tokens:
+                r.reason = "max_new_tokens"
 
     @torch.no_grad()
     def token_nll(self, tokens: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """Per-position NLL [batch, seq-1] of tokens[:, 1:] given the prefix (float64 for a stable sum)."""
-        tokens = self.vocabulary.to_rows(tokens.to(self.device))
+        tokens = self._to_rows(tokens)
         hidden = hidden_states(self.gpt, tokens)                          # [seq, batch, h]
         targets = tokens[:, 1:].t()                                      # [seq-1, batch]
         parts = []
@@ -122,7 +182,6 @@ class Generator:
             logits = self._logits(hidden[s:min(s + chunk, targets.shape[0])])
             parts.append(nll_from_logits(logits, targets[s:s + chunk]))
         return torch.cat(parts).t().cpu()
-
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`project`, with the padding rows of a vocabulary subset (rows no token maps to) never chosen or scored."""
@@ -132,11 +191,26 @@ class Generator:
         return logits
 
 
-def _pick(logits: torch.Tensor, temperature: float, rng: torch.Generator) -> torch.Tensor:
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`probs` [..., vocab] with every token outside the nucleus zeroed (not renormalised): the most likely tokens,
+    each kept while the tokens more likely than it sum to less than `top_p` (so the most likely is always kept)."""
+    if top_p >= 1:
+        return probs
+    ordered, order = probs.sort(dim=-1, descending=True)
+    outside = (ordered.cumsum(dim=-1) - ordered) >= top_p
+    return probs.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), 0.0)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+           uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Token per row of `logits` [rows, vocab]: the argmax at temperature 0; otherwise the inverse CDF at
+    `uniforms` [rows] (each in [0, 1)) of softmax(logits / temperature), restricted to the top-p nucleus."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+    cdf = nucleus(torch.softmax(logits.float() / temperature, dim=-1), top_p).cumsum(dim=-1)
+    targets = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)
+    # right=True: the first token whose CDF exceeds the draw, so never one of probability 0
+    return torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

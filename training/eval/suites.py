@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 from training import benchmarks_data
 from training.config import EvaluateConfig, ModelConfig
+from training.data.chat import ChatTemplate, Message
 from training.eval import arith, fim, heldout, humaneval, niah, passkey, perplexity
 from training.eval.generate import Generator
+from training.verify import tasks
 from training.verify.sandbox import Limits
 
 FIM_SPECIAL_TOKENS = 3          # <｜fim▁begin｜>, <｜fim▁hole｜>, <｜fim▁end｜>
@@ -144,8 +146,28 @@ def run_perplexity(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
     return SuiteResult(metrics, tables={"perplexity/positions.json": table})
 
 
+def run_tasks(cfg: EvaluateConfig, gen: Generator) -> SuiteResult:
+    """The task suite's held-out split: chat-template prompts, greedy replies, exact checkers."""
+    s = cfg.tasks
+    template = ChatTemplate(gen.tok)
+    metrics, items = {}, []
+    for task in s.tasks:
+        cases = tasks.generate(task, "heldout", s.heldout_items, seed=s.seed)
+        prompts = [template.prompt([Message("user", x.prompt)]) for x in cases]
+        texts = [o.text for o in gen.generate(prompts, s.max_new_tokens)]   # a reply ends at end-of-sentence
+        if task == "code":
+            hits = tasks.check_code_many(cases, texts)
+        else:
+            hits = [tasks.check(x, t) for x, t in zip(cases, texts)]
+        metrics[f"{task}_accuracy"] = sum(hits) / len(hits)
+        items += [item("tasks", x.id, h, t, x.answer) for x, h, t in zip(cases, hits, texts)]
+    metrics["accuracy"] = sum(r["correct"] for r in items) / len(items)
+    metrics["items"] = float(len(items))
+    return SuiteResult(metrics, items)
+
+
 SUITES = {"humaneval": run_humaneval, "fim": run_fim, "passkey": run_passkey, "arith": run_arith,
-          "perplexity": run_perplexity}
+          "perplexity": run_perplexity, "tasks": run_tasks}
 
 
 def run_enabled(cfg: EvaluateConfig, gen: Generator, log=print) -> dict[str, SuiteResult]:

@@ -17,6 +17,10 @@ to the chunk's end, causally (no [queries x keys] mask is built). It is the all-
 (Llama 3, §3.3.2), which trades ring attention's overlap for one collective per layer; the keys held are the whole
 sequence's.
 
+Under megatron-core's static KV cache (training/eval/kv_cache.py), a decoding step's queries are the newest of the
+cached keys: causality is then aligned at the lower right (`_causal`), as megatron's own attention does by turning
+its mask off once the cache holds the prompt.
+
 It has no parameters, so a model built with it loads and saves the same checkpoints as one built without it. It
 patches nothing: the MTP loss's token count under CP, the one other CP gap, is fixed once per process by
 `training.parallel.patches.mtp_tokens_over_cp`.
@@ -49,6 +53,18 @@ def _chunk_ends(seq_length_local: int, cp_size: int, cp_rank: int) -> list[tuple
     at the diagonal: a lower-right-aligned causal bias, which SDPA's fused kernels take without building a mask."""
     chunk = seq_length_local // 2
     return [(chunk, (index + 1) * chunk) for index in (cp_rank, 2 * cp_size - 1 - cp_rank)]
+
+
+def _causal(queries: int, keys: int) -> dict:
+    """SDPA's causal arguments when the queries are the last `queries` of `keys` positions: `is_causal` when they
+    are all of them (training, a prompt's prefill); no mask for one query (a KV cache's decode step: the newest token
+    sees every cached key); otherwise the lower-right-aligned causal bias. SDPA's `is_causal` aligns upper-left, so
+    with a cache it would let the newest token see only the first key."""
+    if queries == keys:
+        return {"is_causal": True}
+    if queries == 1:
+        return {}
+    return {"attn_mask": causal_lower_right(queries, keys)}
 
 
 class CausalSdpaAttention(torch.nn.Module):
@@ -99,8 +115,8 @@ class CausalSdpaAttention(torch.nn.Module):
                else contextlib.nullcontext())   # as megatron: without SP the TP ranks' heads draw apart
         with rng:
             if cp_size == 1:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                                     scale=self.softmax_scale)
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale,
+                                                     **_causal(q.size(2), k.size(2)))
             else:
                 out = torch.cat([F.scaled_dot_product_attention(
                     q[:, :, i * chunk:(i + 1) * chunk], k[:, :, :end], v[:, :, :end],

@@ -10,22 +10,17 @@ turns into `seekflow.parent_version`).
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
-from training import integrity, registry, storage
+from training import storage
 from training.config.code_cpt import CodeCptConfig
 from training.config.curate import CODE_KINDS
 from training.manifest import manifest_hash, read_manifest
 from training.parallel.setup import distributed
 from training.stages.lifecycle import Outcome, StageRun, run_stage
+from training.stages.parent import fetch_parent, pin_parent, record_parent, started_from
 from training.stages.pretrain import curated_dataset, trained_outcome
-from training.tracking import tracking_uri
 from training.vocabulary import check_data
-
-PARENT_FILE = "parent.json"   # under the stage: the parent this run's weights started from
-
 
 class CodeCptError(ValueError):
     """Bad input found before training; the message names the field. Not retried (`permanent`)."""
@@ -63,27 +58,6 @@ def mixed(cfg: CodeCptConfig, curate: dict) -> dict:
     return {**curate, "outputs": {**curate["outputs"], "datasets": chosen}}
 
 
-def pin_parent(cfg: CodeCptConfig) -> dict:
-    """{ref, uri, model_name, version}: the reference to continue from, a registered one pinned to its version."""
-    ref, upstream_hash = cfg.init_checkpoint, None
-    if ref is None:
-        try:
-            upstream = read_manifest(storage.stage_uri(cfg.run_root, cfg.upstream("pretrain")))
-        except FileNotFoundError as err:
-            raise CodeCptError(f"init_checkpoint: unset, and {err}") from None
-        ref, upstream_hash = upstream["outputs"]["release_checkpoint"], manifest_hash(upstream)
-    parent = {"ref": ref, "uri": ref, "model_name": None, "version": None, "manifest_hash": upstream_hash}
-    if registry.is_registry_ref(ref):
-        uri = tracking_uri(cfg)
-        try:
-            registry.check_tracking_server(uri, require_registry=True)
-            version = registry.resolve_version(registry.mlflow_client(uri), ref)
-        except registry.RegistryError as err:
-            raise registry.RegistryError(f"init_checkpoint: {err}", permanent=err.permanent) from None
-        parent.update(uri=version.uri, model_name=version.name, version=version.version)
-    return parent
-
-
 def train(cfg: CodeCptConfig, curate: dict, parent: dict, stage: StageRun) -> Outcome:
     from training.train.trainer import InitialWeights
 
@@ -100,41 +74,6 @@ def train(cfg: CodeCptConfig, curate: dict, parent: dict, stage: StageRun) -> Ou
                                  lineage["uri"] if lineage["version"] else "none"})
             run_id = mlflow_run.info.run_id if mlflow_run else None
     return trained_outcome(stage, metrics, run_id, parent=lineage)
-
-
-def fetch_parent(cfg: CodeCptConfig, parent: dict, stage: StageRun) -> Path:
-    """The parent release on this machine (every rank calls it; hash-verified), refused unless its architecture is
-    `model`: continued pretraining changes no architecture field, not even the context ones."""
-    from training.model.release import read_model_config
-
-    try:
-        release = registry.resolve_release_on_every_rank(parent["uri"], tracking_uri=tracking_uri(cfg),
-                                                         into=stage.directory / "init")
-    except registry.RegistryError as err:
-        raise registry.RegistryError(f"init_checkpoint {parent['ref']}: {err}", permanent=err.permanent) from None
-    differences = cfg.model.architecture_differences(read_model_config(release).model_dump(mode="json"))
-    if differences:
-        raise CodeCptError(f"init_checkpoint {parent['ref']}: the parent's architecture differs from `model` "
-                           f"({'; '.join(differences)}); code_cpt continues the parent's architecture unchanged")
-    return release
-
-
-def record_parent(stage: StageRun, parent: dict, release: Path) -> Path:
-    """The Trainer's start from the parent (not called on resume): remember which weights this run descends from."""
-    if stage.writes:
-        lineage = {**parent, "release_sha256": integrity.marker_digest(release)}
-        storage.write_text(storage.join(stage.uri, PARENT_FILE), json.dumps(lineage, indent=2))
-    return release
-
-
-def started_from(stage: StageRun, parent: dict, release: Path) -> dict:
-    """The recorded parent (a resumed run keeps the one it started from), else `parent`."""
-    text = storage.read_text(storage.join(stage.uri, PARENT_FILE))
-    lineage = json.loads(text) if text else {**parent, "release_sha256": integrity.marker_digest(release)}
-    if lineage["uri"] != parent["uri"] and stage.writes:
-        print(f"{stage.name}: warning: resumed weights that started from {lineage['uri']}; init_checkpoint now "
-              f"names {parent['uri']}, which a resumed run ignores (a new run_root starts from it)", flush=True)
-    return lineage
 
 
 def build_trainer(cfg: CodeCptConfig, curate: dict, stage: StageRun, info, init_weights):

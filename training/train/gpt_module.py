@@ -9,11 +9,13 @@ megatron's forward/backward schedules for any layout.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from training.config import ModelConfig
+from training.config.child_tuning import ChildTuningConfig
 from training.train import losses, schedules
 from training.train.module import Loss, TrainModule
 from training.vocabulary import vocabulary
@@ -24,7 +26,8 @@ class GPTTrainModule(TrainModule):
 
     progress_fields = (("mtp_loss", "mtp"),)   # a model without MTP logs none
 
-    def __init__(self, cfg, device: torch.device, *, dataset: Callable[[int], object], loss: Loss):
+    def __init__(self, cfg, device: torch.device, *, dataset: Callable[[int], object], loss: Loss,
+                 child_tuning: ChildTuningConfig | None = None):
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
@@ -95,6 +98,13 @@ class GPTTrainModule(TrainModule):
             start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=train.steps, wd_incr_style="constant")
         self.flops_per_token = flops_per_token(cfg.model, train.seq_length)
         self.chunk_batches = None
+        # Child-Tuning (training/train/child_tuning.py), a fine-tuning option: hooks on the optimizer that update
+        # only a child network of the parameter elements. None when not configured.
+        self.child_tuning = None
+        if child_tuning is not None and child_tuning.mode != "off":
+            from training.train.child_tuning import ChildTuning
+
+            self.child_tuning = ChildTuning(child_tuning, self.optimizer, self.chunks, seed=cfg.seed)
 
     # -- data --------------------------------------------------------------------------------------------------------
     def start(self, step: int, consumed_samples: int) -> list[str]:
@@ -147,7 +157,10 @@ class GPTTrainModule(TrainModule):
             data_iterator=self.chunk_batches if len(self.wrapped) > 1 else self.batches,
             num_microbatches=num_microbatches, seq_length=train.seq_length,
             micro_batch_size=train.micro_batch_size, forward_only=False)
-        _, grad_norm, _ = self.optimizer.step()
+        # Child-Tuning masks this step's update inside the optimizer step (after clipping); it draws _F's mask from
+        # the step number, which the scheduler counts (and checkpoints).
+        with self.child_tuning.masking(self.scheduler.num_steps) if self.child_tuning else nullcontext():
+            _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         step_losses = losses.global_mean_losses(reported, self.loss.reported)
         return {self.loss_name: step_losses.pop(self.loss_name), "grad_norm": float(grad_norm or 0.0),

@@ -1,0 +1,41 @@
+"""The sft stage's config: supervised fine-tuning of a released model on conversations in DeepSeek-V3's chat template,
+packed with sample masking (DeepSeek-V3 §5.1; DeepSeek-R1 §2.3)."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from training.config.base import StageInput, StageSpec
+from training.config.pretrain import TrainingConfig
+from training.config.tasks import TaskSuiteConfig
+
+
+class SftConfig(TrainingConfig):
+    """Fine-tuning under torchrun from a model release, on conversation records or the generated task suite."""
+
+    stage_spec: ClassVar[StageSpec] = StageSpec(
+        # As pretrain: a retry resumes from the last complete checkpoint.
+        kind="sft", launcher="torchrun", retries=3, retry_delay_minutes=5, timeout_minutes=24 * 60,
+        inputs=(StageInput("init_checkpoint", upstream="pretrain"),),
+        form_fields=(
+            "data", "epochs", "tasks.tasks", "tasks.train_items",
+            "train.steps", "train.seq_length", "train.micro_batch_size", "train.global_batch_size",
+            "optimizer.lr", "optimizer.min_lr", "optimizer.warmup_steps",
+        ))
+
+    init_checkpoint: str | None = Field(
+        None, min_length=1, description="The model to fine-tune: a release directory, an s3:// URI or a registered "
+        "version (models:/seekflow-<profile>@champion, models:/name/version). Default: the pretrain stage's release "
+        "under run_root (or the instance `reads.pretrain` names). `model` must be its architecture.")
+    data: str | None = Field(
+        None, description="Conversations to fine-tune on: a JSONL/Parquet file, folder or s3:// prefix of records "
+        "with `messages` (training/data/chat.py). None: the task suite's train split (`tasks`), generated.")
+    tasks: TaskSuiteConfig = Field(default_factory=TaskSuiteConfig,
+                                   description="The generated task suite, used when `data` is None.")
+    epochs: float | None = Field(
+        2.0, gt=0, description="Passes over the packed data; sets train.steps to ceil(epochs x sequences / "
+                               "global_batch_size) once the data is packed (DeepSeek-V3 §5.1: two epochs). None: "
+                               "train.steps as given.")
+    max_reject_ratio: float = Field(0.1, ge=0, le=1, description="Fail when more than this share of a file's "
+                                                                "records is bad (each bad record is set aside).")

@@ -1,0 +1,81 @@
+"""The model a training stage continues (code_cpt, sft, ...): pinned, fetched, checked and remembered.
+
+The parent is pinned before anything runs (`models:/name@alias` -> `models:/name/<version>`), fetched hash-verified,
+refused unless its architecture is the stage's `model`, recorded at the first start (`parent.json`, kept on resume)
+and returned for the manifest (`outputs.parent`, which register turns into `seekflow.parent_version`). `cfg` is a
+training stage config with `init_checkpoint`, `model` and a `pretrain` upstream.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training import integrity, registry, storage
+from training.manifest import manifest_hash, read_manifest
+from training.stages.lifecycle import StageRun
+from training.tracking import tracking_uri
+
+PARENT_FILE = "parent.json"   # under the stage: the parent this run's weights started from
+
+
+class ParentError(ValueError):
+    """A parent that is not there or is another architecture: bad input, named by field; not retried."""
+
+    permanent = True
+
+
+def pin_parent(cfg) -> dict:
+    """{ref, uri, model_name, version}: the reference to continue from, a registered one pinned to its version."""
+    ref, upstream_hash = cfg.init_checkpoint, None
+    if ref is None:
+        try:
+            upstream = read_manifest(storage.stage_uri(cfg.run_root, cfg.upstream("pretrain")))
+        except FileNotFoundError as err:
+            raise ParentError(f"init_checkpoint: unset, and {err}") from None
+        ref, upstream_hash = upstream["outputs"]["release_checkpoint"], manifest_hash(upstream)
+    parent = {"ref": ref, "uri": ref, "model_name": None, "version": None, "manifest_hash": upstream_hash}
+    if registry.is_registry_ref(ref):
+        uri = tracking_uri(cfg)
+        try:
+            registry.check_tracking_server(uri, require_registry=True)
+            version = registry.resolve_version(registry.mlflow_client(uri), ref)
+        except registry.RegistryError as err:
+            raise registry.RegistryError(f"init_checkpoint: {err}", permanent=err.permanent) from None
+        parent.update(uri=version.uri, model_name=version.name, version=version.version)
+    return parent
+
+
+def fetch_parent(cfg, parent: dict, stage: StageRun) -> Path:
+    """The parent release on this machine (every rank calls it; hash-verified), refused unless its architecture is
+    `model`: continued pretraining changes no architecture field, not even the context ones."""
+    from training.model.release import read_model_config
+
+    try:
+        release = registry.resolve_release_on_every_rank(parent["uri"], tracking_uri=tracking_uri(cfg),
+                                                         into=stage.directory / "init")
+    except registry.RegistryError as err:
+        raise registry.RegistryError(f"init_checkpoint {parent['ref']}: {err}", permanent=err.permanent) from None
+    differences = cfg.model.architecture_differences(read_model_config(release).model_dump(mode="json"))
+    if differences:
+        raise ParentError(f"init_checkpoint {parent['ref']}: the parent's architecture differs from `model` "
+                          f"({'; '.join(differences)}); {cfg.stage_spec.kind} continues the parent's architecture "
+                          f"unchanged")
+    return release
+
+
+def record_parent(stage: StageRun, parent: dict, release: Path) -> Path:
+    """The Trainer's start from the parent (not called on resume): remember which weights this run descends from."""
+    if stage.writes:
+        lineage = {**parent, "release_sha256": integrity.marker_digest(release)}
+        storage.write_text(storage.join(stage.uri, PARENT_FILE), json.dumps(lineage, indent=2))
+    return release
+
+
+def started_from(stage: StageRun, parent: dict, release: Path) -> dict:
+    """The recorded parent (a resumed run keeps the one it started from), else `parent`."""
+    text = storage.read_text(storage.join(stage.uri, PARENT_FILE))
+    lineage = json.loads(text) if text else {**parent, "release_sha256": integrity.marker_digest(release)}
+    if lineage["uri"] != parent["uri"] and stage.writes:
+        print(f"{stage.name}: warning: resumed weights that started from {lineage['uri']}; init_checkpoint now "
+              f"names {parent['uri']}, which a resumed run ignores (a new run_root starts from it)", flush=True)
+    return lineage
