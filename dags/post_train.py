@@ -1,25 +1,36 @@
-"""seekflow_post_train: Post-training — not implemented yet.
+"""seekflow_post_train: supervised fine-tuning on DeepSeek-V3's chat template — validate_config → sft.
 
-Will post-train a checkpoint: supervised fine-tuning on chat data with the DeepSeek chat template, then GRPO and
-distillation.
-
-Until the stage is built, this DAG's only task, `post_train_not_implemented`, fails with "not implemented yet:
-post_train" whenever the DAG is triggered: a placeholder never reports a success it did not earn. No issue is filed for it yet.
+Wiring only. Fine-tunes `sft.init_checkpoint` (a release directory, s3:// URI or registered version such as
+`models:/seekflow-tiny@champion`; empty: the pretrain release under the run root, which then must exist) on
+`sft.data` (JSONL/Parquet conversation records, local or s3://; empty: the generated task suite's train split,
+`sft.tasks`), packed with sample masking, loss on assistant tokens only, for `sft.epochs` passes (DeepSeek-V3 §5.1:
+two). Bad records are set aside with their reason (`rejects.jsonl`); a file with more than `sft.max_reject_ratio` bad
+records fails the job, naming the file, and is not retried. Checkpoints, the release and the manifest (parent and
+data lineage) land under `$SEEKFLOW_HOME/runs/seekflow_post_train/<run_id>/sft/`; a retry resumes from the last
+checkpoint. The GRPO recipes (R1-Zero, R1) will follow sft here. The trigger form is generated from `SftConfig`.
 """
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import DAG
 
-from operators.params import not_implemented
+from operators.job import stage_jobs
+from operators.params import stage_form, stage_form_fields, validate_config
+
+FIELDS = stage_form_fields("sft")
 
 with DAG(
     dag_id="seekflow_post_train",
-    description="Post-training (not implemented yet)",
+    description="Supervised fine-tuning on DeepSeek-V3's chat template (V3 §5.1)",
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    tags=["seekflow", "stage", "post_train", "not-implemented"],
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    tags=["seekflow", "stage", "post_train", "sft"],
+    # The model to fine-tune (the input from pretrain) leads the form's first section.
+    params=stage_form("sft"),
     doc_md=__doc__,
 ) as dag:
-    not_implemented("post_train", issue="the roadmap in README.md; no issue is filed for it yet")
+    config = validate_config(FIELDS, stages=("sft",))
+    stage_jobs("sft", config)

@@ -58,7 +58,7 @@ def config_error(path: str, value) -> str | None:
 def test_generated_params_carry_the_schema(dags):
     params = dags["seekflow_pretrain"].params
     steps = params.get_param("pretrain.train.steps")
-    assert steps.value == 200 and steps.schema["type"] == "integer" and steps.schema["minimum"] == 1
+    assert steps.value == 300 and steps.schema["type"] == "integer" and steps.schema["minimum"] == 1
     assert steps.schema["section"] == "pretrain: train"
     assert "Optimizer steps" in steps.description and "≥ 1" in steps.description
     lr = params.get_param("pretrain.optimizer.lr")

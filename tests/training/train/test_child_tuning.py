@@ -155,12 +155,14 @@ def _probe(out: Path, overrides: list[str]) -> None:
         saved["fisher_autograd"] = torch.cat([plain[s.name].view(-1)[s.start:s.end] for _, s in counted])
         # A resumed run estimates its child network again on the weights it started from: the same one.
         release = checkpoint.save_release(out / "release", fresh.model, cfg.model)
-        trained = [p.detach().clone() for p in driven.chunks[0].parameters()]
+        state = [*driven.chunks[0].parameters(), *driven.chunks[0].buffers()]   # the expert bias moved too
+        trained = [t.detach().clone() for t in state]
         trainer = _Trainer(driven, step=STEPS, init_weights=InitialWeights("start", lambda: release))
         ChildNetwork().pre_train(trainer)
         report["resume"] = {
             "same_child": all(torch.equal(a, s.child) for a, s in zip(chosen, child.slots)),
-            "weights_back": all(torch.equal(a, p) for a, p in zip(trained, driven.chunks[0].parameters()))}
+            "weights_back": all(torch.equal(a, t) for a, t in zip(trained, state)),
+            "release_differs": not all(torch.equal(a, t) for a, t in zip(trained, fresh.chunks[0].parameters()))}
         try:
             ChildNetwork().pre_train(_Trainer(driven, step=STEPS, init_weights=None))
             report["resume"]["without_init_weights"] = "resumed"
@@ -341,7 +343,7 @@ def test_task_driven_needs_its_child_network_and_finds_it_again_on_resume(one_pr
     reports, _ = one_process
     assert "no child network yet" in reports[0]["d_without_child"]
     resume = reports[0]["resume"]
-    assert resume["same_child"] and resume["weights_back"]
+    assert resume["same_child"] and resume["weights_back"] and resume["release_differs"]
     assert "without initial weights" in resume["without_init_weights"]
 
 
