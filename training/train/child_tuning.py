@@ -384,15 +384,15 @@ class ChildNetwork(Callback):
 
 @contextmanager
 def _weights_of(module, release: Path):
-    """The model holds `release`'s weights inside the block, its own again after it (bit for bit)."""
+    """The model holds `release`'s weights (and buffers: the expert bias) inside the block, its own again after it."""
     from training import checkpoint
 
-    params = [p for chunk in module.chunks for p in chunk.parameters()]
-    saved = [p.detach().clone() for p in params]
+    tensors = [t for chunk in module.chunks for t in (*chunk.parameters(), *chunk.buffers())]
+    saved = [t.detach().clone() for t in tensors]
     checkpoint.load_weights(release, module.model)
     try:
         yield
     finally:
         with torch.no_grad():
-            for p, value in zip(params, saved):
-                p.copy_(value)
+            for t, value in zip(tensors, saved):
+                t.copy_(value)
