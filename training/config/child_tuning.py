@@ -2,7 +2,7 @@
 EMNLP 2021): fine-tuning that updates only a child network of the parameters, an option of the fine-tuning stages.
 The engine is training/train/child_tuning.py.
 
-Defaults: the paper searches p_F in {0.2, 0.3, 0.4} and p_D in {0.1, 0.2, 0.3} (§4.1, experimental setup); its
+Defaults: the paper's experimental setup searches p_F in {0.2, 0.3, 0.4} and p_D in {0.1, 0.2, 0.3}; the authors'
 released script (AliceMind ChildTuning/run.sh) runs both modes with reserve_p = 0.3, the value taken here.
 """
 from __future__ import annotations
