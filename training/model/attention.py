@@ -95,10 +95,13 @@ class CausalSdpaAttention(torch.nn.Module):
         from megatron.core import tensor_parallel
         from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-        if packed_seq_params is not None or attention_mask is not None or attention_bias is not None:
-            raise NotImplementedError("CausalSdpaAttention supports unpacked causal sequences only "
-                                      "(no packed_seq_params, attention_mask or attention_bias)")
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("CausalSdpaAttention takes packed samples as an attention_mask "
+                                      "(training/model/packing.py), not packed_seq_params or attention_bias")
         cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
+        if attention_mask is not None and cp_size > 1:
+            raise NotImplementedError("packed samples (an attention_mask) under context parallelism: CP splits the "
+                                      "sequence by position, not by sample; set parallel.context_parallel_size 1")
         if cp_size > 1:   # [s_local, b, heads, dim] -> [s_local x CP, b, heads, dim], in sequence order
             order = position_order(query.size(0), cp_size, device=query.device)
             key, value = (gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True,
@@ -114,7 +117,10 @@ class CausalSdpaAttention(torch.nn.Module):
         rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel
                else contextlib.nullcontext())   # as megatron: without SP the TP ranks' heads draw apart
         with rng:
-            if cp_size == 1:
+            if attention_mask is not None:   # packed samples: megatron's mask is True where SDPA must not look
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=dropout,
+                                                     scale=self.softmax_scale)
+            elif cp_size == 1:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale,
                                                      **_causal(q.size(2), k.size(2)))
             else:

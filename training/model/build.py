@@ -148,6 +148,10 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initializ
         from training.model.init import reinitialize
 
         reinitialize(gpt, config, seed)
+    if model.multi_latent_attention:   # packed samples' own rotary positions (a no-op outside packed batches)
+        from training.model.packing import use_sample_positions
+
+        use_sample_positions(gpt)
     return gpt, config
 
 

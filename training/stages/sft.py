@@ -113,12 +113,12 @@ def with_epoch_steps(cfg: SftConfig, sequences: int) -> SftConfig:
 
 
 def build_trainer(cfg: SftConfig, packed, stage: StageRun, info, init_weights):
-    """The GPT train module on the packed conversations with the masked next-token loss."""
+    """The GPT train module on the packed conversations, samples kept apart, loss on assistant tokens."""
     from training.train.callbacks import ExpertLoad
     from training.train.gpt_module import GPTTrainModule
-    from training.train.losses import NextTokenLoss
+    from training.train.losses import PackedNextTokenLoss
     from training.train.trainer import Trainer
 
-    module = GPTTrainModule(cfg, info.device, loss=NextTokenLoss(), dataset=lambda num_samples: packed)
+    module = GPTTrainModule(cfg, info.device, loss=PackedNextTokenLoss(), dataset=lambda num_samples: packed)
     return Trainer(module, cfg.train, info, label=stage.name, directory=stage.directory, run_root=cfg.run_root,
                    init_weights=init_weights, callbacks=[ExpertLoad(stage.directory / "expert_load_heatmap.png")])

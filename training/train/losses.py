@@ -15,9 +15,10 @@ class NextTokenLoss(Loss):
 
     reported = ("lm loss",)
 
-    def __call__(self, model, batch: dict):
+    def __call__(self, model, batch: dict, attention_mask=None):
         loss_mask = batch["loss_mask"].float()
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=loss_mask)
+        output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"],
+                       loss_mask=loss_mask)
 
         def loss_func(per_token_loss):
             mask = loss_mask.view(-1)
@@ -26,6 +27,18 @@ class NextTokenLoss(Loss):
             return total, count.to(torch.int), {"lm loss": torch.stack([total.detach(), count])}
 
         return output, loss_func
+
+
+class PackedNextTokenLoss(NextTokenLoss):
+    """`NextTokenLoss` on packed samples kept apart (SFT): attention within each sample only, and rotary positions
+    restarting per sample, both read from the batch's `position_ids` (training/model/packing.py)."""
+
+    def __call__(self, model, batch: dict):
+        from training.model.packing import packed_positions, sample_mask
+
+        positions = batch["position_ids"]
+        with packed_positions(positions):
+            return super().__call__(model, batch, attention_mask=sample_mask(positions))
 
 
 def global_mean_losses(losses: list[dict], names: tuple[str, ...]) -> dict[str, float]:

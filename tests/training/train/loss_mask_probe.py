@@ -1,7 +1,8 @@
 """SFT's loss mask through the real model and loss, one process: `python loss_mask_probe.py` prints one JSON line.
 
 Two chat conversations are rendered (DeepSeek-V3's template, the micro sft vocabulary), packed into one sequence and
-put through NextTokenLoss on a micro GPT model. Then every label the mask excludes (system, user, <｜Assistant｜>
+put through the SFT loss (PackedNextTokenLoss) on a micro GPT model. Then every label the mask excludes (system,
+user, <｜Assistant｜>
 positions, padding) is replaced by another token and the step is run again: if prompt positions contribute nothing,
 the loss and every parameter's gradient come out bit for bit the same. Changing one learned label (the closing
 end-of-sentence) must change them.
@@ -17,7 +18,7 @@ def main():
     from training.data.chat import encode_conversation
     from training.data.sft_data import PackedSamples
     from training.parallel.setup import init_distributed
-    from training.train.losses import NextTokenLoss
+    from training.train.losses import PackedNextTokenLoss
     from training.vocabulary import vocabulary
 
     cfg = resolve_stage_config("sft", "micro")
@@ -36,7 +37,7 @@ def main():
 
     def step(batch):
         gpt.zero_grad()
-        output, loss_func = NextTokenLoss()(gpt, vocab.batch_to_rows(batch))
+        output, loss_func = PackedNextTokenLoss()(gpt, vocab.batch_to_rows(batch))
         total, count, _ = loss_func(output)
         (total / count).backward()
         return total.item(), torch.cat([p.grad.reshape(-1) for p in gpt.parameters() if p.grad is not None])
