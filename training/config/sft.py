@@ -7,6 +7,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from training.config.base import StageInput, StageSpec
+from training.config.child_tuning import ChildTuningConfig
 from training.config.pretrain import TrainingConfig
 from training.config.tasks import TaskSuiteConfig
 
@@ -19,7 +20,8 @@ class SftConfig(TrainingConfig):
         kind="sft", launcher="torchrun", retries=3, retry_delay_minutes=5, timeout_minutes=24 * 60,
         inputs=(StageInput("init_checkpoint", upstream="pretrain"),),
         form_fields=(
-            "data", "epochs", "tasks.tasks", "tasks.train_items",
+            "data", "epochs", "tasks.tasks", "tasks.train_items", "child_tuning.mode", "child_tuning.p_f",
+            "child_tuning.p_d",
             "train.steps", "train.seq_length", "train.micro_batch_size", "train.global_batch_size",
             "optimizer.lr", "optimizer.min_lr", "optimizer.warmup_steps",
         ))
@@ -37,5 +39,9 @@ class SftConfig(TrainingConfig):
         2.0, gt=0, description="Passes over the packed data; sets train.steps to ceil(epochs x sequences / "
                                "global_batch_size) once the data is packed (DeepSeek-V3 §5.1: two epochs). None: "
                                "train.steps as given.")
+    child_tuning: ChildTuningConfig = Field(
+        default_factory=ChildTuningConfig, description="Child-Tuning (Xu et al. 2021): update only a child network "
+        "of the parameters (task_free: a fresh Bernoulli(p_f) draw each step; task_driven: the top p_d by Fisher "
+        "information). Off by default.")
     max_reject_ratio: float = Field(0.1, ge=0, le=1, description="Fail when more than this share of a file's "
                                                                 "records is bad (each bad record is set aside).")

@@ -119,6 +119,12 @@ def build_trainer(cfg: SftConfig, packed, stage: StageRun, info, init_weights):
     from training.train.losses import PackedNextTokenLoss
     from training.train.trainer import Trainer
 
-    module = GPTTrainModule(cfg, info.device, loss=PackedNextTokenLoss(), dataset=lambda num_samples: packed)
+    from training.train.child_tuning import ChildNetwork
+
+    module = GPTTrainModule(cfg, info.device, loss=PackedNextTokenLoss(), dataset=lambda num_samples: packed,
+                            child_tuning=cfg.child_tuning)
+    callbacks = [ExpertLoad(stage.directory / "expert_load_heatmap.png")]
+    if cfg.child_tuning.mode == "task_driven":   # the child network is fixed on the starting weights, first
+        callbacks.insert(0, ChildNetwork())
     return Trainer(module, cfg.train, info, label=stage.name, directory=stage.directory, run_root=cfg.run_root,
-                   init_weights=init_weights, callbacks=[ExpertLoad(stage.directory / "expert_load_heatmap.png")])
+                   init_weights=init_weights, callbacks=callbacks)

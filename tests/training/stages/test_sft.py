@@ -116,3 +116,12 @@ def test_a_file_over_the_reject_limit_fails_naming_it(parent, tmp_path):
     assert out.returncode != 0
     assert f"{data / 'chat.jsonl'}" in out.stdout + out.stderr
     assert not (tmp_path / "run" / "sft" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["task_free", "task_driven"])
+def test_sft_runs_with_child_tuning(parent, tmp_path, mode):
+    out = sft(tmp_path, parent, f"child_tuning.mode={mode}", "child_tuning.fisher_batches=2", "train.steps=2")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "step 2/2 loss" in out.stdout
+    assert ("Child-Tuning_D child network:" in out.stdout) == (mode == "task_driven")
