@@ -126,7 +126,8 @@ class Generator:
             for i, r in enumerate(live):
                 batch[i, :len(r.seq)] = torch.tensor(r.seq)
             hidden = hidden_states(self.gpt, self._to_rows(batch))                    # [seq, batch, h]
-            self._take(live, hidden[lengths - 1, torch.arange(len(live))], settings)
+            last = (lengths - 1).to(hidden.device), torch.arange(len(live), device=hidden.device)
+            self._take(live, hidden[last], settings)
 
     def _decode_cached(self, rows: list[_Row], settings: _Settings) -> None:
         """Megatron's static-batching schedule (kv_cache.py): prefill to the shortest prompt, then one position per
@@ -204,9 +205,12 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
            uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Token per row of `logits` [rows, vocab]: the argmax at temperature 0; otherwise the inverse CDF at
-    `uniforms` [rows] (each in [0, 1)) of softmax(logits / temperature), restricted to the top-p nucleus."""
+    `uniforms` [rows] (each in [0, 1); default: drawn from torch's global generator) of softmax(logits / temperature),
+    restricted to the top-p nucleus."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
+    if uniforms is None:
+        uniforms = torch.rand(logits.shape[0])
     cdf = nucleus(torch.softmax(logits.float() / temperature, dim=-1), top_p).cumsum(dim=-1)
     targets = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)
     # right=True: the first token whose CDF exceeds the draw, so never one of probability 0

@@ -5,7 +5,7 @@
 Builds the tiny model with random weights (real DeepSeek vocabulary, MLA, MoE, MTP) and writes:
   nll_max_diff    |token_nll - GPTModel.forward(labels=...) loss|, max over positions: the evaluation's decoder-only
                   path must score tokens exactly as megatron's own forward does
-  batched_equal   right-padded batched greedy decoding == decoding each prompt alone
+  batched_equal   batched greedy decoding (through the KV cache, the default) == decoding each prompt alone
   greedy_is_argmax the first generated token == argmax of megatron's full-forward logits at the last position
 """
 import json
