@@ -1,4 +1,5 @@
-"""seekflow_post_train: supervised fine-tuning on DeepSeek-V3's chat template — validate_config → sft.
+"""seekflow_post_train: supervised fine-tuning on DeepSeek-V3's chat template, gated on the task suite —
+validate_config → sft → evaluate_sft → register_sft → promote_sft.
 
 Wiring only. Fine-tunes `sft.init_checkpoint` (a release directory, s3:// URI or registered version such as
 `models:/seekflow-tiny@champion`; empty: the pretrain release under the run root, which then must exist) on
@@ -7,7 +8,10 @@ Wiring only. Fine-tunes `sft.init_checkpoint` (a release directory, s3:// URI or
 two). Bad records are set aside with their reason (`rejects.jsonl`); a file with more than `sft.max_reject_ratio` bad
 records fails the job, naming the file, and is not retried. Checkpoints, the release and the manifest (parent and
 data lineage) land under `$SEEKFLOW_HOME/runs/seekflow_post_train/<run_id>/sft/`; a retry resumes from the last
-checkpoint. The GRPO recipes (R1-Zero, R1) will follow sft here. The trigger form is generated from `SftConfig`.
+checkpoint. Then the release is scored on the task suite's held-out split (`evaluate_sft`: exact match, nothing
+else), registered as a version of `seekflow-<profile>` whose parent is the model it fine-tuned, and promoted when
+`tasks.accuracy` is not worse than the champion's (`promote_sft.gates`). The GRPO recipes (R1-Zero, R1) will follow
+sft here. The trigger form is generated from `SftConfig`.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from airflow.sdk import DAG
 
 from operators.job import stage_jobs
 from operators.params import stage_form, stage_form_fields, validate_config
+from training.config import POST_TRAIN_CHAIN, chain_kind
 
 FIELDS = stage_form_fields("sft")
 
@@ -32,5 +37,8 @@ with DAG(
     params=stage_form("sft"),
     doc_md=__doc__,
 ) as dag:
-    config = validate_config(FIELDS, stages=("sft",))
-    stage_jobs("sft", config)
+    config = validate_config(FIELDS, stages=POST_TRAIN_CHAIN)
+    jobs = [stage_jobs(name, config, kind=chain_kind(name)) for name in POST_TRAIN_CHAIN]
+    config >> jobs[0][0]
+    for before, after in zip(jobs, jobs[1:]):
+        before[-1] >> after[0]

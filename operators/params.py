@@ -228,13 +228,15 @@ def config_overrides(params: Mapping[str, Any], fields: Iterable[str], dag_id: s
 
 
 def _check_inputs(pipeline: PipelineConfig, stages: Sequence[str]) -> None:
-    """Each required input whose upstream stage kind this DAG does not run must exist already (local paths only;
-    object-store and registry references are the stage's to check)."""
+    """Each required input whose upstream stage this DAG does not run (neither its kind nor the instance the stage
+    reads instead, e.g. evaluate_sft's sft) must exist already (local paths only; object-store and registry
+    references are the stage's to check)."""
     kinds = {pipeline.stage(name).stage_spec.kind for name in stages}
     for name in stages:
         cfg = pipeline.stage(name)
         for needed in cfg.stage_spec.inputs:
-            if needed.required and needed.upstream and needed.upstream not in kinds:
+            runs_here = needed.upstream in kinds or cfg.upstream(needed.upstream or "") in stages
+            if needed.required and needed.upstream and not runs_here:
                 problem = _missing_input(cfg.run_root, getattr(cfg, needed.field) if needed.field else None, needed,
                                          cfg.upstream(needed.upstream))
                 if problem:

@@ -226,6 +226,7 @@ PIPELINE_RUN = {
     "code_cpt.optimizer.warmup_steps": 1,
     "long_context.phases": [{"seq_length": 256, "factor": 4, "steps": 2, "global_batch_size": 2, "lr": 3.0e-4}],
     "long_context.train.save_interval": 2,
+    "long_context.train.micro_batch_size": 2,
     "evaluate_long_context.passkey.context_lengths": [248],   # + 8 new tokens: the extended 256 positions
     "evaluate_long_context.perplexity.seq_length": 256,
     "evaluate_long_context.perplexity.position_buckets": [0, 64, 256],

@@ -58,7 +58,16 @@ def _gated(trained: str) -> dict[str, dict]:
 # (DeepSeek-Coder-V2; V3 §4.3 extends the pretrained base instead: set long_context.init_checkpoint); and the gated
 # release of each later training stage.
 CHAIN_INSTANCES: dict[str, dict] = {"curate_code": {"stage": "curate"}, **_gated("code_cpt"),
-                                    "long_context": {"reads": {"pretrain": "code_cpt"}}, **_gated("long_context")}
+                                    "long_context": {"reads": {"pretrain": "code_cpt"}}, **_gated("long_context"),
+                                    **_gated("sft")}
+# seekflow_post_train's gate (V3 §5.1 fine-tunes for the tasks it evaluates): the sft release is scored on the task
+# suite's held-out split only, and promoted when its accuracy is not worse than the champion's.
+_TASKS_ONLY = {suite: {"enabled": False} for suite in ("humaneval", "fim", "passkey", "arith", "perplexity")}
+CHAIN_INSTANCES["evaluate_sft"].update(_TASKS_ONLY, tasks={"enabled": True})
+CHAIN_INSTANCES["promote_sft"]["gates"] = [{"metric": "tasks.accuracy", "higher_is_better": True,
+                                            "max_regression": 0.02, "min": 0.0, "max": 1.0}]
+# What seekflow_post_train runs, in order.
+POST_TRAIN_CHAIN: tuple[str, ...] = ("sft", *_gated("sft"))
 
 # The end-to-end pipeline's stage instances, in the order seekflow_pipeline runs them (DeepSeek-Coder-V2's line:
 # pretrain, then code continued pretraining with FIM, then YaRN context extension; every release evaluated,
