@@ -1,8 +1,8 @@
 """Does the long_context stage extend the tiny profile's context? (issue 16, "Extension works on the tiny profile")
 
 Per seed, through the real stages (`python -m training ...`, the tiny preset, one curated corpus for all seeds):
-  parent     pretrain: 200 steps of 2 x 64 tokens (the preset)
-  extension  long_context on the parent: the tiny preset's phase, YaRN s = 4 from 64 to 256 tokens, 30 steps
+  parent     pretrain: 300 steps of 8 x 64 tokens (the preset)
+  extension  long_context on the parent: the tiny preset's phase, YaRN s = 4 from 64 to 256 tokens, 60 steps
   ablation   the same phase with rope_scaling off (plain RoPE at 256 tokens), same seed, same data
 Then the evaluate stage scores all three on 256-token windows of held-out text (the standard library's docstrings
 and code), perplexity by prediction position, and on the passkey needle-in-a-haystack grid (context length x depth).
@@ -29,7 +29,7 @@ ORIGINAL, EXTENDED = 64, 256
 EVALUATE = ["humaneval.enabled=false", "fim.enabled=false", "arith.enabled=false",
             f"perplexity.seq_length={EXTENDED}", "perplexity.position_buckets=[0,64,128,256]",
             "perplexity.max_documents=200", "perplexity.max_tokens=8192",
-            "passkey.context_lengths=[64,128,192,248]", "passkey.depths=[0.0,0.25,0.5,0.75,1.0]", "passkey.trials=2"]
+            "passkey.context_lengths=[80,128,192,248]", "passkey.depths=[0.0,0.25,0.5,0.75,1.0]", "passkey.trials=2"]
 MODELS = ("extension", "parent", "ablation")
 
 
