@@ -18,35 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from stage_runs import stage  # noqa: E402
+
 ORIGINAL, EXTENDED = 64, 256
 EVALUATE = ["humaneval.enabled=false", "fim.enabled=false", "arith.enabled=false",
             f"perplexity.seq_length={EXTENDED}", "perplexity.position_buckets=[0,64,128,256]",
             "perplexity.max_documents=200", "perplexity.max_tokens=8192",
             "passkey.context_lengths=[80,128,192,248]", "passkey.depths=[0.0,0.25,0.5,0.75,1.0]", "passkey.trials=2"]
 MODELS = ("extension", "parent", "ablation")
-
-
-def stage(kind: str, run_root: Path, *sets: str) -> float:
-    """`python -m training <kind> --preset tiny` with `--set` overrides; its wall time in seconds."""
-    cmd = [sys.executable, "-W", "ignore", "-m", "training", kind, "--preset", "tiny", "--set", f"run_root={run_root}"]
-    for item in sets:
-        cmd += ["--set", item]
-    started = time.time()
-    log = run_root / f"{kind}-{len(list(run_root.glob('*.log')))}.log"
-    run_root.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        done = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"})
-    if done.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    return time.time() - started
 
 
 def beyond(metrics: dict, start: int = ORIGINAL) -> float:

@@ -14,36 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from stage_runs import stage  # noqa: E402
+
 CLAIM = 0.30   # the issue's bar: held-out accuracy at least 30 points above the base model's
 OTHER_SUITES = [f"{suite}.enabled=false" for suite in ("humaneval", "fim", "passkey", "arith", "perplexity")]
 
 
-def stage(kind: str, run_root: Path, *sets: str) -> float:
-    """`python -m training <kind> --preset tiny` with `--set` overrides, logged beside the run; its wall time."""
-    cmd = [sys.executable, "-W", "ignore", "-m", "training", kind, "--preset", "tiny", "--set", f"run_root={run_root}",
-           "--set", f"tracking.uri=sqlite:///{run_root}/mlflow.db"]
-    for item in sets:
-        cmd += ["--set", item]
-    run_root.mkdir(parents=True, exist_ok=True)
-    log = run_root / f"{kind}-{len(list(run_root.glob('*.log')))}.log"
-    started = time.time()
-    with open(log, "w") as out:
-        done = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"})
-    if done.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    return time.time() - started
+def tracking(run_root: Path) -> str:
+    return f"tracking.uri=sqlite:///{run_root}/mlflow.db"
 
 
 def scores(root: Path, name: str, release: Path, seed: int, tasks: list[str]) -> dict[str, float]:
-    stage("evaluate", root, f"seed={seed}", f"name={name}", f"checkpoint={release}", *OTHER_SUITES,
+    stage("evaluate", root, tracking(root), f"seed={seed}", f"name={name}", f"checkpoint={release}", *OTHER_SUITES,
           "tasks.enabled=true", f"tasks.tasks=[{','.join(tasks)}]", "tasks.heldout_items=100")
     metrics = json.loads((root / name / "results.json").read_text())["metrics"]
     return {k.removeprefix("tasks."): v for k, v in metrics.items()
@@ -52,9 +39,9 @@ def scores(root: Path, name: str, release: Path, seed: int, tasks: list[str]) ->
 
 def run_seed(seed: int, out: Path, corpus: Path, tasks: list[str]) -> dict:
     root = out / f"seed{seed}"
-    pretrain_s = stage("pretrain", root, f"seed={seed}", f"data_manifest={corpus}")
+    pretrain_s = stage("pretrain", root, tracking(root), f"seed={seed}", f"data_manifest={corpus}")
     base = root / "pretrain" / "release"
-    sft_s = stage("sft", root, f"seed={seed}", f"init_checkpoint={base}")
+    sft_s = stage("sft", root, tracking(root), f"seed={seed}", f"init_checkpoint={base}")
     steps = json.loads((root / "sft" / "manifest.json").read_text())["metrics"]["steps"]
     return {"seed": seed, "before": scores(root, "evaluate_base", base, seed, tasks),
             "after": scores(root, "evaluate_sft", root / "sft" / "release", seed, tasks),
@@ -84,7 +71,7 @@ def main() -> int:
         tasks = sorted(set(tasks) | {"sort", "add", "reverse", "countdown"})
     out = args.out.resolve()
     if not (out / "corpus" / "curate" / "manifest.json").is_file():
-        stage("curate", out / "corpus")
+        stage("curate", out / "corpus", tracking(out / "corpus"))
     results = []
     for seed in args.seeds:
         results.append(run_seed(seed, out, out / "corpus" / "curate", tasks))

@@ -48,6 +48,25 @@ def run_probe(test_file: str) -> dict:
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
 
+def kill_after(cmd: list[str], line: str, log) -> int:
+    """Start `cmd` in its own session, SIGKILL its whole process group once `line` is in its output (written to
+    `log`); the exit code. The job dies as on a lost node: no clean shutdown, no final save."""
+    import time
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=repo_env(),
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while line not in pathlib.Path(log).read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def run_training(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -W ignore -m training ...` in a fresh process (see `run_python`)."""
     return run_python("-m", "training", *args, env=env, timeout=timeout)

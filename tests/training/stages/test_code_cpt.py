@@ -3,16 +3,13 @@ parent, a run killed with SIGKILL resumes bit for bit, and bad input fails befor
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import time
 
 import pytest
 
 from tests.support.code_cpt import code_cpt, command, parent_release
 from tests.support.layouts import losses
-from tests.support.processes import REPO, repo_env
+from tests.support.processes import kill_after
 
 
 @pytest.fixture(scope="module")
@@ -43,27 +40,11 @@ def test_code_cpt_continues_the_parent_and_records_it(uninterrupted, one_process
     assert losses(root)[1] < pretrained[1] - 0.1
 
 
-def _kill_after(cmd: list[str], line: str, log) -> int:
-    """Start `cmd` in its own session, SIGKILL its whole process group once `line` is in its output; the exit code."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=repo_env(),
-                                start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while line not in log.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)   # the job dies: no clean shutdown, no final save
-        return proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_ends_on_the_uninterrupted_loss(uninterrupted, micro_corpus, one_process_run,
                                                                    tmp_path):
     parent = parent_release(one_process_run)
-    rc = _kill_after(command(tmp_path, micro_corpus, parent), "code_cpt: saved iter_0000002", tmp_path / "killed.log")
+    rc = kill_after(command(tmp_path, micro_corpus, parent), "code_cpt: saved iter_0000002", tmp_path / "killed.log")
     killed = (tmp_path / "killed.log").read_text()
     assert rc == -signal.SIGKILL and "step 4/4" not in killed, killed[-3000:]
     assert not (tmp_path / "code_cpt" / "manifest.json").exists()

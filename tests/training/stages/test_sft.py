@@ -4,16 +4,14 @@ SIGKILL, and sets bad records aside (failing, naming the file, past the limit)."
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.support.layouts import losses
-from tests.support.processes import REPO, repo_env, run_python
+from tests.support.processes import REPO, kill_after, repo_env
 from tests.support.sft import chat_parent, command, sft
 
 
@@ -54,24 +52,9 @@ def test_sft_fine_tunes_the_parent_on_the_task_suite_and_records_its_lineage(uni
     assert (root / "sft" / "release" / "complete.json").is_file()
 
 
-def _kill_after(cmd: list[str], line: str, log) -> int:
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=repo_env(),
-                                start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while line not in log.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        return proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_ends_on_the_uninterrupted_loss(uninterrupted, parent, tmp_path):
-    rc = _kill_after(command(tmp_path, parent), "sft: saved iter_0000002", tmp_path / "killed.log")
+    rc = kill_after(command(tmp_path, parent), "sft: saved iter_0000002", tmp_path / "killed.log")
     killed = (tmp_path / "killed.log").read_text()
     assert rc == -signal.SIGKILL and "step 4/4" not in killed, killed[-3000:]
     resumed = sft(tmp_path, parent)
