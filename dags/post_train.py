@@ -2,7 +2,8 @@
 validate_config → sft → evaluate_sft → register_sft → promote_sft.
 
 Wiring only. Fine-tunes `sft.init_checkpoint` (a release directory, s3:// URI or registered version such as
-`models:/seekflow-tiny@champion`; empty: the pretrain release under the run root, which then must exist) on
+`models:/seekflow-tiny@champion`; empty: the release of the stage it reads under the run root, long_context's by the
+pipeline chain's `reads` (DeepSeek-V3 fine-tunes the context-extended model), which then must exist) on
 `sft.data` (JSONL/Parquet conversation records, local or s3://; empty: the generated task suite's train split,
 `sft.tasks`), packed with sample masking, loss on assistant tokens only, for `sft.epochs` passes (DeepSeek-V3 §5.1:
 two). Bad records are set aside with their reason (`rejects.jsonl`); a file with more than `sft.max_reject_ratio` bad

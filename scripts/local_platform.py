@@ -370,7 +370,8 @@ def summary(api, run_id, run_state, tasks, elapsed):
     for ti in sorted(tasks, key=lambda t: t.get("start_date") or "~"):
         dur = ti.get("duration")
         say(f"  {ti['task_id']:<24} {ti.get('state') or 'none':<16} {f'{dur:.1f}s' if dur else ''}")
-    for trained, suffix in (("pretrain", ""), ("code_cpt", "_code_cpt"), ("long_context", "_long_context")):
+    for trained, suffix in (("pretrain", ""), ("code_cpt", "_code_cpt"), ("long_context", "_long_context"),
+                            ("sft", "_sft")):
         segment_summary(api, run_id, trained, suffix)
     say(f"Airflow UI:       {AIRFLOW_URL}/dags/{DAG_ID}/runs/{urllib.parse.quote(run_id, safe='')}")
     say(f"MLflow UI:        {MLFLOW_URL}")

@@ -227,6 +227,13 @@ PIPELINE_RUN = {
     "long_context.phases": [{"seq_length": 256, "factor": 4, "steps": 2, "global_batch_size": 2, "lr": 3.0e-4}],
     "long_context.train.save_interval": 2,
     "long_context.train.micro_batch_size": 2,
+    # supervised fine-tuning of the extended model on a few sort conversations, gated on a few held-out ones
+    "sft.tasks.train_items": 16,
+    "sft.epochs": None,
+    "sft.train.steps": 2,
+    "sft.train.save_interval": 2,
+    "sft.optimizer.warmup_steps": 1,
+    "evaluate_sft.tasks.heldout_items": 4,
     "evaluate_long_context.passkey.context_lengths": [248],   # + 8 new tokens: the extended 256 positions
     "evaluate_long_context.perplexity.seq_length": 256,
     "evaluate_long_context.perplexity.position_buckets": [0, 64, 256],

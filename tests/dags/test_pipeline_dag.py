@@ -14,7 +14,7 @@ from tests.support.processes import REPO
 ALL_TASKS = ("validate_config", "curate_shards", "curate", "pretrain", "evaluate", "register", "promote",
              "curate_code_shards", "curate_code", "code_cpt", "evaluate_code_cpt", "register_code_cpt",
              "promote_code_cpt", "long_context", "evaluate_long_context", "register_long_context",
-             "promote_long_context")
+             "promote_long_context", "sft", "evaluate_sft", "register_sft", "promote_sft")
 
 
 def test_dag_file_imports_no_torch_megatron_or_mlflow():
@@ -96,8 +96,10 @@ def test_every_registered_version_points_to_its_parent(pipeline_run):
 
     client = MlflowClient(pipeline_run["mlflow"])
     versions = {v.tags["seekflow.trained_by"]: v for v in client.search_model_versions("name = 'seekflow-tiny'")}
-    assert set(versions) == {"pretrain", "code_cpt", "long_context"}
+    assert set(versions) == {"pretrain", "code_cpt", "long_context", "sft"}
     pretrain, code, extended = versions["pretrain"], versions["code_cpt"], versions["long_context"]
+    assert versions["sft"].tags["seekflow.parent_version"] == extended.version   # V3: SFT after the extension
+    assert "seekflow.eval.tasks.accuracy" in versions["sft"].tags
     assert pretrain.tags["seekflow.parent_version"] == "none"
     assert code.tags["seekflow.parent_version"] == pretrain.version
     assert extended.tags["seekflow.parent_version"] == pretrain.version

@@ -47,4 +47,5 @@ def test_post_train_dag_without_a_model_fails_in_validate_config(dagbag, tmp_pat
     assert _states(dagrun) == {"validate_config": "failed", **{name: "upstream_failed" for name in (
         "sft", "evaluate_sft", "register_sft", "promote_sft")}}, _states(dagrun)
     out, err = capfd.readouterr()
-    assert "sft.init_checkpoint: no pretrain manifest at" in out + err
+    # the pipeline chain's sft reads the context-extended model (V3 §5 after §4.3)
+    assert "sft.init_checkpoint: no long_context manifest at" in out + err

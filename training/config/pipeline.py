@@ -23,6 +23,7 @@ from pydantic_core import PydanticCustomError
 from training.config.base import SHARED_KEYS, Section, StageConfig, TrackingConfig, deep_merge
 from training.config.code_cpt import CodeCptConfig
 from training.config.curate import CurateConfig
+from training.config.distill import DistillConfig
 from training.config.evaluate import EvaluateConfig
 from training.config.long_context import LongContextConfig
 from training.config.pretrain import PretrainConfig
@@ -39,6 +40,7 @@ STAGES: dict[str, type[StageConfig]] = {cls.stage_spec.kind: cls for cls in (
     CodeCptConfig,
     LongContextConfig,
     SftConfig,
+    DistillConfig,
 )}
 
 
@@ -59,7 +61,8 @@ def _gated(trained: str) -> dict[str, dict]:
 # release of each later training stage.
 CHAIN_INSTANCES: dict[str, dict] = {"curate_code": {"stage": "curate"}, **_gated("code_cpt"),
                                     "long_context": {"reads": {"pretrain": "code_cpt"}}, **_gated("long_context"),
-                                    **_gated("sft")}
+                                    # V3 §5 fine-tunes the context-extended model (§4.3 comes first)
+                                    "sft": {"reads": {"pretrain": "long_context"}}, **_gated("sft")}
 # seekflow_post_train's gate (V3 §5.1 fine-tunes for the tasks it evaluates): the sft release is scored on the task
 # suite's held-out split only, and promoted when its accuracy is not worse than the champion's.
 _TASKS_ONLY = {suite: {"enabled": False} for suite in ("humaneval", "fim", "passkey", "arith", "perplexity")}
@@ -70,12 +73,13 @@ CHAIN_INSTANCES["promote_sft"]["gates"] = [{"metric": "tasks.accuracy", "higher_
 POST_TRAIN_CHAIN: tuple[str, ...] = ("sft", *_gated("sft"))
 
 # The end-to-end pipeline's stage instances, in the order seekflow_pipeline runs them (DeepSeek-Coder-V2's line:
-# pretrain, then code continued pretraining with FIM, then YaRN context extension; every release evaluated,
-# registered with its parent and gated for promotion). A kind in STAGES joins the pipeline only when listed here.
+# pretrain, then code continued pretraining with FIM, then YaRN context extension; then supervised fine-tuning, V3 §5;
+# every release evaluated, registered with its parent and gated for promotion). A kind in STAGES joins the pipeline only when listed here.
 PIPELINE_CHAIN: tuple[str, ...] = (
     "curate", "pretrain", "evaluate", "register", "promote",
     "curate_code", "code_cpt", *_gated("code_cpt"),
     "long_context", *_gated("long_context"),
+    "sft", *_gated("sft"),
 )
 
 

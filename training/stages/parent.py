@@ -45,9 +45,10 @@ def pin_parent(cfg) -> dict:
     return parent
 
 
-def fetch_parent(cfg, parent: dict, stage: StageRun) -> Path:
+def fetch_parent(cfg, parent: dict, stage: StageRun, allowed: frozenset[str] = frozenset()) -> Path:
     """The parent release on this machine (every rank calls it; hash-verified), refused unless its architecture is
-    `model`: continued pretraining changes no architecture field, not even the context ones."""
+    `model` apart from the `allowed` fields: continued pretraining changes no architecture field, not even the
+    context ones; fine-tuning takes the parent's context (see `with_parent_context`)."""
     from training.model.release import read_model_config
 
     try:
@@ -55,12 +56,25 @@ def fetch_parent(cfg, parent: dict, stage: StageRun) -> Path:
                                                          into=stage.directory / "init")
     except registry.RegistryError as err:
         raise registry.RegistryError(f"init_checkpoint {parent['ref']}: {err}", permanent=err.permanent) from None
-    differences = cfg.model.architecture_differences(read_model_config(release).model_dump(mode="json"))
+    differences = cfg.model.architecture_differences(read_model_config(release).model_dump(mode="json"), allowed)
     if differences:
         raise ParentError(f"init_checkpoint {parent['ref']}: the parent's architecture differs from `model` "
                           f"({'; '.join(differences)}); {cfg.stage_spec.kind} continues the parent's architecture "
                           f"unchanged")
     return release
+
+
+def with_parent_context(cfg, release: Path):
+    """`cfg` with the parent's context fields (model.rope_scaling, model.max_position_embeddings): a fine-tuned
+    model keeps the context its parent was extended to (DeepSeek-V3 §5 fine-tunes the 128K model of §4.3)."""
+    from training.model.release import read_model_config
+
+    recorded = read_model_config(release)
+    context = {field: getattr(recorded, field) for field in type(cfg.model).CONTEXT_FIELDS}
+    if cfg.train.seq_length > recorded.max_position_embeddings:
+        raise ParentError(f"train.seq_length ({cfg.train.seq_length}) exceeds the parent's max_position_embeddings "
+                          f"({recorded.max_position_embeddings})")
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=context)})
 
 
 def record_parent(stage: StageRun, parent: dict, release: Path) -> Path:

@@ -3,8 +3,8 @@
 config -> data (conversation records, or the task suite's train split generated into the run, rendered in
 DeepSeek-V3's chat template with the model's vocabulary; bad records set aside with their reason; samples packed and
 kept apart: training/data/sft_data.py) + loss (next-token cross-entropy on assistant tokens only) -> trainer, from the
-parent release's weights (pinned, verified and recorded as code_cpt does: training/stages/parent.py). `epochs` sets
-the step count once the data is packed. The manifest records the parent and the data (its files, digest, counts and
+parent release's weights (pinned, verified and recorded as code_cpt does: training/stages/parent.py), keeping the
+parent's context (a YaRN-extended parent stays extended). `epochs` sets the step count once the data is packed. The manifest records the parent and the data (its files, digest, counts and
 rejects), which register turns into the version's lineage.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ from training import storage
 from training.config.sft import SftConfig
 from training.parallel.setup import distributed
 from training.stages.lifecycle import Outcome, StageRun, run_stage
-from training.stages.parent import ParentError, fetch_parent, pin_parent, record_parent, started_from
+from training.stages.parent import (ParentError, fetch_parent, pin_parent, record_parent, started_from,
+                                    with_parent_context)
 from training.stages.pretrain import trained_outcome
 
 TASK_DATA = "data/tasks_train.jsonl"   # under the stage: the generated task suite, when `data` is None
@@ -43,14 +44,15 @@ def train(cfg: SftConfig, parent: dict, stage: StageRun) -> Outcome:
     from training.train.trainer import InitialWeights
 
     with distributed(cfg.parallel, cfg.seed) as info:
-        release = fetch_parent(cfg, parent, stage)
+        release = fetch_parent(cfg, parent, stage, allowed=type(cfg.model).CONTEXT_FIELDS)
+        cfg = with_parent_context(cfg, release)
         packed, data = packed_conversations(cfg, stage, info)
         cfg = with_epoch_steps(cfg, len(packed))
         print(f"{stage.name}: {data['conversations']} conversations in {len(packed)} sequences of "
               f"{cfg.train.seq_length} tokens ({packed.fill:.0%} filled); {cfg.train.steps} steps", flush=True)
         with stage.tracking(enabled=info.is_main) as mlflow_run:
             start = InitialWeights(parent["uri"], lambda: record_parent(stage, parent, release))
-            metrics = build_trainer(cfg, packed, stage, info, start).fit(mlflow_run)
+            metrics = build_trainer(cfg, packed, stage, info, start, cfg.child_tuning).fit(mlflow_run)
             lineage = started_from(stage, parent, release)
             if mlflow_run:
                 import mlflow
@@ -69,11 +71,7 @@ def packed_conversations(cfg: SftConfig, stage: StageRun, info):
     Every rank reads and packs the same data (deterministic); one rank per node writes the generated task data."""
     import torch.distributed as dist
 
-    from training import tokenizer as T
-    from training.data.chat import load_conversations
-    from training.data.sft_data import PackedSamples
     from training.verify import tasks
-    from training.vocabulary import vocabulary
 
     uri = cfg.data
     if uri is None:
@@ -85,6 +83,18 @@ def packed_conversations(cfg: SftConfig, stage: StageRun, info):
             path.write_text("".join(json.dumps(r) + "\n" for r in records))
         dist.barrier()
         uri = str(path)
+    return pack_conversations(cfg, uri, stage, generated=cfg.data is None)
+
+
+def pack_conversations(cfg, uri: str, stage: StageRun, generated: bool):
+    """(packed samples, data record) of the conversation files under `uri` for a training config with
+    `max_reject_ratio` (sft, distill): encoded with `model`'s vocabulary, bad records set aside, packed into
+    train.seq_length tokens."""
+    from training import tokenizer as T
+    from training.data.chat import load_conversations
+    from training.data.sft_data import PackedSamples
+    from training.vocabulary import vocabulary
+
     tokenizer = vocabulary(cfg.model.vocab_merges).tokenizer
     # seq_length + 1 ids make seq_length (token, label) pairs: the longest conversation one sequence holds.
     conversations, tally = load_conversations(uri, cfg.train.seq_length + 1, stage.directory / "rejects.jsonl",
@@ -96,12 +106,12 @@ def packed_conversations(cfg: SftConfig, stage: StageRun, info):
     digest = hashlib.sha256()
     for c in conversations:
         digest.update(json.dumps(c.ids).encode())
-    data = {"uri": uri, "generated": cfg.data is None, **tally.summary(), "sha256": digest.hexdigest(),
+    data = {"uri": uri, "generated": generated, **tally.summary(), "sha256": digest.hexdigest(),
             "sequences": len(packed), "packed_tokens": packed.tokens}
     return packed, data
 
 
-def with_epoch_steps(cfg: SftConfig, sequences: int) -> SftConfig:
+def with_epoch_steps(cfg, sequences: int):
     """`cfg` with train.steps = ceil(epochs x sequences / global_batch_size) when `epochs` is set."""
     if cfg.epochs is None:
         return cfg
@@ -112,8 +122,9 @@ def with_epoch_steps(cfg: SftConfig, sequences: int) -> SftConfig:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
 
 
-def build_trainer(cfg: SftConfig, packed, stage: StageRun, info, init_weights):
-    """The GPT train module on the packed conversations, samples kept apart, loss on assistant tokens."""
+def build_trainer(cfg, packed, stage: StageRun, info, init_weights, child_tuning=None):
+    """The GPT train module on the packed conversations, samples kept apart, loss on assistant tokens (`cfg`: a
+    training config; `child_tuning`: a ChildTuningConfig, or None for plain fine-tuning)."""
     from training.train.callbacks import ExpertLoad
     from training.train.gpt_module import GPTTrainModule
     from training.train.losses import PackedNextTokenLoss
@@ -122,9 +133,10 @@ def build_trainer(cfg: SftConfig, packed, stage: StageRun, info, init_weights):
     from training.train.child_tuning import ChildNetwork
 
     module = GPTTrainModule(cfg, info.device, loss=PackedNextTokenLoss(), dataset=lambda num_samples: packed,
-                            child_tuning=cfg.child_tuning)
+                            child_tuning=child_tuning)
     callbacks = [ExpertLoad(stage.directory / "expert_load_heatmap.png")]
-    if cfg.child_tuning.mode == "task_driven":   # the child network is fixed on the starting weights, first
+    # Child-Tuning_D's child network is fixed on the starting weights, first.
+    if child_tuning is not None and child_tuning.mode == "task_driven":
         callbacks.insert(0, ChildNetwork())
     return Trainer(module, cfg.train, info, label=stage.name, directory=stage.directory, run_root=cfg.run_root,
                    init_weights=init_weights, callbacks=callbacks)
