@@ -1,10 +1,12 @@
 """seekflow configuration: pure Python (pydantic + PyYAML), safe to import from Airflow.
 
 Modules, none importing a later one: base (Section, StageConfig, the stage metadata) → model, parallel, train →
-one module per stage (curate, pretrain, evaluate, registry) → pipeline (the stage registry) → loader.
+one module per stage (curate, pretrain, evaluate, registry, code_cpt, long_context, sft, distill) → pipeline (the
+stage registry) → loader.
 """
 from training.config.base import SHARED_KEYS, Section, StageConfig, StageInput, StageSpec, TrackingConfig
 from training.config.curate import CurateConfig, CurateSource
+from training.config.distill import DistillConfig
 from training.config.evaluate import EvaluateConfig
 from training.config.loader import (
     ConfigError,
@@ -44,6 +46,7 @@ __all__ = [
     "BatchSizeRampup",
     "CurateConfig",
     "CurateSource",
+    "DistillConfig",
     "EvaluateConfig",
     "GateRule",
     "ModelConfig",
