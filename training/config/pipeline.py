@@ -74,7 +74,8 @@ POST_TRAIN_CHAIN: tuple[str, ...] = ("sft", *_gated("sft"))
 
 # The end-to-end pipeline's stage instances, in the order seekflow_pipeline runs them (DeepSeek-Coder-V2's line:
 # pretrain, then code continued pretraining with FIM, then YaRN context extension; then supervised fine-tuning, V3 §5;
-# every release evaluated, registered with its parent and gated for promotion). A kind in STAGES joins the pipeline only when listed here.
+# every release evaluated, registered with its parent and gated for promotion). A kind in STAGES joins the pipeline
+# only when listed here.
 PIPELINE_CHAIN: tuple[str, ...] = (
     "curate", "pretrain", "evaluate", "register", "promote",
     "curate_code", "code_cpt", *_gated("code_cpt"),
