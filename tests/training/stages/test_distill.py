@@ -7,13 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.distill import distill, micro_teacher
 from tests.support.mlflow_store import sqlite_store
-from tests.support.processes import run_training
+from tests.support.processes import REPO, repo_env, run_training
 from training import integrity
 from training.verify import tasks
 
@@ -91,6 +93,22 @@ def test_a_retry_reuses_the_traces_and_a_student_on_another_vocabulary_re_encode
 
 
 @pytest.mark.slow
+def test_the_student_starts_from_a_dense_release_of_its_own_architecture_only(distilled, teacher, tmp_path):
+    root, _ = distilled
+    shutil.copytree(root / "distill/traces", tmp_path / "moe/distill/traces")
+    out = distill(tmp_path / "moe", f"teacher={teacher}", f"init_checkpoint={teacher}")   # the MoE teacher itself
+    assert out.returncode != 0 and f"init_checkpoint {teacher}: the parent's architecture differs from `model`" in \
+        out.stdout + out.stderr and "model.num_experts: 8 in the checkpoint, None now" in out.stdout + out.stderr
+    student = root / "distill/release"
+    shutil.copytree(root / "distill/traces", tmp_path / "dense/distill/traces")
+    out = distill(tmp_path / "dense", f"teacher={teacher}", f"init_checkpoint={student}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"initialised the weights from {student}" in out.stdout
+    outputs = json.loads((tmp_path / "dense/distill/manifest.json").read_text())["outputs"]
+    assert outputs["init_checkpoint"]["uri"] == str(student) and outputs["parent"]["uri"] == str(teacher)
+
+
+@pytest.mark.slow
 def test_a_registered_teacher_is_pinned_and_the_registered_student_names_it(teacher, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
@@ -116,6 +134,21 @@ def test_a_registered_teacher_is_pinned_and_the_registered_student_names_it(teac
     lineage = client.download_artifacts(version.run_id, "lineage/pretrain_manifest.json", str(tmp_path))
     data = json.loads(Path(lineage).read_text())["outputs"]["data"]
     assert data["uri"] == str(tmp_path / "distill/traces/traces.jsonl") and len(data["traces_sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_prompts_then_train_the_student_in_its_own_layout(teacher, tmp_path):
+    """Each rank samples its share of the prompts from a whole teacher; then the same processes train the student
+    under tensor parallelism (megatron's groups rebuilt for it)."""
+    sets = [f"run_root={tmp_path}", f"teacher={teacher}", f"tracking.uri={sqlite_store(tmp_path)}",
+            "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc-per-node=2", "-m",
+                          "training", "distill", "--preset", "micro", *(a for s in sets for a in ("--set", s))],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=repo_env())
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    counts = json.loads((tmp_path / "distill/manifest.json").read_text())["outputs"]["data"]["traces"]
+    assert (counts["prompts"], counts["sampled"]) == (8, 16) and counts["kept"] > 0
+    assert len(_lines(tmp_path / "distill/traces/traces.jsonl")) == counts["kept"] and "step 2/2 loss" in out.stdout
 
 
 @pytest.mark.parametrize("teacher, message", [
