@@ -187,7 +187,8 @@ def test_config_can_come_from_an_environment_variable(monkeypatch):
 def test_the_registry_lists_every_stage_kind_in_pipeline_order_with_a_sound_spec():
     from training.config.pipeline import STAGES, registry_problems
 
-    assert list(STAGES) == ["curate", "pretrain", "evaluate", "register", "promote", "code_cpt", "long_context"]
+    assert list(STAGES) == ["curate", "pretrain", "evaluate", "register", "promote", "code_cpt", "long_context", "sft",
+                            "distill"]
     assert registry_problems() == []
     for kind in STAGES:   # `python -m training <kind>` imports training.stages.<kind>
         assert (REPO / "training" / "stages" / f"{kind}.py").is_file(), kind
@@ -218,7 +219,7 @@ def test_a_broken_stage_spec_is_reported(monkeypatch):
     class BrokenConfig(StageConfig):
         stage_spec: ClassVar[StageSpec] = StageSpec(
             kind="broken", launcher="python", gpus_per_node=1, shardable=True, form_fields=("train.stepz",),
-            inputs=(StageInput("checkpoint", upstream="distill"),))
+            inputs=(StageInput("checkpoint", upstream="grpo"),))
 
     monkeypatch.setitem(pipeline.STAGES, "broken", BrokenConfig)
     assert pipeline.registry_problems() == [
@@ -226,7 +227,7 @@ def test_a_broken_stage_spec_is_reported(monkeypatch):
         "broken: shardable, but its config has no `shards` field",
         "broken: no field 'train.stepz'",
         "broken: no field 'checkpoint'",
-        "broken: reads 'distill', which is not a stage registered before it",
+        "broken: reads 'grpo', which is not a stage registered before it",
     ]
 
 
@@ -251,14 +252,14 @@ def test_a_pipeline_holds_two_instances_of_one_stage_kind():
     assert (first.stage_name, more.stage_name) == ("pretrain", "pretrain_more")   # {run_root}/<stage_name>/
     for cfg in (first, more):   # the shared keys reach both
         assert (cfg.run_root, cfg.seed, cfg.profile, cfg.tracking.tags) == ("/tmp/two", 7, "tiny", {"dag_run_id": "r1"})
-    assert (first.train.steps, more.train.steps, more.optimizer.warmup_steps) == (200, 30, 3)
+    assert (first.train.steps, more.train.steps, more.optimizer.warmup_steps) == (300, 30, 3)
     # a further instance starts from its kind's section: the same model unless it says otherwise
     assert more.model == first.model and more.model.max_position_embeddings == 512
     assert first.init_checkpoint is None and more.init_checkpoint == "/tmp/two/pretrain/release"
     assert [name for name, _ in pipeline.instances()] == [
         "curate", "curate_code", "pretrain", "pretrain_more", "evaluate", "evaluate_code_cpt", "evaluate_long_context",
-        "register", "register_code_cpt", "register_long_context", "promote", "promote_code_cpt",
-        "promote_long_context", "code_cpt", "long_context"]
+        "evaluate_sft", "register", "register_code_cpt", "register_long_context", "register_sft", "promote",
+        "promote_code_cpt", "promote_long_context", "promote_sft", "code_cpt", "long_context", "sft", "distill"]
     dumped = pipeline.model_dump(mode="json")
     assert dumped["pretrain_more"]["stage"] == "pretrain"
     assert validate(PipelineConfig, dumped) == pipeline   # a dump validates back to the same pipeline
@@ -325,12 +326,14 @@ def test_the_pipeline_chain_gates_every_training_stage_and_reads_the_one_before(
     pipeline = resolve_pipeline_config("tiny")
     assert PIPELINE_CHAIN == ("curate", "pretrain", "evaluate", "register", "promote", "curate_code", "code_cpt",
                               "evaluate_code_cpt", "register_code_cpt", "promote_code_cpt", "long_context",
-                              "evaluate_long_context", "register_long_context", "promote_long_context")
+                              "evaluate_long_context", "register_long_context", "promote_long_context", "sft",
+                              "evaluate_sft", "register_sft", "promote_sft")
     reads = {name: pipeline.stage(name).reads for name in PIPELINE_CHAIN}
     assert reads["code_cpt"] == {"curate": "curate_code"}
     # the chain extends the code model (DeepSeek-Coder-V2); tiny extends its pretrained 64-token model (V3 §4.3)
     assert _chain_default_long_context_reads() == {"pretrain": "code_cpt"} and reads["long_context"] == {"pretrain": "pretrain"}
-    for trained in ("code_cpt", "long_context"):
+    assert reads["sft"] == {"pretrain": "long_context"}   # V3 §5 fine-tunes the context-extended model
+    for trained in ("code_cpt", "long_context", "sft"):
         assert reads[f"evaluate_{trained}"] == {"pretrain": trained}
         assert reads[f"register_{trained}"] == {"pretrain": trained, "evaluate": f"evaluate_{trained}"}
         assert reads[f"promote_{trained}"] == {"register": f"register_{trained}"}
