@@ -24,7 +24,6 @@ from training import integrity, registry, storage
 from training.config import ParallelConfig
 from training.config.distill import DistillConfig
 from training.data import traces as T
-from training.manifest import manifest_hash, read_manifest
 from training.parallel.setup import distributed, init_distributed
 from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.stages.parent import fetch_parent, pin_parent, record_parent, started_from
@@ -53,24 +52,10 @@ def run(cfg: DistillConfig) -> dict | None:
 def pin_teacher(cfg: DistillConfig) -> dict:
     """{ref, uri, model_name, version, manifest_hash}: the teacher, a registered one pinned to its version, checked
     to exist before anything runs."""
-    ref, upstream_hash = cfg.teacher, None
-    if ref is None:
-        try:
-            upstream = read_manifest(storage.stage_uri(cfg.run_root, cfg.upstream("sft")))
-        except FileNotFoundError as err:
-            raise DistillError(f"teacher: unset, and {err}") from None
-        ref, upstream_hash = upstream["outputs"]["release_checkpoint"], manifest_hash(upstream)
-    teacher = {"ref": ref, "uri": ref, "model_name": None, "version": None, "manifest_hash": upstream_hash}
-    if not registry.is_registry_ref(ref):
-        if not storage.exists(storage.join(ref, integrity.MARKER)):
-            raise DistillError(f"teacher: no release at {ref} (no {integrity.MARKER})")
-        return teacher
-    try:
-        registry.check_tracking_server(tracking_uri(cfg), require_registry=True)
-        version = registry.resolve_version(registry.mlflow_client(tracking_uri(cfg)), ref)
-    except registry.RegistryError as err:
-        raise registry.RegistryError(f"teacher: {err}", permanent=err.permanent) from None
-    return {**teacher, "uri": version.uri, "model_name": version.name, "version": version.version}
+    teacher = pin_parent(cfg, field="teacher", upstream="sft", error=DistillError)
+    if teacher["version"] is None and not storage.exists(storage.join(teacher["ref"], integrity.MARKER)):
+        raise DistillError(f"teacher: no release at {teacher['ref']} (no {integrity.MARKER})")
+    return teacher
 
 
 def sampling(cfg: DistillConfig) -> dict:

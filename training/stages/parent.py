@@ -24,15 +24,16 @@ class ParentError(ValueError):
     permanent = True
 
 
-def pin_parent(cfg) -> dict:
-    """{ref, uri, model_name, version}: the reference to continue from, a registered one pinned to its version."""
-    ref, upstream_hash = cfg.init_checkpoint, None
+def pin_parent(cfg, field: str = "init_checkpoint", upstream: str = "pretrain", error=ParentError) -> dict:
+    """{ref, uri, model_name, version, manifest_hash}: the model `cfg.<field>` names (unset: the release of the
+    `upstream` stage instance under run_root), a registered one pinned to its version. Errors name `field`."""
+    ref, upstream_hash = getattr(cfg, field), None
     if ref is None:
         try:
-            upstream = read_manifest(storage.stage_uri(cfg.run_root, cfg.upstream("pretrain")))
+            manifest = read_manifest(storage.stage_uri(cfg.run_root, cfg.upstream(upstream)))
         except FileNotFoundError as err:
-            raise ParentError(f"init_checkpoint: unset, and {err}") from None
-        ref, upstream_hash = upstream["outputs"]["release_checkpoint"], manifest_hash(upstream)
+            raise error(f"{field}: unset, and {err}") from None
+        ref, upstream_hash = manifest["outputs"]["release_checkpoint"], manifest_hash(manifest)
     parent = {"ref": ref, "uri": ref, "model_name": None, "version": None, "manifest_hash": upstream_hash}
     if registry.is_registry_ref(ref):
         uri = tracking_uri(cfg)
@@ -40,7 +41,7 @@ def pin_parent(cfg) -> dict:
             registry.check_tracking_server(uri, require_registry=True)
             version = registry.resolve_version(registry.mlflow_client(uri), ref)
         except registry.RegistryError as err:
-            raise registry.RegistryError(f"init_checkpoint: {err}", permanent=err.permanent) from None
+            raise registry.RegistryError(f"{field}: {err}", permanent=err.permanent) from None
         parent.update(uri=version.uri, model_name=version.name, version=version.version)
     return parent
 
