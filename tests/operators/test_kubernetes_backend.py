@@ -398,9 +398,9 @@ def test_pipeline_dag_defers_and_resumes_through_airflow(fake, dagbag, monkeypat
 
     chain = ("validate_config", "curate_shards", "curate_code_shards", *PIPELINE_CHAIN)
     assert states == {t: "success" for t in chain}, states
-    # curate shards + merge (twice), register and promote (three times each) as Jobs; the training and evaluate
-    # stages (pretrain, code_cpt, long_context and their three evaluations: GPU stages) as JobSets
-    assert fake.count("create", "jobs") == 10 and fake.count("create", "jobsets") == 6
-    assert fake.count("delete", "jobs") == 10 and fake.count("delete", "jobsets") == 6 and not fake.objects
+    # curate shards + merge (twice), register and promote (four times each) as Jobs; the training and evaluate
+    # stages (pretrain, code_cpt, long_context, sft and their four evaluations: GPU stages) as JobSets
+    assert fake.count("create", "jobs") == 12 and fake.count("create", "jobsets") == 8
+    assert fake.count("delete", "jobs") == 12 and fake.count("delete", "jobsets") == 8 and not fake.objects
     labels = fake.calls("create", "jobsets")[0].body["metadata"]["annotations"]
     assert labels["seekflow.io/run-id"] == dagrun.run_id and labels["seekflow.io/try-number"] == "1"

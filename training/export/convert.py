@@ -129,6 +129,9 @@ def _check_representable(model: ModelConfig) -> None:
     def refuse(field: str, why: str):
         raise ExportError(f"model.{field}: {why}; Hugging Face DeepseekV3 cannot represent this model")
 
+    if model.vocab_merges is not None:   # rows are not ids: transformers would read row r as DeepSeek's token r
+        refuse("vocab_merges", f"is {model.vocab_merges}: the embedding rows are a mapped subset of DeepSeek's token "
+                               f"ids (training/vocabulary.py), not the ids themselves")
     if not model.multi_latent_attention:
         refuse("multi_latent_attention", "is false, but DeepseekV3 attention is MLA only")
     if model.num_experts is None:

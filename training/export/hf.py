@@ -46,10 +46,6 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, max_shard_bytes: int =
         raise ExportError(str(err)) from None
     except ValueError as err:   # a seekflow_model.json that no longer validates
         raise ExportError(f"checkpoint {checkpoint}: invalid {MODEL_CONFIG_FILE}: {err}") from None
-    if model.vocab_merges is not None:   # rows are not ids: transformers would read row r as DeepSeek's token r
-        raise ExportError(f"checkpoint {checkpoint}: model.vocab_merges is {model.vocab_merges}: its embedding rows "
-                          f"are a mapped subset of DeepSeek's token ids (training/vocabulary.py), which a Hugging Face "
-                          f"checkpoint cannot express; export supports models trained on the full tokenizer")
     bos, eos = tok.token_id(tok.BOS), tok.eod_id()
     config = hf_config(model, bos_token_id=bos, eos_token_id=eos)   # refuse before loading anything
     vocab = tok.load_tokenizer().get_vocab_size()

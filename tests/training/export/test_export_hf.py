@@ -336,8 +336,17 @@ def test_existing_output_is_not_replaced_without_overwrite(trained, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- configs --
+FULL_VOCABULARY = ["model.vocab_merges=null", "model.vocab_size=129280"]   # tiny's architecture on the full tokenizer
+
+
+def test_a_vocabulary_subset_model_is_refused_naming_the_field():
+    model = resolve_stage_config("pretrain", "tiny").model   # tiny trains on DeepSeek's first 3,824 merges
+    with pytest.raises(ExportError, match="model.vocab_merges: is 3824: the embedding rows are a mapped subset"):
+        hf_config(model, bos_token_id=0, eos_token_id=1)
+
+
 @pytest.mark.parametrize("preset, overrides", [
-    ("tiny", []),
+    ("tiny", FULL_VOCABULARY),
     ("deepseek-v3", []),
     ("deepseek-v3", ["model.rope_scaling={}", "model.max_position_embeddings=163840"]),   # V3 §4.3's YaRN
 ])
@@ -356,7 +365,7 @@ def test_config_round_trip(preset, overrides):
     (["model.moe_router_num_groups=8", "model.moe_router_group_topk=2"], "moe_router_num_groups"),
 ])
 def test_configs_hf_cannot_represent_are_refused(override, field):
-    model = resolve_stage_config("pretrain", "tiny", overrides=override).model
+    model = resolve_stage_config("pretrain", "tiny", overrides=[*FULL_VOCABULARY, *override]).model
     with pytest.raises(ExportError, match=rf"model\.{field}"):
         hf_config(model, bos_token_id=0, eos_token_id=1)
 
@@ -369,13 +378,15 @@ def test_configs_hf_cannot_represent_are_refused(override, field):
     ({k: v for k, v in YARN.items() if k != "factor"}, "lacks 'factor'"),
 ])
 def test_rope_scalings_megatron_cannot_mirror_are_refused(rope_scaling, message):
-    config = hf_config(resolve_stage_config("pretrain", "tiny").model, bos_token_id=0, eos_token_id=1)
+    config = hf_config(resolve_stage_config("pretrain", "tiny", overrides=FULL_VOCABULARY).model, bos_token_id=0,
+                       eos_token_id=1)
     with pytest.raises(ExportError, match=message):
         model_config_from_hf({**config, "rope_scaling": rope_scaling})
 
 
 def test_quantised_checkpoints_are_refused():
-    config = hf_config(resolve_stage_config("pretrain", "tiny").model, bos_token_id=0, eos_token_id=1)
+    config = hf_config(resolve_stage_config("pretrain", "tiny", overrides=FULL_VOCABULARY).model, bos_token_id=0,
+                       eos_token_id=1)
     fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     with pytest.raises(ExportError, match="quantization_config .*'fp8'.* dequantise"):
         model_config_from_hf({**config, "quantization_config": fp8})

@@ -16,7 +16,7 @@ def main():
 
     args = dict(a.split("=") for a in sys.argv[1:])
     cfg = resolve_stage_config("pretrain", "tiny", overrides=[
-        "model.vocab_size=512", f"parallel.expert_model_parallel_size={args.get('ep', 1)}",
+        "model.vocab_size=512", "model.vocab_merges=null", f"parallel.expert_model_parallel_size={args.get('ep', 1)}",
         f"parallel.moe_token_dispatcher_type={args.get('dispatcher', 'alltoall')}"])
     info = init_distributed(cfg.parallel, seed=7)
 

@@ -25,7 +25,7 @@ def main():
     from training.config import resolve_stage_config
     from training.parallel.setup import init_distributed, shutdown
 
-    cfg = resolve_stage_config("pretrain", "tiny", overrides=["model.vocab_size=512"])
+    cfg = resolve_stage_config("pretrain", "tiny", overrides=["model.vocab_size=512", "model.vocab_merges=null"])
     init_distributed(cfg.parallel, seed=7)
     from training.model.build import build_gpt
 
