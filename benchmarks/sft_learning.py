@@ -113,8 +113,9 @@ def main() -> int:
         (out / "child_tuning.json").write_text(json.dumps(compared, indent=2))
     gains = [suite_gain(r, suite) for r in results]
     holds = "holds on every seed" if min(gains) >= CLAIM else "does NOT hold on every seed"
-    print(f"gain on the preset's suite ({', '.join(suite)}) per seed: {', '.join(f'{100 * g:+.0f} points' for g in gains)}"
-          f"; the >= {100 * CLAIM:.0f}-point claim {holds}; results: {out / 'results.json'}", flush=True)
+    points = ", ".join(f"{100 * g:+.0f} points" for g in gains)
+    print(f"gain on the preset's suite ({', '.join(suite)}) per seed: {points}; the >= {100 * CLAIM:.0f}-point claim "
+          f"{holds}; results: {out / 'results.json'}", flush=True)
     return 0
 
 

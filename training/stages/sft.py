@@ -4,8 +4,9 @@ config -> data (conversation records, or the task suite's train split generated 
 DeepSeek-V3's chat template with the model's vocabulary; bad records set aside with their reason; samples packed and
 kept apart: training/data/sft_data.py) + loss (next-token cross-entropy on assistant tokens only) -> trainer, from the
 parent release's weights (pinned, verified and recorded as code_cpt does: training/stages/parent.py), keeping the
-parent's context (a YaRN-extended parent stays extended). `epochs` sets the step count once the data is packed. The manifest records the parent and the data (its files, digest, counts and
-rejects), which register turns into the version's lineage.
+parent's context (a YaRN-extended parent stays extended). `epochs` sets the step count once the data is packed. The
+manifest records the parent and the data (its files, digest, counts and rejects), which register turns into the
+version's lineage.
 """
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ from training import storage
 from training.config.sft import SftConfig
 from training.parallel.setup import distributed
 from training.stages.lifecycle import Outcome, StageRun, run_stage
-from training.stages.parent import (ParentError, fetch_parent, pin_parent, record_parent, started_from,
-                                    with_parent_context)
+from training.stages.parent import fetch_parent, pin_parent, record_parent, started_from, with_parent_context
 from training.stages.pretrain import trained_outcome
 
-TASK_DATA = "data/tasks_train.jsonl"   # under the stage: the generated task suite, when `data` is None
+TASK_DATA = "data/tasks_train.jsonl"
+
+
+class SftError(ValueError):
+    """Bad input found before training (no data, no usable conversation, a warm-up longer than the run); the message
+    names the field. Not retried (`permanent`)."""
+
+    permanent = True   # under the stage: the generated task suite, when `data` is None
 
 
 def run(cfg: SftConfig) -> dict | None:
@@ -36,7 +43,7 @@ def data_fingerprint(cfg: SftConfig) -> dict:
         return {"tasks": cfg.tasks.model_dump()}
     files = [[uri, size] for uri, size in storage.list_files(cfg.data)]
     if not files:
-        raise ParentError(f"data: no files under {cfg.data}")
+        raise SftError(f"data: no files under {cfg.data}")
     return {"uri": cfg.data, "files": files}
 
 
@@ -100,7 +107,7 @@ def pack_conversations(cfg, uri: str, stage: StageRun, generated: bool):
     conversations, tally = load_conversations(uri, cfg.train.seq_length + 1, stage.directory / "rejects.jsonl",
                                               cfg.max_reject_ratio, tokenizer=tokenizer)
     if not conversations:
-        raise ParentError(f"data: no usable conversation under {uri} (rejects: {stage.directory / 'rejects.jsonl'})")
+        raise SftError(f"data: no usable conversation under {uri} (rejects: {stage.directory / 'rejects.jsonl'})")
     packed = PackedSamples([(c.ids, c.loss_mask) for c in conversations], cfg.train.seq_length,
                            pad_id=T.token_id(T.PAD), seed=cfg.seed)
     digest = hashlib.sha256()
@@ -117,7 +124,7 @@ def with_epoch_steps(cfg, sequences: int):
         return cfg
     steps = max(1, math.ceil(cfg.epochs * sequences / cfg.train.global_batch_size))
     if cfg.optimizer.warmup_steps >= steps:
-        raise ParentError(f"optimizer.warmup_steps ({cfg.optimizer.warmup_steps}) must be below the {steps} steps "
+        raise SftError(f"optimizer.warmup_steps ({cfg.optimizer.warmup_steps}) must be below the {steps} steps "
                           f"that epochs {cfg.epochs} over {sequences} sequences make")
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
 
