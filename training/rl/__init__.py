@@ -1,0 +1,1 @@
+"""Reinforcement learning: GRPO's objective, rewards, rollouts."""
