@@ -191,6 +191,26 @@ def one_process_run(tmp_path_factory, micro_corpus):
 
 
 @pytest.fixture(scope="session")
+def chat_parent(tmp_path_factory):
+    """The micro chat parent's release (tests/support/sft.py: the micro architecture on DeepSeek's BPE cut to 240
+    merges, pretrained 2 steps), built once per test run. Read-only: sft and distill runs start from it."""
+    from tests.support.shared import shared_artifact
+    from tests.support.sft import chat_parent as build
+
+    return shared_artifact(tmp_path_factory, "chat-parent", build) / "pretrain" / "release"
+
+
+@pytest.fixture(scope="session")
+def micro_teacher(tmp_path_factory, chat_parent):
+    """A micro sft release that mostly answers the micro distill section's prompts (tests/support/distill.py), built
+    once per test run from `chat_parent`. Read-only: copy its run root before running a stage in it."""
+    from tests.support.distill import micro_teacher as build
+    from tests.support.shared import shared_artifact
+
+    return shared_artifact(tmp_path_factory, "micro-teacher", lambda root: build(root, chat_parent)) / "sft" / "release"
+
+
+@pytest.fixture(scope="session")
 def dagbag(airflow_db):
     """Every DAG in dags/, parsed once per worker: {dag_id: DAG}."""
     from airflow.dag_processing.dagbag import DagBag

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from tests.support.distill import micro_teacher
 from tests.support.mlflow_store import sqlite_store
 
 
@@ -15,8 +14,8 @@ def _states(dagrun) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_distill_dag_samples_the_teacher_and_trains_a_dense_student(dagbag, tmp_path):
-    teacher = micro_teacher(tmp_path / "teacher")
+def test_distill_dag_samples_the_teacher_and_trains_a_dense_student(dagbag, micro_teacher, tmp_path):
+    teacher = micro_teacher
     run = tmp_path / "run"
     dagrun = dagbag["seekflow_distill"].test(run_conf={
         "profile": "micro", "run_root": str(run), "distill.teacher": str(teacher), "distill.samples_per_prompt": 3,

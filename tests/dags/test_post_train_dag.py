@@ -7,18 +7,16 @@ import json
 
 import pytest
 
-from tests.support.sft import chat_parent
-
 
 def _states(dagrun) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
 
 
 @pytest.mark.slow
-def test_post_train_dag_fine_tunes_evaluates_registers_and_gates_a_release(dagbag, mlflow_server, monkeypatch,
-                                                                           tmp_path):
+def test_post_train_dag_fine_tunes_evaluates_registers_and_gates_a_release(dagbag, mlflow_server, chat_parent,
+                                                                           monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    parent = chat_parent(tmp_path / "parent")
+    parent = chat_parent
     dagrun = dagbag["seekflow_post_train"].test(run_conf={
         "profile": "micro", "run_root": str(tmp_path / "run"), "sft.train.steps": 2, "sft.init_checkpoint": str(parent),
     })

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from tests.support.mlflow_store import sqlite_store
 from tests.support.processes import run_training
-from tests.support.sft import chat_parent, sft
+from tests.support.sft import sft
 
 TEACHER_STEPS = 120   # sft steps on the 8 prompts that distill samples: enough to answer most of them (~45 s)
 
 
-def micro_teacher(root):
-    """A micro sft release fine-tuned on the very train prompts the micro distill section samples (the task suite's
-    train split, same items and seed) until it mostly answers them; returns its release directory."""
-    parent = chat_parent(root / "parent")
-    out = sft(root / "teacher", parent, "tasks.train_items=8", f"train.steps={TEACHER_STEPS}",
+def micro_teacher(root, parent):
+    """A micro sft release fine-tuned from `parent` (a chat parent: tests/support/sft.py) on the very train prompts
+    the micro distill section samples (the task suite's train split, same items and seed) until it mostly answers
+    them, run in `root`; returns its release directory."""
+    out = sft(root, parent, "tasks.train_items=8", f"train.steps={TEACHER_STEPS}",
               "train.save_interval=1000", "train.log_interval=20")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return root / "teacher" / "sft" / "release"
+    return root / "sft" / "release"
 
 
 def distill(run_root, *overrides: str, tracking_root=None):

@@ -1,8 +1,9 @@
 """Megatron-side checks of the generator's KV cache (training/eval/kv_cache.py), each in its own process (the CPU shim
 and megatron's parallel state are process-global):
 
-    torchrun --nproc-per-node 2 generate_cache_check.py save EP2|PP2 OUT_DIR
-        the layout model built (layout-invariantly, by seed) under that layout, saved as a release in OUT_DIR
+    torchrun --nproc-per-node 2 generate_cache_check.py save EP2 OUT_DIR [PP2 OUT_DIR ...]
+        the layout model built (layout-invariantly, by seed) under each layout in turn, saved as a release in its
+        OUT_DIR
     python generate_cache_check.py check OUT.json [RELEASE_DIR ...]
         for every model (below, then each release), greedy decoding with and without the cache, plus the stopping
         rules and sampling, written to OUT.json
@@ -47,16 +48,21 @@ def models():
 LAYOUTS = {"EP2": dict(expert_model_parallel_size=2), "PP2": dict(pipeline_model_parallel_size=2)}
 
 
-def save(layout: str, out_dir: str) -> None:
+def save(*layouts_and_dirs: str) -> None:
+    """Each layout in turn on the same processes (one launch): its groups, the model, its release."""
+    from megatron.core import parallel_state
+
     from training import checkpoint
     from training.config import ParallelConfig
     from training.model.build import build_gpt
     from training.parallel.setup import init_distributed, shutdown
 
-    parallel = ParallelConfig(**LAYOUTS[layout])
-    init_distributed(parallel, seed=0)
-    gpt, _ = build_gpt(layout_model(), parallel, seed=7)
-    checkpoint.save_release(Path(out_dir), gpt, layout_model())
+    for layout, out_dir in zip(layouts_and_dirs[::2], layouts_and_dirs[1::2]):
+        parallel = ParallelConfig(**LAYOUTS[layout])
+        init_distributed(parallel, seed=0)
+        gpt, _ = build_gpt(layout_model(), parallel, seed=7)
+        checkpoint.save_release(Path(out_dir), gpt, layout_model())
+        parallel_state.destroy_model_parallel()
     shutdown()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.distill import distill, micro_teacher
+from tests.support.distill import distill
 from tests.support.mlflow_store import sqlite_store
 from tests.support.processes import REPO, repo_env, run_training
 from training import integrity
@@ -23,8 +23,8 @@ ITEMS = {item.id: item for item in tasks.generate("sort", "train", 8, seed=0)}  
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return micro_teacher(tmp_path_factory.mktemp("distill-teacher"))
+def teacher(micro_teacher):
+    return micro_teacher
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,8 @@ def test_the_student_starts_from_a_dense_release_of_its_own_architecture_only(di
 def test_a_registered_teacher_is_pinned_and_the_registered_student_names_it(teacher, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
-    teacher_root = teacher.parents[1]
+    teacher_root = tmp_path / "teacher"   # register writes under the run root: not in the shared teacher's
+    shutil.copytree(teacher.parents[1], teacher_root, ignore=shutil.ignore_patterns("*.lock"))
     out = run_training("register", "--preset", "micro", *(arg for item in (
         f"run_root={teacher_root}", "reads.pretrain=sft", "model_name=seekflow-micro-teacher", "export_hf=false",
         f"tracking.uri={mlflow_server}") for arg in ("--set", item)))

@@ -12,12 +12,12 @@ import pytest
 
 from tests.support.layouts import losses
 from tests.support.processes import REPO, kill_after, repo_env
-from tests.support.sft import chat_parent, command, sft
+from tests.support.sft import command, sft
 
 
 @pytest.fixture(scope="module")
-def parent(tmp_path_factory):
-    return chat_parent(tmp_path_factory.mktemp("chat-parent"))
+def parent(chat_parent):
+    return chat_parent
 
 
 @pytest.fixture(scope="module")
