@@ -1,5 +1,5 @@
-"""seekflow_distill: a teacher's rejection-sampled traces fine-tune a dense student (DeepSeek-R1 §2.4) —
-validate_config → distill.
+"""seekflow_distill: a teacher's rejection-sampled traces fine-tune a dense student (DeepSeek-R1 §2.4), gated on the
+task suite — validate_config → distill → evaluate_distill → register_distill → promote_distill.
 
 Wiring only. The teacher (`distill.teacher`: a release directory, an s3:// URI or any registered version such as
 `models:/seekflow-tiny@champion`; empty: the sft release under the run root, which then must exist) samples
@@ -11,22 +11,27 @@ reference that does not resolve fails the job before anything is written, naming
 does a teacher none of whose completions checks as correct. The traces (`traces/traces.jsonl`, their summary and
 samples of the rejected completions), checkpoints, the release and the manifest (the teacher as parent, the trace
 dataset as data) land under `$SEEKFLOW_HOME/runs/seekflow_distill/<run_id>/distill/`; a retry reuses the traces and
-resumes the student from its last checkpoint. The trigger form is generated from `DistillConfig`; fields left at
-the `tiny` preset's value take the chosen profile's value.
+resumes the student from its last checkpoint. Then the student is scored on the task suite's held-out split
+(`evaluate_distill`: exact match, nothing else), registered as a version of its own model, `seekflow-<profile>-student`
+(R1's students are models of their own), with the teacher's model and version as its parent and the trace dataset's
+URI and sha256 as its data, and promoted when `tasks.accuracy` is not worse than that model's champion's
+(`promote_distill.gates`). The trigger form is generated from `DistillConfig`; fields left at the `tiny` preset's
+value take the chosen profile's value.
 """
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import DAG
 
-from operators.job import stage_jobs
+from operators.job import chain_jobs
 from operators.params import stage_form, stage_form_fields, validate_config
+from training.config import DISTILL_CHAIN
 
 FIELDS = stage_form_fields("distill")
 
 with DAG(
     dag_id="seekflow_distill",
-    description="Distil a teacher's rejection-sampled traces into a dense student (DeepSeek-R1 §2.4)",
+    description="Distil a teacher's rejection-sampled traces into a dense student, gated (DeepSeek-R1 §2.4)",
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
@@ -37,5 +42,5 @@ with DAG(
     params=stage_form("distill"),
     doc_md=__doc__,
 ) as dag:
-    config = validate_config(FIELDS, stages=("distill",))
-    stage_jobs("distill", config)
+    config = validate_config(FIELDS, stages=DISTILL_CHAIN)
+    chain_jobs(DISTILL_CHAIN, config)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG
 
-from operators.job import stage_jobs
+from operators.job import chain_jobs
 from operators.params import stage_form, stage_form_fields, validate_config
-from training.config import POST_TRAIN_CHAIN, chain_kind
+from training.config import POST_TRAIN_CHAIN
 
 FIELDS = stage_form_fields("sft")
 
@@ -39,7 +39,4 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
     config = validate_config(FIELDS, stages=POST_TRAIN_CHAIN)
-    jobs = [stage_jobs(name, config, kind=chain_kind(name)) for name in POST_TRAIN_CHAIN]
-    config >> jobs[0][0]
-    for before, after in zip(jobs, jobs[1:]):
-        before[-1] >> after[0]
+    chain_jobs(POST_TRAIN_CHAIN, config)

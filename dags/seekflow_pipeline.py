@@ -18,7 +18,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG
 
-from operators.job import stage_jobs
+from operators.job import chain_jobs
 from operators.params import config_param, form_params, pipeline_form_fields, validate_config
 from training.config import PIPELINE_CHAIN, chain_kind
 
@@ -42,8 +42,4 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
     pipeline = validate_config(FIELDS, STAGES)
-    previous = pipeline
-    for name in STAGES:   # one stage after the other; curate's shard phase is a task of its own
-        jobs = stage_jobs(name, pipeline, kind=chain_kind(name))
-        previous >> jobs[0]
-        previous = jobs[-1]
+    chain_jobs(STAGES, pipeline)   # one stage after the other; curate's shard phase is a task of its own

@@ -234,6 +234,20 @@ def stage_jobs(stage: str, pipeline: Any, *, kind: str | None = None,
     return jobs
 
 
+def chain_jobs(chain: tuple[str, ...], pipeline: Any) -> list[TrainingJobOperator]:
+    """The tasks of a chain of stage instances (`PIPELINE_CHAIN`, `POST_TRAIN_CHAIN`, ...), one after the other after
+    `pipeline` (the validate_config task)."""
+    from training.config import chain_kind
+
+    tasks, previous = [], pipeline
+    for name in chain:
+        jobs = stage_jobs(name, pipeline, kind=chain_kind(name))
+        previous >> jobs[0]
+        previous = jobs[-1]
+        tasks += jobs
+    return tasks
+
+
 def _require_shared_run_root(spec: JobSpec) -> None:
     """Pods share no disk: a stage on the cluster must read and write an object-store run root."""
     import yaml

@@ -20,7 +20,7 @@ EXPECTED = {
     "seekflow_code_cpt": ["validate_config", "code_cpt"],
     "seekflow_long_context": ["validate_config", "long_context"],
     "seekflow_post_train": ["validate_config", "sft", "evaluate_sft", "register_sft", "promote_sft"],
-    "seekflow_distill": ["validate_config", "distill"],
+    "seekflow_distill": ["validate_config", "distill", "evaluate_distill", "register_distill", "promote_distill"],
     "seekflow_evaluate": ["validate_config", "evaluate"],
     "seekflow_promote": ["validate_config", "promote"],
 }

@@ -62,15 +62,22 @@ def _gated(trained: str) -> dict[str, dict]:
 CHAIN_INSTANCES: dict[str, dict] = {"curate_code": {"stage": "curate"}, **_gated("code_cpt"),
                                     "long_context": {"reads": {"pretrain": "code_cpt"}}, **_gated("long_context"),
                                     # V3 §5 fine-tunes the context-extended model (§4.3 comes first)
-                                    "sft": {"reads": {"pretrain": "long_context"}}, **_gated("sft")}
-# seekflow_post_train's gate (V3 §5.1 fine-tunes for the tasks it evaluates): the sft release is scored on the task
-# suite's held-out split only, and promoted when its accuracy is not worse than the champion's.
+                                    "sft": {"reads": {"pretrain": "long_context"}}, **_gated("sft"),
+                                    **_gated("distill")}
+# The post-training gates (V3 §5.1 fine-tunes for the tasks it evaluates; R1 §2.4 scores its students on the same
+# benchmarks): the sft release and the distilled student are scored on the task suite's held-out split only, and
+# promoted when their accuracy is not worse than their champion's.
 _TASKS_ONLY = {suite: {"enabled": False} for suite in ("humaneval", "fim", "passkey", "arith", "perplexity")}
-CHAIN_INSTANCES["evaluate_sft"].update(_TASKS_ONLY, tasks={"enabled": True})
-CHAIN_INSTANCES["promote_sft"]["gates"] = [{"metric": "tasks.accuracy", "higher_is_better": True,
-                                            "max_regression": 0.02, "min": 0.0, "max": 1.0}]
-# What seekflow_post_train runs, in order.
+for _trained in ("sft", "distill"):
+    CHAIN_INSTANCES[f"evaluate_{_trained}"].update(_TASKS_ONLY, tasks={"enabled": True})
+    CHAIN_INSTANCES[f"promote_{_trained}"]["gates"] = [{"metric": "tasks.accuracy", "higher_is_better": True,
+                                                        "max_regression": 0.02, "min": 0.0, "max": 1.0}]
+# A student is a model of its own (R1 §2.4's DeepSeek-R1-Distill-*), with its own versions and champion: a dense
+# student never replaces the MoE model it learnt from. Its parent tag names the teacher's model and version.
+CHAIN_INSTANCES["register_distill"]["model_name"] = "seekflow-{profile}-student"
+# What seekflow_post_train and seekflow_distill run, in order.
 POST_TRAIN_CHAIN: tuple[str, ...] = ("sft", *_gated("sft"))
+DISTILL_CHAIN: tuple[str, ...] = ("distill", *_gated("distill"))
 
 # The end-to-end pipeline's stage instances, in the order seekflow_pipeline runs them (DeepSeek-Coder-V2's line:
 # pretrain, then code continued pretraining with FIM, then YaRN context extension; then supervised fine-tuning, V3 §5;

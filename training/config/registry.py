@@ -17,7 +17,8 @@ class RegisterConfig(StageConfig):
         form_fields=("model_name", "alias"))
 
     checkpoint: str | None = Field(None, description="Checkpoint to register; default the pretrain stage's final one.")
-    model_name: str | None = Field(None, description="Registered model name; default seekflow-<profile>.")
+    model_name: str | None = Field(None, description="Registered model name; default seekflow-<profile>. "
+                                                     "`{profile}` in it is replaced by the profile.")
     alias: str = Field("candidate", pattern=r"^[a-z][a-z0-9_-]*$")
     parent_version: str | None = Field(None, description="The registered version this checkpoint was trained from "
                                                          "(models:/name/version), recorded as lineage.")

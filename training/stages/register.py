@@ -26,7 +26,7 @@ LINEAGE_KEY = "seekflow.lineage_key"
 
 
 def model_name(cfg: RegisterConfig) -> str:
-    return cfg.model_name or f"seekflow-{cfg.profile}"
+    return (cfg.model_name or "seekflow-{profile}").replace("{profile}", cfg.profile)
 
 
 def run(cfg: RegisterConfig) -> dict:
@@ -73,6 +73,7 @@ def register(cfg: RegisterConfig, stage: StageRun, pretrain: dict, checkpoint: P
                 "seekflow.parent_version": cfg.parent_version or _parent_version(client, name, pretrain) or "none",
                 "seekflow.parent_ref": str((pretrain["outputs"].get("parent") or {}).get("uri") or "none"),
                 "seekflow.trained_by": cfg.upstream("pretrain"),
+                **_data_tags(pretrain["outputs"].get("data")),
                 "seekflow.git_commit": _git_commit(),
                 **hf_tags,
                 **{f"seekflow.{k}": v for k, v in cfg.tracking.tags.items()},
@@ -108,6 +109,13 @@ def _parent_version(client, name: str, trained: dict) -> str | None:
         if version.tags.get(registry.RELEASE_SHA256_TAG) == sha:
             return str(version.version)
     return None
+
+
+def _data_tags(data: dict | None) -> dict[str, str]:
+    """The conversations a post-training stage learnt from (sft's files, distill's kept traces): lineage."""
+    if not data:
+        return {}
+    return {"seekflow.data_uri": str(data["uri"]), "seekflow.data_sha256": str(data.get("sha256", "none"))}
 
 
 def _existing_version(client, name: str, lineage_key: str) -> str | None:

@@ -258,8 +258,9 @@ def test_a_pipeline_holds_two_instances_of_one_stage_kind():
     assert first.init_checkpoint is None and more.init_checkpoint == "/tmp/two/pretrain/release"
     assert [name for name, _ in pipeline.instances()] == [
         "curate", "curate_code", "pretrain", "pretrain_more", "evaluate", "evaluate_code_cpt", "evaluate_long_context",
-        "evaluate_sft", "register", "register_code_cpt", "register_long_context", "register_sft", "promote",
-        "promote_code_cpt", "promote_long_context", "promote_sft", "code_cpt", "long_context", "sft", "distill"]
+        "evaluate_sft", "evaluate_distill", "register", "register_code_cpt", "register_long_context", "register_sft",
+        "register_distill", "promote", "promote_code_cpt", "promote_long_context", "promote_sft", "promote_distill",
+        "code_cpt", "long_context", "sft", "distill"]
     dumped = pipeline.model_dump(mode="json")
     assert dumped["pretrain_more"]["stage"] == "pretrain"
     assert validate(PipelineConfig, dumped) == pipeline   # a dump validates back to the same pipeline
