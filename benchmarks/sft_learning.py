@@ -2,7 +2,7 @@
 
 Per seed, through the real stages (`python -m training ... --preset tiny`, one curated corpus for all seeds):
   base   pretrain (the preset: 300 steps of 8 x 64 tokens)
-  sft    the preset's sft from that release (the task suite's train split, two epochs: DeepSeek-V3 §5.1)
+  sft    the preset's sft from that release (the task suite's train split, the preset's epochs: tiny's four)
 Both are scored by the evaluate stage's `tasks` suite on the held-out split (prompts in DeepSeek-V3's chat template,
 greedy replies, exact checkers), on the preset's tasks and, with --all-tasks, on every generated task but `code`.
 With --child-tuning it then fine-tunes each seed's base again with Child-Tuning_F and _D (Xu et al. 2021; p = 0.3)
