@@ -111,6 +111,25 @@ def _patchable() -> dict[str, object]:
     return seen
 
 
+def _device_mode_states() -> list[bool]:
+    """Whether the CPU shim's device mode is the innermost torch function mode: before, inside and after
+    `cpu_device.suspended()`; then inside it under another mode (which it leaves alone)."""
+    from torch.overrides import TorchFunctionMode, _get_current_function_mode
+
+    from training.parallel.patches import cpu_device
+
+    def active():
+        return _get_current_function_mode() is cpu_device._MODE
+
+    states = [active()]
+    with cpu_device.suspended():
+        states.append(active())
+    states.append(active())
+    with TorchFunctionMode() as other, cpu_device.suspended():
+        states.append(_get_current_function_mode() is other)
+    return states + [active()]
+
+
 def _probe() -> None:
     """In one process: patch once, build a model (with CP, where the MTP fix used to be installed), patch again."""
     from training.config import ModelConfig, ParallelConfig
@@ -126,7 +145,7 @@ def _probe() -> None:
     built = _patchable()
     applied_again = patches.apply_all()
     again = _patchable()
-    print(json.dumps({
+    print(json.dumps({"device_mode": _device_mode_states(), 
         "applied": patches.applied(), "applied_again": applied_again, "checked": len(before),
         "roll_tensor_kept": gpt_model.roll_tensor is roll_tensor,
         "changed_by_build": sorted(k for k in before if built.get(k, before[k]) is not before[k]),
@@ -144,6 +163,8 @@ def test_building_a_model_patches_nothing_and_apply_all_runs_once():
     assert seen["checked"] > 1000                 # megatron-core's modules were really looked at
     assert seen["roll_tensor_kept"]
     assert seen["changed_by_build"] == [] and seen["changed_by_second_apply"] == []
+    # decoding lifts the device mode (training/eval/generate.py) and puts it back; another mode on top is left alone
+    assert seen["device_mode"] == [True, False, True, True, True]
 
 
 def _steps(cmd: list[str]) -> list[dict]:
