@@ -10,6 +10,7 @@ from training.config.base import StageInput, StageSpec
 from training.config.child_tuning import ChildTuningConfig
 from training.config.pretrain import TrainingConfig
 from training.config.tasks import TaskSuiteConfig
+from training.config.train import OptimizerConfig
 
 
 class SftConfig(TrainingConfig):
@@ -43,5 +44,9 @@ class SftConfig(TrainingConfig):
         default_factory=ChildTuningConfig, description="Child-Tuning (Xu et al. 2021): update only a child network "
         "of the parameters (task_free: a fresh Bernoulli(p_f) draw each step; task_driven: the top p_d by Fisher "
         "information). Off by default.")
+    # DeepSeek-V3 §5.1: "a cosine decay learning rate scheduling that starts at 5 × 10^-6 and gradually decreases to
+    # 1 × 10^-6" (DeepSeek-V2 §4.1: 5e-6 too). What a preset without its own sft optimizer gets.
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(decay_style="cosine", lr=5e-6, min_lr=1e-6))
     max_reject_ratio: float = Field(0.1, ge=0, le=1, description="Fail when more than this share of a file's "
                                                                 "records is bad (each bad record is set aside).")
