@@ -81,8 +81,10 @@ class MicroBatches:
         indices = [(start + i) % len(self.dataset) for i in range(self.micro_batch_size)]
         self.consumed_samples += self.micro_batch_size * self.dp_size
         samples = [self.dataset[i] for i in indices]
-        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-                for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        # The next-token keys, plus any a loss reads that the dataset declares (GRPO's old_logp, advantages...): [S]
+        # per sample, so context parallelism can split them. Other keys (a BlendedDataset's dataset_id) stay behind.
+        keys = ("tokens", "labels", "loss_mask", "position_ids", *getattr(self.dataset, "extra_keys", ()))
+        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in keys}
 
 
 class BatchRamp:
