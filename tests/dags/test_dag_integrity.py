@@ -21,6 +21,7 @@ EXPECTED = {
     "seekflow_long_context": ["validate_config", "long_context"],
     "seekflow_post_train": ["validate_config", "sft", "evaluate_sft", "register_sft", "promote_sft"],
     "seekflow_distill": ["validate_config", "distill", "evaluate_distill", "register_distill", "promote_distill"],
+    "seekflow_grpo": ["validate_config", "grpo"],
     "seekflow_evaluate": ["validate_config", "evaluate"],
     "seekflow_promote": ["validate_config", "promote"],
 }

@@ -1,13 +1,14 @@
 """seekflow configuration: pure Python (pydantic + PyYAML), safe to import from Airflow.
 
 Modules, none importing a later one: base (Section, StageConfig, the stage metadata) → model, parallel, train →
-one module per stage (curate, pretrain, evaluate, registry, code_cpt, long_context, sft, distill) → pipeline (the
-stage registry) → loader.
+one module per stage (curate, pretrain, evaluate, registry, code_cpt, long_context, sft, distill, grpo) → pipeline
+(the stage registry) → loader.
 """
 from training.config.base import SHARED_KEYS, Section, StageConfig, StageInput, StageSpec, TrackingConfig
 from training.config.curate import CurateConfig, CurateSource
 from training.config.distill import DistillConfig
 from training.config.evaluate import EvaluateConfig
+from training.config.grpo import GrpoConfig
 from training.config.loader import (
     ConfigError,
     apply_overrides,
@@ -51,6 +52,7 @@ __all__ = [
     "DistillConfig",
     "EvaluateConfig",
     "GateRule",
+    "GrpoConfig",
     "ModelConfig",
     "OptimizerConfig",
     "ParallelConfig",

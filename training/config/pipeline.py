@@ -25,6 +25,7 @@ from training.config.code_cpt import CodeCptConfig
 from training.config.curate import CurateConfig
 from training.config.distill import DistillConfig
 from training.config.evaluate import EvaluateConfig
+from training.config.grpo import GrpoConfig
 from training.config.long_context import LongContextConfig
 from training.config.pretrain import PretrainConfig
 from training.config.registry import PromoteConfig, RegisterConfig
@@ -41,6 +42,7 @@ STAGES: dict[str, type[StageConfig]] = {cls.stage_spec.kind: cls for cls in (
     LongContextConfig,
     SftConfig,
     DistillConfig,
+    GrpoConfig,
 )}
 
 

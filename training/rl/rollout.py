@@ -126,7 +126,7 @@ def collect(generator, items: Sequence[TaskItem | tuple[str, Any]], *, group_siz
         responses = [o.token_ids + ([o.stop_token_id] if o.stop_reason == "eod" else []) for o in outs]
         tokens, mask = _layout([prompts[k] for k in rows], responses)
         lengths = [len(prompts[k]) + len(r) for k, r in zip(rows, responses)]
-        old_logp = _label_logp(generator, tokens, mask, lengths)
+        old_logp = label_logp(generator, tokens, mask, lengths)
     finally:
         gpt.train(was_training)
 
@@ -153,7 +153,7 @@ def _layout(prompts: list[list[int]], responses: list[list[int]]) -> tuple[Tenso
     return tokens, mask
 
 
-def _label_logp(generator, tokens: Tensor, mask: Tensor, lengths: list[int]) -> Tensor:
+def label_logp(generator, tokens: Tensor, mask: Tensor, lengths: list[int]) -> Tensor:
     """-`Generator.token_nll` of every label under the policy (in eval mode), in batches of rows of similar length
     (`lengths`: each row's tokens before its padding). A batch is padded only to its longest row; causal attention
     keeps a row's scores independent of the padding after it (as the Generator's uncached path relies on)."""

@@ -188,7 +188,7 @@ def test_the_registry_lists_every_stage_kind_in_pipeline_order_with_a_sound_spec
     from training.config.pipeline import STAGES, registry_problems
 
     assert list(STAGES) == ["curate", "pretrain", "evaluate", "register", "promote", "code_cpt", "long_context", "sft",
-                            "distill"]
+                            "distill", "grpo"]
     assert registry_problems() == []
     for kind in STAGES:   # `python -m training <kind>` imports training.stages.<kind>
         assert (REPO / "training" / "stages" / f"{kind}.py").is_file(), kind
@@ -219,7 +219,7 @@ def test_a_broken_stage_spec_is_reported(monkeypatch):
     class BrokenConfig(StageConfig):
         stage_spec: ClassVar[StageSpec] = StageSpec(
             kind="broken", launcher="python", gpus_per_node=1, shardable=True, form_fields=("train.stepz",),
-            inputs=(StageInput("checkpoint", upstream="grpo"),))
+            inputs=(StageInput("checkpoint", upstream="dpo"),))
 
     monkeypatch.setitem(pipeline.STAGES, "broken", BrokenConfig)
     assert pipeline.registry_problems() == [
@@ -227,7 +227,7 @@ def test_a_broken_stage_spec_is_reported(monkeypatch):
         "broken: shardable, but its config has no `shards` field",
         "broken: no field 'train.stepz'",
         "broken: no field 'checkpoint'",
-        "broken: reads 'grpo', which is not a stage registered before it",
+        "broken: reads 'dpo', which is not a stage registered before it",
     ]
 
 
@@ -260,7 +260,7 @@ def test_a_pipeline_holds_two_instances_of_one_stage_kind():
         "curate", "curate_code", "pretrain", "pretrain_more", "evaluate", "evaluate_code_cpt", "evaluate_long_context",
         "evaluate_sft", "evaluate_distill", "register", "register_code_cpt", "register_long_context", "register_sft",
         "register_distill", "promote", "promote_code_cpt", "promote_long_context", "promote_sft", "promote_distill",
-        "code_cpt", "long_context", "sft", "distill"]
+        "code_cpt", "long_context", "sft", "distill", "grpo"]
     dumped = pipeline.model_dump(mode="json")
     assert dumped["pretrain_more"]["stage"] == "pretrain"
     assert validate(PipelineConfig, dumped) == pipeline   # a dump validates back to the same pipeline
