@@ -127,8 +127,9 @@ def test_a_registered_teacher_is_pinned_and_the_registered_student_names_it(teac
         f"run_root={tmp_path}", "reads.pretrain=distill", "model_name=seekflow-micro-student", "export_hf=false",
         f"tracking.uri={mlflow_server}") for arg in ("--set", item)))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    client = MlflowClient(mlflow_server)
-    version = client.get_model_version("seekflow-micro-student", "1")
+    client = MlflowClient(mlflow_server)   # (the distill DAG test may have registered this model's first version)
+    registered = json.loads((tmp_path / "register/manifest.json").read_text())["outputs"]
+    version = client.get_model_version("seekflow-micro-student", registered["version"])
     assert version.tags["seekflow.parent_version"] == "seekflow-micro-teacher/1"
     assert version.tags["seekflow.parent_ref"] == "models:/seekflow-micro-teacher/1"
     assert version.tags["seekflow.trained_by"] == "distill"
