@@ -1,5 +1,6 @@
-"""Packed samples kept apart, through megatron-core's own schedule: `python packing_probe.py [ep=2|pp=2]` (under
-torchrun for 2 processes) prints one JSON line from the rank holding the last pipeline stage.
+"""Packed samples kept apart, through megatron-core's own schedule: `python packing_probe.py [ep=2] [pp=2]` (under
+torchrun for 2 processes) runs each layout named in turn in the same processes (one process: no layout named) and
+prints, per layout, one JSON line (with its "layout") from the rank holding the last pipeline stage.
 
 The micro sft model (chat vocabulary, MLA, MoE, MTP), seeded layout-invariantly, scores one conversation A twice,
 forward only: packed between two others (B, A, C in one sequence) and alone (A, then padding). With samples kept
@@ -41,10 +42,21 @@ def batches(vocab, seq: int):
 
 
 def main():
-    from training.config import resolve_stage_config
-    from training.parallel.setup import init_distributed, shutdown
+    from megatron.core import parallel_state
 
-    args = dict(a.split("=") for a in sys.argv[1:])
+    from training.parallel.setup import shutdown
+
+    for layout in sys.argv[1:] or [""]:   # each layout in turn on the same processes (one launch)
+        run(layout)
+        parallel_state.destroy_model_parallel()
+    shutdown()
+
+
+def run(layout: str):
+    from training.config import resolve_stage_config
+    from training.parallel.setup import init_distributed
+
+    args = dict(a.split("=") for a in layout.split(",") if a)
     cfg = resolve_stage_config("sft", "micro", overrides=[
         f"parallel.expert_model_parallel_size={args.get('ep', 1)}",
         f"parallel.pipeline_model_parallel_size={args.get('pp', 1)}", "parallel.use_distributed_optimizer=false",
@@ -75,7 +87,7 @@ def main():
 
     a_packed, a_alone = per_token_losses(packed), per_token_losses(alone)
     if ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
-        report = {"world": info.world_size, "tokens": in_alone.stop,
+        report = {"layout": layout, "world": info.world_size, "tokens": in_alone.stop,
                   "max_loss_diff": (a_packed[in_packed] - a_alone[in_alone]).abs().max().item(),
                   "other_samples_differ": (a_packed[:in_packed.start] - a_alone[:in_packed.start]).abs().max().item()}
         if info.world_size == 1:   # full logits, from the same architecture without MTP
@@ -105,7 +117,6 @@ def main():
             report["rotary_restarts"] = bool(torch.equal(per_token[in_packed.start, 0, 0], table[0, 0, 0]))
             report["logits"] = list(logits[0].shape)
         print(json.dumps(report), flush=True)
-    shutdown()
 
 
 if __name__ == "__main__":

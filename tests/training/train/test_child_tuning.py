@@ -35,13 +35,15 @@ LAYOUTS = {"EP2": [], "PP2": [], "TP2+SP": [DENSE]}   # tests/support/layouts.py
 
 # ----------------------------------------------------------------------------------------------- the probe --
 def _probe(out: Path, overrides: list[str]) -> None:
+    """One layout's run (the process group may hold more: `__main__` below runs each layout in turn and shuts
+    down)."""
     import torch.distributed as dist
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     from training import checkpoint
     from training.config import resolve_stage_config
     from training.config.child_tuning import ChildTuningConfig
-    from training.parallel.setup import init_distributed, shutdown
+    from training.parallel.setup import init_distributed
     from training.train.child_tuning import ChildNetwork, element_facts, fisher_information
     from training.train.gpt_module import GPTTrainModule
     from training.train.losses import NextTokenLoss
@@ -75,8 +77,8 @@ def _probe(out: Path, overrides: list[str]) -> None:
                     captured[id(p)].update(grad_after=p.grad.clone(), param_after=p.detach().clone(),
                                            state_after=state_of(opt, p))
 
-    register_optimizer_step_pre_hook(before)
-    register_optimizer_step_post_hook(after)
+    # process-global: removed at the end, before the next layout's probe registers its own
+    hooks = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
 
     def build(mode: str):
         config = ChildTuningConfig(mode=mode, p_f=P_F, p_d=P_D, fisher_batches=FISHER_BATCHES)
@@ -173,7 +175,8 @@ def _probe(out: Path, overrides: list[str]) -> None:
     dist.all_gather_object(reports, report)
     if info.is_main:
         print(json.dumps(reports), flush=True)
-    shutdown()
+    for hook in hooks:
+        hook.remove()
 
 
 class _Tokens:
@@ -225,26 +228,56 @@ def _autograd_fisher(module, train) -> dict[str, torch.Tensor]:
     return fisher
 
 
+NEXT = "next-layout"   # `probe OUT OVERRIDES... [next-layout OUT OVERRIDES...]`: layouts in turn, one launch
+
 if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
-    _probe(Path(sys.argv[2]), sys.argv[3:])
+    runs = [[]]
+    for arg in sys.argv[2:]:
+        if arg == NEXT:
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    for out, *layout_overrides in runs:
+        _probe(Path(out), layout_overrides)
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()   # the next layout makes its own groups on the same processes
+    from training.parallel.setup import shutdown
+
+    shutdown()
     sys.exit(0)
 
 
 # ----------------------------------------------------------------------------------------------- the tests --
-def _run(out: Path, layout: str | None, *overrides: str) -> list[dict]:
-    from tests.support.layouts import LAYOUTS as LAYOUT_OVERRIDES
-    from tests.support.processes import REPO, repo_env, run_python
+def _run(out: Path, *overrides: str) -> list[dict]:
+    """The probe's reports in one process."""
+    from tests.support.processes import run_python
 
     out.mkdir(parents=True, exist_ok=True)
-    if layout is None:
-        proc = run_python(__file__, "probe", str(out), *overrides, timeout=300)
-    else:
-        nproc, layout_overrides = LAYOUT_OVERRIDES[layout]
-        proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run",
-                               f"--nproc-per-node={nproc}", __file__, "probe", str(out), *layout_overrides,
-                               *overrides], capture_output=True, text=True, timeout=300, cwd=REPO, env=repo_env())
+    proc = run_python(__file__, "probe", str(out), *overrides, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("[")][-1])
+
+
+def _run_layouts(outs: dict[str, Path]) -> dict[str, list[dict]]:
+    """{layout: its reports}: the layouts (of one process count) in one torchrun launch, in turn on the same
+    processes, each with its LAYOUTS overrides and its own output folder."""
+    from tests.support.layouts import LAYOUTS as LAYOUT_OVERRIDES
+    from tests.support.processes import REPO, repo_env
+
+    (nproc,) = {LAYOUT_OVERRIDES[layout][0] for layout in outs}
+    argv = []
+    for layout, out in outs.items():
+        out.mkdir(parents=True, exist_ok=True)
+        argv += [NEXT] if argv else []
+        argv += [str(out), *LAYOUT_OVERRIDES[layout][1], *LAYOUTS[layout]]
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run",
+                           f"--nproc-per-node={nproc}", __file__, "probe", *argv], capture_output=True, text=True,
+                          timeout=300 * len(outs), cwd=REPO, env=repo_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert len(printed) == len(outs), proc.stdout[-3000:]
+    return dict(zip(outs, printed))
 
 
 def _saved(out: Path, ranks: int) -> dict[str, torch.Tensor]:
@@ -260,7 +293,7 @@ def one_process_runs(tmp_path_factory):
     def get(*overrides: str):
         if overrides not in runs:
             out = tmp_path_factory.mktemp("child-tuning-1")
-            runs[overrides] = _run(out, None, *overrides), _saved(out, 1)
+            runs[overrides] = _run(out, *overrides), _saved(out, 1)
         return runs[overrides]
 
     return get
@@ -271,12 +304,31 @@ def one_process(one_process_runs):
     return one_process_runs()
 
 
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory):
+    """{layout: (reports, saved _D tensors)}, filled on demand: the layouts of one model (the same overrides) and one
+    process count (EP2 and PP2) in one torchrun launch, each in turn on the same processes."""
+    from tests.support.layouts import LAYOUTS as LAYOUT_OVERRIDES
+
+    runs = {}
+
+    def get(name: str):
+        if name not in runs:
+            together = [n for n in LAYOUTS if LAYOUTS[n] == LAYOUTS[name]
+                        and LAYOUT_OVERRIDES[n][0] == LAYOUT_OVERRIDES[name][0]]
+            outs = {n: tmp_path_factory.mktemp("child-tuning-" + n.replace("+", "_")) for n in together}
+            for n, reports in _run_layouts(outs).items():
+                runs[n] = reports, _saved(outs[n], len(reports))
+        return runs[name]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def layout(request, tmp_path_factory, one_process_runs):
+def layout(request, layout_runs, one_process_runs):
     """(name, reports, saved _D tensors) of the probe under a layout, and the one-process run of the same model."""
-    out = tmp_path_factory.mktemp("child-tuning-" + request.param.replace("+", "_"))
-    reports = _run(out, request.param, *LAYOUTS[request.param])
-    return request.param, reports, _saved(out, len(reports)), one_process_runs(*LAYOUTS[request.param])
+    reports, saved = layout_runs(request.param)
+    return request.param, reports, saved, one_process_runs(*LAYOUTS[request.param])
 
 
 def _summed(reports: list[dict], mode: str) -> list[dict]:
