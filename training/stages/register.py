@@ -112,8 +112,9 @@ def _parent_version(client, name: str, trained: dict) -> str | None:
 
 
 def _data_tags(data: dict | None) -> dict[str, str]:
-    """The conversations a post-training stage learnt from (sft's files, distill's kept traces): lineage."""
-    if not data:
+    """The conversations a post-training stage learnt from (sft's files, distill's kept traces): lineage. A stage
+    whose data has no URI (grpo's generated prompts) gets none."""
+    if not data or "uri" not in data:
         return {}
     return {"seekflow.data_uri": str(data["uri"]), "seekflow.data_sha256": str(data.get("sha256", "none"))}
 
