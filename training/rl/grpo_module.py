@@ -36,7 +36,7 @@ import torch
 
 from training.rl import rewards as R
 from training.rl.policy_loss import GRPOLoss, policy_samples
-from training.rl.rollout import Rollout, collect, label_logp, rollout_seed
+from training.rl.rollout import Rollout, collect, label_logp, rollout_seed, row_lengths
 from training.train.gpt_module import GPTTrainModule
 
 SAMPLE_ROWS = 8   # completions in each logged sample table
@@ -152,7 +152,7 @@ class GRPOTrainModule(GPTTrainModule):
 
     # -- the reference policy ----------------------------------------------------------------------------------------
     def _reference_logp(self, rollout: Rollout) -> torch.Tensor:
-        lengths = [p + int(m.sum()) for p, m in zip(rollout.prompt_lengths, rollout.response_mask)]
+        lengths = row_lengths(rollout.prompt_lengths, rollout.response_mask)
         return label_logp(self.reference, rollout.tokens, rollout.response_mask, lengths).clone()
 
     def _reference_at(self, step: int):

@@ -124,9 +124,9 @@ def collect(generator, items: Sequence[TaskItem | tuple[str, Any]], *, group_siz
         outs = generator.generate([prompts[k] for k in rows], max_new_tokens, temperature=temperature, top_p=top_p,
                                   seed=seed)
         responses = [o.token_ids + ([o.stop_token_id] if o.stop_reason == "eod" else []) for o in outs]
+        prompt_lengths = [len(prompts[k]) for k in rows]
         tokens, mask = _layout([prompts[k] for k in rows], responses)
-        lengths = [len(prompts[k]) + len(r) for k, r in zip(rows, responses)]
-        old_logp = label_logp(generator, tokens, mask, lengths)
+        old_logp = label_logp(generator, tokens, mask, row_lengths(prompt_lengths, mask))
     finally:
         gpt.train(was_training)
 
@@ -136,7 +136,7 @@ def collect(generator, items: Sequence[TaskItem | tuple[str, Any]], *, group_siz
     advantages = group_advantages(combined, scale_by_std=scale_by_std).reshape(-1)
     rollout = Rollout(tokens=tokens, response_mask=mask, old_logp=old_logp, rewards=combined, scores=scores,
                       advantages=advantages, group_size=group_size, prompt_index=rows,
-                      prompt_lengths=[len(prompts[k]) for k in rows], completions=completions,
+                      prompt_lengths=prompt_lengths, completions=completions,
                       stop_reasons=[o.stop_reason for o in outs], stats={})
     rollout.stats = summary(rollout)
     return rollout
@@ -151,6 +151,11 @@ def _layout(prompts: list[list[int]], responses: list[list[int]]) -> tuple[Tenso
         tokens[i, :len(prompt) + len(response)] = torch.tensor(prompt + response)
         mask[i, len(prompt) - 1:len(prompt) - 1 + len(response)] = True   # label t is token t + 1
     return tokens, mask
+
+
+def row_lengths(prompt_lengths: list[int], response_mask: Tensor) -> list[int]:
+    """Each row's tokens before its padding: its prompt, then its response (the EOS included when produced)."""
+    return [p + int(m.sum()) for p, m in zip(prompt_lengths, response_mask)]
 
 
 def label_logp(generator, tokens: Tensor, mask: Tensor, lengths: list[int]) -> Tensor:
