@@ -8,6 +8,12 @@ from pydantic import Field, model_validator
 from training.config.base import Section, StageConfig, StageInput, StageSpec
 
 
+def registered_model_name(name: str | None, profile: str) -> str:
+    """The registered model a register or promote stage names: `name` with `{profile}` replaced by the profile
+    (`seekflow-{profile}-student`), default seekflow-<profile>."""
+    return (name or "seekflow-{profile}").replace("{profile}", profile)
+
+
 class RegisterConfig(StageConfig):
     """Registers the pretrain stage's release (with the evaluate stage's scores, when it ran) as a model version."""
 
@@ -73,7 +79,8 @@ class PromoteConfig(StageConfig):
         form_fields=("gates", "allow_first_champion", "fail_on_refusal"))
 
     model_name: str | None = Field(None, description="Registered model; default: the register stage's (its manifest "
-                                                     "under run_root), else seekflow-<profile>.")
+                                                     "under run_root), else seekflow-<profile>. `{profile}` in it is "
+                                                     "replaced by the profile.")
     version: str | None = Field(None, pattern=r"^(\d+|@?[a-z][a-z0-9_-]*)$",
                                 description="Version number or alias (e.g. candidate) to promote; default: the "
                                             "version the register stage's manifest names, else the candidate alias.")

@@ -26,6 +26,7 @@ import json
 
 from training import registry, storage
 from training.config import PromoteConfig
+from training.config.registry import registered_model_name
 from training.manifest import manifest_uri
 from training.promotion import CANDIDATE, CHAMPION, RUN_ID, STAGING, TAG, Gating, PromotionRefused, gate
 from training.promotion_lock import expect_alias, promotion_lock
@@ -114,7 +115,7 @@ def _target(cfg: PromoteConfig) -> tuple[str, str]:
     """(model name, version number or alias): config first, then the register stage's manifest, then @candidate."""
     text = storage.read_text(manifest_uri(cfg.run_root, cfg.upstream("register")))
     registered = json.loads(text)["outputs"] if text else {}
-    name = cfg.model_name or registered.get("model_name") or f"seekflow-{cfg.profile}"
+    name = registered_model_name(cfg.model_name or registered.get("model_name"), cfg.profile)
     if cfg.version:
         return name, cfg.version
     if registered.get("model_name") == name and registered.get("version"):

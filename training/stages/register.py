@@ -18,6 +18,7 @@ from pathlib import Path
 
 from training import registry, storage
 from training.config import RegisterConfig
+from training.config.registry import registered_model_name
 from training.manifest import manifest_hash, read_manifest
 from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.tracking import tracking_uri
@@ -26,7 +27,7 @@ LINEAGE_KEY = "seekflow.lineage_key"
 
 
 def model_name(cfg: RegisterConfig) -> str:
-    return (cfg.model_name or "seekflow-{profile}").replace("{profile}", cfg.profile)
+    return registered_model_name(cfg.model_name, cfg.profile)
 
 
 def run(cfg: RegisterConfig) -> dict:
