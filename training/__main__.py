@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         _report_bad_input(args.stage, err, f"{args.stage}: {type(err).__name__}: {err}")
         return EXIT_BAD_INPUT
     if manifest is not None:
-        print("SEEKFLOW_RESULT " + json.dumps(manifest.get("result", {}), default=str), flush=True)
+        # One write (print makes two: text, then newline): another rank's line cannot land inside it on a pipe.
+        sys.stdout.write("SEEKFLOW_RESULT " + json.dumps(manifest.get("result", {}), default=str) + "\n")
+        sys.stdout.flush()
     return 0
 
 

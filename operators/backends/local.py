@@ -18,7 +18,6 @@ import fnmatch
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -84,12 +83,6 @@ def _child_setup(niceness: int) -> Callable[[], None]:
     return setup
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalBackend:
     def __init__(self, python: str = sys.executable, workdir: str | None = None, kill_grace_s: float = 15.0,
                  tail_lines: int = 40, niceness: int = 10, env_allow: Iterable[str] = ()):
@@ -114,7 +107,9 @@ class LocalBackend:
         if spec.launcher == "python":
             return [self.python, *spec.training_args(config_path)]
         return [self.python, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={spec.procs_per_node}",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--max-restarts=0",
+                # Port 0: the rendezvous store binds a free port itself (as --standalone does); a port picked here
+                # and bound later could be taken in between by a concurrent job.
+                "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--max-restarts=0",
                 *spec.training_args(config_path)]
 
     def run(self, spec: JobSpec, log: Callable[[str], None]) -> dict:

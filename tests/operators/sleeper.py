@@ -42,6 +42,7 @@ elif mode == "fail":
 elif mode == "bad_input":   # what training/__main__.py prints for an error marked permanent
     print('SEEKFLOW_FAILURE {"stage": "bad_input", "error": "RegistryError: no registered model"}', flush=True)
     sys.exit(3)
-else:
-    print("SEEKFLOW_RESULT " + json.dumps({"final_loss": 1.5, "config_seen": open(sys.argv[3]).read(),
-                                           "niceness": os.nice(0)}), flush=True)
+elif os.environ.get("RANK", "0") == "0":   # as training/__main__.py: rank 0 reports, in one write
+    sys.stdout.write("SEEKFLOW_RESULT " + json.dumps({"final_loss": 1.5, "config_seen": open(sys.argv[3]).read(),
+                                                      "niceness": os.nice(0)}) + "\n")
+    sys.stdout.flush()

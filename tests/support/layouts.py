@@ -30,7 +30,7 @@ LAYOUTS = {   # name: (processes, overrides)
 def command(run_root, corpus_root, nproc: int, *overrides: str) -> list[str]:
     """`python -m training pretrain` (under torchrun when nproc > 1) for one layout run; its MLflow store is
     seeded under `run_root` (tests/support/mlflow_store.py)."""
-    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     sets = [f"run_root={run_root}", f"data_manifest={corpus_root}/curate", f"model.num_layers={LAYERS}",
             f"train.steps={STEPS}", "train.save_interval=100", f"tracking.uri={sqlite_store(run_root)}",
             *overrides]

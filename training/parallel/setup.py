@@ -37,15 +37,19 @@ def prepare_backend() -> str:
 def init_distributed(parallel: ParallelConfig, seed: int) -> DistInfo:
     """Initialise torch.distributed from torchrun's env (or a 1-process default) and megatron's parallel groups."""
     backend = prepare_backend()
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+    # Without torchrun: one process, whose store lives in memory (no port to pick, so none to race for).
+    alone = "RANK" not in os.environ
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(key, value)
     local_rank = int(os.environ["LOCAL_RANK"])
     on_gpu = backend != "gloo"
     if on_gpu:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        if alone:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend)
     world = dist.get_world_size()
     model_parallel = (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
                       * parallel.context_parallel_size)
@@ -95,11 +99,3 @@ def distributed(parallel: ParallelConfig, seed: int) -> Iterator[DistInfo]:
         shutdown(failed=True)
         raise
     shutdown()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

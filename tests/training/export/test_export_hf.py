@@ -273,7 +273,7 @@ def test_export_is_deterministic(trained, tmp_path):
 def test_export_does_not_depend_on_the_saved_layout(trained, tmp_path):
     """The release re-saved by 2 processes with expert parallelism 2 exports to the very same bytes."""
     resharded = tmp_path / "release_ep2"
-    out = ok(run("-m", "torch.distributed.run", "--nproc-per-node=2", str(HERE / "export_megatron.py"), "reshard",
+    out = ok(run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE / "export_megatron.py"), "reshard",
                  str(trained["release"]), str(resharded)))
     assert "resharded: 4 local experts per rank" in out.stdout
     ok(export(resharded, tmp_path / "hf"))

@@ -361,7 +361,7 @@ def _pretrain_v2(run_root: Path, nproc: int, *extra: str) -> dict:
     from tests.support.processes import repo_env
 
     write_corpus(run_root)
-    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     sets = [f"run_root={run_root}", "train.steps=3", "train.save_interval=3",
             f"tracking.uri={sqlite_store(run_root)}", *V2_OVERRIDES, *extra]
     cmd = [sys.executable, "-W", "ignore", *launcher, "-m", "training", "pretrain", "--preset", "micro"]

@@ -157,7 +157,7 @@ def test_ep2_and_pp2_give_the_one_process_loss_and_update(one_process):
     from tests.support.processes import REPO, repo_env
 
     single, out = one_process
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc-per-node=2",
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(REPO / PROBE), "layouts", str(out)], capture_output=True, text=True, timeout=600,
                           cwd=REPO, env=repo_env(), check=False)
     report = _json(proc)

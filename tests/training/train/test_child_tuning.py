@@ -271,7 +271,7 @@ def _run_layouts(outs: dict[str, Path]) -> dict[str, list[dict]]:
         out.mkdir(parents=True, exist_ok=True)
         argv += [NEXT] if argv else []
         argv += [str(out), *LAYOUT_OVERRIDES[layout][1], *LAYOUTS[layout]]
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run",
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone",
                            f"--nproc-per-node={nproc}", __file__, "probe", *argv], capture_output=True, text=True,
                           timeout=300 * len(outs), cwd=REPO, env=repo_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
