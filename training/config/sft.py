@@ -36,6 +36,9 @@ class SftConfig(TrainingConfig):
         "with `messages` (training/data/chat.py). None: the task suite's train split (`tasks`), generated.")
     tasks: TaskSuiteConfig = Field(default_factory=TaskSuiteConfig,
                                    description="The generated task suite, used when `data` is None.")
+    reasoning: bool = Field(False, description="Write the generated task records as reasoning turns: a worked "
+                                               "solution in <think> before the answer (DeepSeek-R1 §2.3.1's "
+                                               "cold-start format; training/verify/tasks.py worked_reasoning).")
     epochs: float | None = Field(
         2.0, gt=0, description="Passes over the packed data; sets train.steps to ceil(epochs x sequences / "
                                "global_batch_size) once the data is packed (DeepSeek-V3 §5.1: two epochs). None: "

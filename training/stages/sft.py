@@ -84,7 +84,7 @@ def packed_conversations(cfg: SftConfig, stage: StageRun, info):
     if uri is None:
         path = stage.directory / TASK_DATA
         if info.local_rank == 0:
-            records = [item.conversation() for task in cfg.tasks.tasks
+            records = [item.conversation(cfg.reasoning) for task in cfg.tasks.tasks
                        for item in tasks.generate(task, "train", cfg.tasks.train_items, seed=cfg.tasks.seed)]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -37,11 +37,13 @@ class TaskItem:
     def id(self) -> str:
         return f"{self.task}-{hashlib.sha256(self.prompt.encode()).hexdigest()[:12]}"
 
-    def conversation(self) -> dict:
-        """The item as an SFT record (training/data/chat.py's format), with its task and id."""
-        return {"messages": [{"role": "user", "content": self.prompt},
-                             {"role": "assistant", "content": self.answer}],
-                "task": self.task, "id": self.id}
+    def conversation(self, reasoning: bool = False) -> dict:
+        """The item as an SFT record (training/data/chat.py's format), with its task and id; `reasoning`: the reply
+        is a reasoning turn, `worked_reasoning` as its `reasoning_content` (R1 §2.3.1's cold-start format)."""
+        reply = {"role": "assistant", "content": self.answer}
+        if reasoning:
+            reply["reasoning_content"] = worked_reasoning(self)
+        return {"messages": [{"role": "user", "content": self.prompt}, reply], "task": self.task, "id": self.id}
 
     def record(self) -> dict:
         return {**asdict(self), "data": list(self.data), "id": self.id}
@@ -108,6 +110,23 @@ def generate(task: str, split: str, count: int, seed: int = 0) -> list[TaskItem]
                 return list(items.values())
     raise ValueError(f"task {task}: only {len(items)} distinct {split} items exist within {count * 200} draws; "
                      f"ask for fewer than {count}")
+
+
+def worked_reasoning(item: TaskItem) -> str:
+    """A short worked solution of `item`, written by rule: the reasoning of a cold-start record. DeepSeek-R1's
+    cold-start data (§2.3.1) is thousands of long chains of thought, gathered by prompting and human post-editing;
+    the task suite's are one line, in a form the answer then restates (so a model must carry it over correctly)."""
+    if item.task == "sort":
+        return f"{len(item.answer.split())} digits, smallest first: {', '.join(item.answer.split())}"
+    if item.task == "add":
+        return f"{item.prompt.removeprefix('Add: ')} = {item.answer}"
+    if item.task == "reverse":
+        return f"last letter first: {', '.join(item.answer.split())}"
+    if item.task == "countdown":
+        return f"{item.answer} = {item.data[1]}"
+    if item.task == "code":
+        return f"f multiplies x, then adds: {item.answer.splitlines()[-1].strip()}"
+    raise ValueError(f"no worked reasoning for task {item.task!r}")
 
 
 # --------------------------------------------------------------------------------------------------- checkers --

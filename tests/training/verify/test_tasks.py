@@ -26,6 +26,26 @@ def test_reference_answers_check_and_wrong_ones_do_not(task):
         assert not check(item, ""), item
 
 
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_a_cold_start_record_reasons_before_its_answer(task):
+    """sft's `reasoning` records (R1 §2.3.1's cold-start form): a worked solution as the reasoning, the answer as the
+    content, and the chat template renders them as R1's reasoning turn, which the checker accepts."""
+    from training.data.chat import ChatTemplate, parse_messages
+    from training.vocabulary import vocabulary
+
+    item = generate(task, "train", 1)[0]
+    record = item.conversation(reasoning=True)
+    reply = record["messages"][1]
+    assert reply["content"] == item.answer and reply["reasoning_content"] == tasks.worked_reasoning(item)
+    assert "reasoning_content" not in item.conversation()["messages"][1]
+    tok = vocabulary(3824).tokenizer
+    ids, _ = ChatTemplate(tok).encode(parse_messages(record))
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert f"<think>\n{reply['reasoning_content']}\n</think>\n\n{item.answer}" in text
+    assert tasks.worked_reasoning(TaskItem("sort", "Sort ascending: 7 2 9 4", "2 4 7 9")) == (
+        "4 digits, smallest first: 2, 4, 7, 9")
+
+
 def test_known_items():
     assert check(TaskItem("sort", "Sort ascending: 7 2 9 4", "2 4 7 9"), "2 4 7 9")
     assert not check(TaskItem("sort", "Sort ascending: 7 2 9 4", "2 4 7 9"), "2 4 9 7")
