@@ -83,7 +83,10 @@ class GrpoConfig(TrainingConfig):
     epsilon: float = Field(R1_ZERO["epsilon"], gt=0, description="Clip range ε of the ratio (see grpo_loss.PRESETS: "
                                                                  "R1-Zero's 10 is to be checked; PPO's is 0.2).")
     beta: float = Field(R1_ZERO["beta"], ge=0, description="KL coefficient β (R1-Zero: 0.001; DeepSeekMath: 0.04). "
-                                                           "0: no reference model is loaded.")
+                                                           "0: no reference model is loaded (see track_kl).")
+    track_kl: bool = Field(False, description="With beta 0, still load the reference and log the KL to it (one more "
+                                              "forward pass per rollout; the loss is unchanged). Always on when "
+                                              "beta > 0.")
     aggregation: Literal["sequence", "token", "dr_grpo"] = Field(
         "sequence", description="How token terms average (grpo_loss.Aggregation): sequence (DeepSeekMath eq. 3), "
                                 "token (DAPO), dr_grpo (Dr. GRPO, divides by max_new_tokens).")

@@ -113,12 +113,14 @@ class GRPOTrainModule(GPTTrainModule):
         update_s = time.perf_counter() - started
         self.step += 1
         metrics.update(self.rollout_metrics, update_tokens_per_s=len(self.samples) * cfg.train.seq_length / update_s)
+        metrics["seconds/update"] = update_s   # with the rollout's seconds/<phase>: where a step's time goes
         return metrics
 
     def draw_rollout(self) -> Rollout:
         """The rollout of the current step, its reference log-probs, and the batches reopened over it."""
         cfg, index = self.cfg, self.step // self.cfg.updates_per_rollout
-        if cfg.beta > 0 and cfg.reference_reset_steps and self.step and self.step % cfg.reference_reset_steps == 0:
+        resets = self.reference is not None and cfg.reference_reset_steps
+        if resets and self.step and self.step % cfg.reference_reset_steps == 0:
             self._reset_reference()
         started = time.perf_counter()
         rollout = collect(self.generator, self.rollout_items(index), group_size=cfg.group_size, rewards=self.rewards,
@@ -130,6 +132,7 @@ class GRPOTrainModule(GPTTrainModule):
         if width > cfg.train.seq_length:
             raise ValueError(f"a rollout needs {width} positions, more than train.seq_length ({cfg.train.seq_length})"
                              f": raise it or shorten max_new_tokens / system_prompt")
+        sampled = time.perf_counter()
         ref_logp = self._reference_logp(rollout) if self.reference is not None else None
         seconds = time.perf_counter() - started
         self.samples = policy_samples(rollout, seq_length=cfg.train.seq_length,
@@ -140,7 +143,8 @@ class GRPOTrainModule(GPTTrainModule):
         response_tokens = int(rollout.response_mask.sum())
         self.rollout, self.rollout_metrics = rollout, {
             **stats, "accuracy": stats["reward/accuracy"], "format_rate": stats["reward/format"],
-            "rollout_tokens_per_s": response_tokens / seconds, "rollout": float(index)}
+            "rollout_tokens_per_s": response_tokens / seconds, "rollout": float(index),
+            "seconds/reference": seconds - (sampled - started)}
         last = self.step + cfg.updates_per_rollout
         print(f"{self.label}: rollout {index} for steps {self.step + 1}-{last}: reward {stats['reward']:.4f} "
               f"accuracy {stats['reward/accuracy']:.4f} format {stats['reward/format']:.4f} "

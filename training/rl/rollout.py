@@ -37,6 +37,7 @@ should pass different seeds (e.g. fold the rank into `base`).
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,25 +121,30 @@ def collect(generator, items: Sequence[TaskItem | tuple[str, Any]], *, group_siz
     gpt = generator.gpt
     was_training = gpt.training
     gpt.eval()
+    clock = [time.perf_counter()]   # phase boundaries: sampled, old log-probs, scored
     try:
         outs = generator.generate([prompts[k] for k in rows], max_new_tokens, temperature=temperature, top_p=top_p,
                                   seed=seed)
+        clock.append(time.perf_counter())
         responses = [o.token_ids + ([o.stop_token_id] if o.stop_reason == "eod" else []) for o in outs]
         prompt_lengths = [len(prompts[k]) for k in rows]
         tokens, mask = _layout([prompts[k] for k in rows], responses)
         old_logp = label_logp(generator, tokens, mask, row_lengths(prompt_lengths, mask))
+        clock.append(time.perf_counter())
     finally:
         gpt.train(was_training)
 
     completions = [reply_prefix + o.text for o in outs]
     scores = R.score_all(rewards, completions, [pairs[k][1] for k in rows])
+    clock.append(time.perf_counter())
     combined = torch.tensor(R.combine(scores, weights), dtype=torch.float32).view(len(items), group_size)
     advantages = group_advantages(combined, scale_by_std=scale_by_std).reshape(-1)
     rollout = Rollout(tokens=tokens, response_mask=mask, old_logp=old_logp, rewards=combined, scores=scores,
                       advantages=advantages, group_size=group_size, prompt_index=rows,
                       prompt_lengths=prompt_lengths, completions=completions,
                       stop_reasons=[o.stop_reason for o in outs], stats={})
-    rollout.stats = summary(rollout)
+    rollout.stats = {**summary(rollout), **{f"seconds/{phase}": end - start for phase, start, end in zip(
+        ("generate", "old_logp", "rewards"), clock, clock[1:])}}
     return rollout
 
 

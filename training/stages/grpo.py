@@ -112,7 +112,7 @@ def build_trainer(cfg: GrpoConfig, items: list, release, stage: StageRun, info, 
         def post_step(self, trainer, metrics: dict) -> None:
             self.metrics = metrics
 
-    module = GRPOTrainModule(cfg, info.device, items=items, reference=release if cfg.beta > 0 else None,
+    module = GRPOTrainModule(cfg, info.device, items=items, reference=release if cfg.beta > 0 or cfg.track_kl else None,
                              directory=stage.directory, label=stage.name)
     last = LastStep()
     trainer = Trainer(module, cfg.train, info, label=stage.name, directory=stage.directory, run_root=cfg.run_root,

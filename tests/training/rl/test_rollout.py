@@ -199,6 +199,8 @@ def test_group_advantages_and_flat_group(probe):
     assert stats["response_length"] == pytest.approx(sum(lengths) / len(lengths))
     cut = sum(s["stop_reason"] == "max_new_tokens" for s in probe["samples"])
     assert stats["truncated_fraction"] == pytest.approx(cut / len(probe["samples"]))
+    # where the rollout's time went (benchmarks/grpo.py reads these from MLflow)
+    assert all(stats[f"seconds/{phase}"] > 0 for phase in ("generate", "old_logp", "rewards"))
 
 
 def test_policy_back_in_train_mode_without_grad(probe):
