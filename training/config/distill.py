@@ -2,7 +2,7 @@
 of a dense student on them (DeepSeek-R1 §2.3.3 for the sampling, §2.4 for the distillation)."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -52,6 +52,16 @@ class DistillConfig(TrainingConfig):
     epochs: float | None = Field(
         2.0, gt=0, description="Passes over the packed traces; sets train.steps as sft's `epochs` does (DeepSeek-V3 "
                                "§5.1: two). None: train.steps as given.")
+    student: Literal["model", "teacher"] = Field(
+        "model", description="model: a student of the architecture `model`, from `init_checkpoint` (R1 §2.4). "
+        "teacher: the teacher itself fine-tunes on its own kept samples (its architecture and weights; `model` and "
+        "`init_checkpoint` are not used): DeepSeek-R1 §2.3.3's rejection sampling and SFT, as the r1 recipe runs it.")
+    reasoning: bool = Field(False, description="The teacher reasons: its reply opens inside <think> (the prompt ends "
+                                               "with it, as grpo's r1 format samples) and a kept trace keeps its "
+                                               "reasoning.")
+    non_reasoning_share: float = Field(
+        0.0, ge=0, le=10, description="Direct-answer conversations of the task suite (no reasoning) added, as a "
+        "share of the kept traces (DeepSeek-R1 §2.3.3: ~200k non-reasoning beside ~600k reasoning samples: 1/3).")
     max_reject_ratio: float = Field(0.1, ge=0, le=1, description="Fail when more than this share of the kept traces "
                                                                 "cannot be trained on (longer than a sequence).")
 

@@ -44,7 +44,10 @@ class DistillError(ValueError):
 
 def run(cfg: DistillConfig) -> dict | None:
     teacher = pin_teacher(cfg)
-    base = pin_parent(cfg) if cfg.init_checkpoint else None
+    if cfg.student == "teacher":   # R1 §2.3.3 as the r1 recipe runs it: the policy learns from its own kept samples
+        base = teacher
+    else:
+        base = pin_parent(cfg) if cfg.init_checkpoint else None
     inputs = {"teacher": teacher["uri"], "init_checkpoint": base["uri"] if base else None}
     return run_stage(cfg, inputs, lambda stage: distill(cfg, teacher, base, stage))
 
@@ -61,7 +64,8 @@ def pin_teacher(cfg: DistillConfig) -> dict:
 def sampling(cfg: DistillConfig) -> dict:
     """What decides the traces besides the teacher: recorded with them, compared on reuse."""
     return {"tasks": cfg.tasks.model_dump(), **cfg.model_dump(include={
-        "samples_per_prompt", "temperature", "top_p", "max_new_tokens", "seed"})}
+        "samples_per_prompt", "temperature", "top_p", "max_new_tokens", "seed", "reasoning",
+        "non_reasoning_share"})}
 
 
 def distill(cfg: DistillConfig, teacher: dict, base: dict | None, stage: StageRun) -> Outcome:
@@ -70,6 +74,8 @@ def distill(cfg: DistillConfig, teacher: dict, base: dict | None, stage: StageRu
     with distributed(ParallelConfig(), cfg.seed) as info:   # every rank a whole teacher: generation only
         traces = teacher_traces(cfg, teacher, stage, info)
         info = student_layout(cfg)
+        if cfg.student == "teacher":
+            cfg = with_teacher_architecture(cfg, base, stage)
         release = fetch_parent(cfg, base, stage) if base else None
         packed, data = pack_conversations(cfg, traces["uri"], stage, generated=True)
         cfg = with_epoch_steps(cfg, len(packed))
@@ -89,6 +95,15 @@ def distill(cfg: DistillConfig, teacher: dict, base: dict | None, stage: StageRu
     outcome.metrics.update({"traces_kept": counts["kept"], "rejection_rate": counts["rejection_rate"]})
     outcome.result.update(teacher=traces["teacher"]["uri"], rejection_rate=counts["rejection_rate"])
     return outcome
+
+
+def with_teacher_architecture(cfg: DistillConfig, teacher: dict, stage: StageRun) -> DistillConfig:
+    """`cfg` whose student `model` is the teacher release's architecture (`student: teacher`)."""
+    from training.model.release import read_model_config
+
+    release = registry.resolve_release_on_every_rank(teacher["uri"], tracking_uri=tracking_uri(cfg),
+                                                     into=stage.directory / "init")
+    return cfg.model_copy(update={"model": read_model_config(release)})
 
 
 def student_layout(cfg: DistillConfig):
@@ -141,7 +156,9 @@ def teacher_traces(cfg: DistillConfig, teacher: dict, stage: StageRun, info) -> 
         raise DistillError(f"teacher {teacher['ref']}: none of its {counts['sampled']} completions checks as "
                            f"correct ({counts['wrong']} wrong, {counts['unfinished']} unfinished within "
                            f"max_new_tokens {cfg.max_new_tokens}); there is nothing to distill")
-    text = "".join(json.dumps(record) + "\n" for record in selection.records)
+    mixed = non_reasoning(cfg, len(selection.records))
+    counts["non_reasoning"] = len(mixed)
+    text = "".join(json.dumps(record) + "\n" for record in selection.records + mixed)
     summary = {"uri": storage.join(stage.uri, TRACES), "sha256": hashlib.sha256(text.encode()).hexdigest(),
                "teacher": lineage, "sampling": sampling(cfg), "selection": counts}
     if stage.writes:
@@ -150,6 +167,18 @@ def teacher_traces(cfg: DistillConfig, teacher: dict, stage: StageRun, info) -> 
         storage.write_text(summary_uri, json.dumps(summary, indent=2))
     dist.barrier()   # the traces are on disk before any rank reads them
     return summary
+
+
+def non_reasoning(cfg: DistillConfig, kept: int) -> list[dict]:
+    """`non_reasoning_share` x `kept` direct-answer conversations (no <think>) of the task suite's train split, spread
+    over its tasks: R1 §2.3.3 fine-tunes on reasoning and non-reasoning data together."""
+    wanted = round(cfg.non_reasoning_share * kept)
+    if not wanted:
+        return []
+    per_task = -(-wanted // len(cfg.tasks.tasks))
+    drawn = [item.conversation() for task in cfg.tasks.tasks
+             for item in tasks.generate(task, "train", per_task, seed=cfg.tasks.seed)]
+    return drawn[:wanted]
 
 
 def sample_and_grade(cfg: DistillConfig, release, items: list, info) -> tuple[list, list]:
@@ -169,11 +198,14 @@ def sample_and_grade(cfg: DistillConfig, release, items: list, info) -> tuple[li
     template = ChatTemplate(generator.tok)
     k = cfg.samples_per_prompt
     repeated = [item for item in items for _ in range(k)]   # one sampling stream per copy of a prompt
-    outs = generator.generate([template.prompt([Message("user", item.prompt)]) for item in repeated],
+    opener = "<think>\n" if cfg.reasoning else ""             # a reasoning teacher's reply opens inside <think>
+    prefix = generator.encode(opener) if opener else []
+    outs = generator.generate([template.prompt([Message("user", item.prompt)]) + prefix for item in repeated],
                               cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               seed=cfg.seed + info.rank)
-    verdicts = T.grade(repeated, [o.text for o in outs])
-    completions = [T.Completion(o.text, o.stop_reason) for o in outs]
+    texts = [opener + o.text for o in outs]
+    verdicts = T.grade(repeated, texts)
+    completions = [T.Completion(text, o.stop_reason) for text, o in zip(texts, outs)]
     return ([completions[i:i + k] for i in range(0, len(outs), k)], [verdicts[i:i + k] for i in range(0, len(outs), k)])
 
 

@@ -40,3 +40,17 @@ def test_settings_that_cannot_work_are_refused_naming_the_field(overrides, messa
     with pytest.raises(ConfigError) as err:
         resolve_pipeline_config("tiny", overrides)
     assert message in str(err.value)
+
+
+def test_r1_rejection_sampling_mixes_a_share_of_direct_answers():
+    """The r1 recipe's sft_rejection: the policy is its own student, reasoning, with a third as many direct answers
+    (R1 §2.3.3's ~200k non-reasoning beside ~600k reasoning samples)."""
+    from training.stages.distill import non_reasoning
+
+    step = resolve_pipeline_config("tiny").stage("sft_rejection")
+    assert (step.student, step.reasoning, step.non_reasoning_share) == ("teacher", True, pytest.approx(1 / 3))
+    assert step.upstream("sft") == "grpo_reasoning"   # the teacher: the reasoning-RL policy
+    mixed = non_reasoning(step, 300)
+    assert len(mixed) == 100 and all("reasoning_content" not in r["messages"][1] for r in mixed)
+    assert {r["task"] for r in mixed} == set(step.tasks.tasks) and len({r["id"] for r in mixed}) == 100
+    assert non_reasoning(step.model_copy(update={"non_reasoning_share": 0.0}), 300) == []
