@@ -234,12 +234,12 @@ def stage_jobs(stage: str, pipeline: Any, *, kind: str | None = None,
     return jobs
 
 
-def chain_jobs(chain: tuple[str, ...], pipeline: Any) -> list[TrainingJobOperator]:
+def chain_jobs(chain: tuple[str, ...], pipeline: Any, after: Any = None) -> list[TrainingJobOperator]:
     """The tasks of a chain of stage instances (`PIPELINE_CHAIN`, `POST_TRAIN_CHAIN`, ...), one after the other after
-    `pipeline` (the validate_config task)."""
+    `after` (default: `pipeline`, the validate_config task)."""
     from training.config import chain_kind
 
-    tasks, previous = [], pipeline
+    tasks, previous = [], pipeline if after is None else after
     for name in chain:
         jobs = stage_jobs(name, pipeline, kind=chain_kind(name))
         previous >> jobs[0]

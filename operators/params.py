@@ -262,12 +262,18 @@ def _missing_input(run_root: str, ref: str | None, needed: StageInput, upstream:
     return None
 
 
-def validate_config(fields: Sequence[str], stages: Sequence[str], profile: str = DEFAULT_PROFILE):
+def validate_config(fields: Sequence[str], stages: Sequence[str] | Mapping[str, Sequence[str]],
+                    profile: str = DEFAULT_PROFILE):
     """The first task of every real stage DAG: form -> overrides -> a validated pipeline config, or a clear failure.
+    `stages`: the stage instances the DAG runs, or {recipe: instances} for a DAG that runs the recipe its `recipe`
+    Param names (`recipe_param`).
 
-    Returns `{"preset", "overrides"}` through XCom; `TrainingJobOperator(pipeline=...)` rebuilds the config from it.
+    Returns `{"preset", "overrides"}` (and `"recipe"`) through XCom; `TrainingJobOperator(pipeline=...)` rebuilds the
+    config from it.
     """
-    fields, stages = tuple(fields), tuple(stages)
+    fields = tuple(fields)
+    recipes = {name: tuple(chain) for name, chain in stages.items()} if isinstance(stages, Mapping) else None
+    stages = None if recipes else tuple(stages)
 
     @task(task_id="validate_config")
     def _validate(**context) -> dict:
@@ -275,13 +281,14 @@ def validate_config(fields: Sequence[str], stages: Sequence[str], profile: str =
         overrides = config_overrides(params, fields, context["dag"].dag_id, context["run_id"], profile)
         try:
             pipeline = resolve_pipeline_config(params["profile"], overrides)
-            _check_inputs(pipeline, stages)
+            _check_inputs(pipeline, recipes[params["recipe"]] if recipes else stages)
         except ConfigError as err:
             raise AirflowFailException(str(err)) from None   # a bad config does not get better on retry
         print(f"run root: {pipeline.run_root}")
         for path, value in sorted(overrides.items()):
             print(f"  {path} = {value!r}")
-        return {"preset": params["profile"], "overrides": overrides}
+        chosen = {"recipe": params["recipe"]} if recipes else {}
+        return {"preset": params["profile"], "overrides": overrides, **chosen}
 
     validated = _validate()
     # Reading upstream manifests (S3) may fail transiently; a bad config fails at once (AirflowFailException).
@@ -291,6 +298,22 @@ def validate_config(fields: Sequence[str], stages: Sequence[str], profile: str =
         if key not in taken:
             setattr(op, key, value)
     return validated
+
+
+def recipe_param(recipes: Mapping[str, Sequence[str]], default: str, description: str) -> Param:
+    """The form field choosing which of a DAG's recipes (chains of stage instances) a run takes."""
+    return Param(default, type="string", enum=list(recipes), title="recipe", description=description)
+
+
+def choose_recipe(recipes: Mapping[str, Sequence[str]], validated):
+    """A branch after validate_config: the first task of the chosen recipe's chain runs, every other chain is
+    skipped."""
+
+    @task.branch(task_id="choose_recipe")
+    def _choose(validated: dict) -> str:
+        return recipes[validated["recipe"]][0]
+
+    return _choose(validated)
 
 
 VALIDATE_TASK_DEFAULTS = {"retries": 2, "retry_delay": timedelta(seconds=30), "execution_timeout": timedelta(minutes=10)}

@@ -19,7 +19,11 @@ EXPECTED = {
     "seekflow_pretrain": ["validate_config", "pretrain"],
     "seekflow_code_cpt": ["validate_config", "code_cpt"],
     "seekflow_long_context": ["validate_config", "long_context"],
-    "seekflow_post_train": ["validate_config", "sft", "evaluate_sft", "register_sft", "promote_sft"],
+    "seekflow_post_train": ["validate_config", "choose_recipe",
+                            "sft", "evaluate_sft", "register_sft", "promote_sft",   # recipe sft
+                            *(name for step in ("sft_cold_start", "grpo_reasoning", "sft_rejection", "grpo_all")
+                              for name in (step, f"evaluate_{step}", f"register_{step}")),
+                            "promote_grpo_all"],                                     # recipe r1
     "seekflow_distill": ["validate_config", "distill", "evaluate_distill", "register_distill", "promote_distill"],
     "seekflow_grpo": ["validate_config", "grpo"],
     "seekflow_evaluate": ["validate_config", "evaluate"],
@@ -104,8 +108,10 @@ def test_every_registered_stage_kind_has_its_dag_file():
     for kind in set(STAGES) - PIPELINE_ONLY:
         dag = DAG_OF.get(kind, kind)
         assert (REPO / "dags" / f"{dag}.py").is_file(), f"stage {kind} has no dags/{dag}.py"
-        # its DAG ends with the stage's own task (post_train: then gates its release)
-        assert EXPECTED[f"seekflow_{dag}"][-1] == kind or EXPECTED[f"seekflow_{dag}"][1] == kind
+        # its DAG ends with the stage's own task, or starts with it (then gates its release; post_train: the first
+        # task of its default recipe)
+        tasks = EXPECTED[f"seekflow_{dag}"]
+        assert kind == tasks[-1] or kind in tasks[1:3]
     from training.config import PIPELINE_CHAIN
 
     # the chain's order (a kind joins the end-to-end pipeline once PIPELINE_CHAIN lists it)
@@ -121,9 +127,14 @@ def test_dag_has_tags_docs_and_the_expected_tasks(dagbag, dag_id):
     assert dag.description
     assert dag.schedule is None or str(dag.timetable.summary) == "None"   # triggered by people, not the clock
     if dag_id not in PLACEHOLDERS:
-        chain = EXPECTED[dag_id]
-        for upstream, downstream in zip(chain, chain[1:]):
-            assert upstream in dag.get_task(downstream).upstream_task_ids, (upstream, downstream)
+        from training.config import RECIPES
+
+        # a DAG of recipes branches after validate_config: each recipe's chain hangs from choose_recipe
+        recipes = "choose_recipe" in dag.task_ids
+        for chain in [["validate_config", "choose_recipe", *c] for c in RECIPES.values()] if recipes else [
+                EXPECTED[dag_id]]:
+            for upstream, downstream in zip(chain, chain[1:]):
+                assert upstream in dag.get_task(downstream).upstream_task_ids, (upstream, downstream)
         assert {"profile", "backend", "overrides"} <= set(dag.params)
     else:
         assert "not-implemented" in dag.tags

@@ -23,8 +23,8 @@ from training.config.loader import (
 )
 from training.config.model import ModelConfig, YarnConfig
 from training.config.parallel import ParallelConfig, RecomputeModule, stage_layers, stage_sizes
-from training.config.pipeline import (DISTILL_CHAIN, PIPELINE_CHAIN, POST_TRAIN_CHAIN, STAGES, PipelineConfig,
-                                      chain_kind)
+from training.config.pipeline import (DISTILL_CHAIN, PIPELINE_CHAIN, POST_TRAIN_CHAIN, R1_CHAIN, RECIPES, STAGES,
+                                      PipelineConfig, chain_kind)
 from training.config.pretrain import PretrainConfig
 from training.config.registry import GateRule, PromoteConfig, RegisterConfig
 from training.config.train import BatchSizeRampup, OptimizerConfig, TrainLoopConfig
@@ -44,6 +44,8 @@ __all__ = [
     "STAGES",
     "PIPELINE_CHAIN",
     "POST_TRAIN_CHAIN",
+    "R1_CHAIN",
+    "RECIPES",
     "DISTILL_CHAIN",
     "chain_kind",
     "BatchSizeRampup",

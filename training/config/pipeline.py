@@ -77,8 +77,34 @@ for _trained in ("sft", "distill"):
 # A student is a model of its own (R1 §2.4's DeepSeek-R1-Distill-*), with its own versions and champion: a dense
 # student never replaces the MoE model it learnt from. Its parent tag names the teacher's model and version.
 CHAIN_INSTANCES["register_distill"]["model_name"] = "seekflow-{profile}-student"
-# What seekflow_post_train and seekflow_distill run, in order.
+
+# DeepSeek-R1's recipe (§2.3), seekflow_post_train's `r1`: four training steps, each a stage instance whose release is
+# scored on the held-out tasks and registered as a version of seekflow-<profile> with the step before it as parent;
+# the last is gated for promotion. Reasoning replies are scored with room to reason (a preset may lower it).
+R1_STEPS: dict[str, dict] = {
+    # §2.3.1 cold start: the model sft would fine-tune (its input), on records written as reasoning turns
+    "sft_cold_start": {"stage": "sft", "reasoning": True},
+    # §2.3.2 reasoning-oriented RL in R1's <think> format; language consistency summed directly with accuracy
+    "grpo_reasoning": {"stage": "grpo", "reads": {"pretrain": "sft_cold_start"}, "format": "r1",
+                       "system_prompt": None, "rewards": {"language": 1.0}},
+    # §2.3.3 rejection sampling + SFT: the policy samples, the correct replies (and a third as many direct answers,
+    # the non-reasoning data) fine-tune it; R1 restarts from V3-Base there, the recipe continues the policy
+    "sft_rejection": {"stage": "distill", "reads": {"sft": "grpo_reasoning"}, "student": "teacher",
+                      "reasoning": True, "non_reasoning_share": 1 / 3},
+    # §2.3.4 RL for all scenarios (rule rewards only: no reward model here)
+    "grpo_all": {"stage": "grpo", "reads": {"pretrain": "sft_rejection"}, "format": "r1", "system_prompt": None},
+}
+_R1_GATES = {step: {name: section for name, section in _gated(step).items()   # promotion after the last step only
+                    if not name.startswith("promote_") or step == "grpo_all"} for step in R1_STEPS}
+for _trained, _gates in _R1_GATES.items():
+    CHAIN_INSTANCES.update({_trained: R1_STEPS[_trained], **_gates})
+    CHAIN_INSTANCES[f"evaluate_{_trained}"].update(_TASKS_ONLY, tasks={"enabled": True, "max_new_tokens": 1024})
+CHAIN_INSTANCES["promote_grpo_all"]["gates"] = CHAIN_INSTANCES["promote_sft"]["gates"]
+
+# What seekflow_post_train (per recipe) and seekflow_distill run, in order.
 POST_TRAIN_CHAIN: tuple[str, ...] = ("sft", *_gated("sft"))
+R1_CHAIN: tuple[str, ...] = tuple(name for step, gates in _R1_GATES.items() for name in (step, *gates))
+RECIPES: dict[str, tuple[str, ...]] = {"sft": POST_TRAIN_CHAIN, "r1": R1_CHAIN}
 DISTILL_CHAIN: tuple[str, ...] = ("distill", *_gated("distill"))
 
 # The end-to-end pipeline's stage instances, in the order seekflow_pipeline runs them (DeepSeek-Coder-V2's line:

@@ -242,6 +242,10 @@ def _two_pretrains() -> dict:
     return doc
 
 
+R1_STEPS = ("sft_cold_start", "grpo_reasoning", "sft_rejection", "grpo_all")   # the r1 recipe's instances
+R1_EVALUATE, R1_REGISTER = [f"evaluate_{s}" for s in R1_STEPS], [f"register_{s}" for s in R1_STEPS]
+
+
 def test_a_pipeline_holds_two_instances_of_one_stage_kind():
     from training.config import PipelineConfig
     from training.config.loader import validate
@@ -258,9 +262,10 @@ def test_a_pipeline_holds_two_instances_of_one_stage_kind():
     assert first.init_checkpoint is None and more.init_checkpoint == "/tmp/two/pretrain/release"
     assert [name for name, _ in pipeline.instances()] == [
         "curate", "curate_code", "pretrain", "pretrain_more", "evaluate", "evaluate_code_cpt", "evaluate_long_context",
-        "evaluate_sft", "evaluate_distill", "register", "register_code_cpt", "register_long_context", "register_sft",
-        "register_distill", "promote", "promote_code_cpt", "promote_long_context", "promote_sft", "promote_distill",
-        "code_cpt", "long_context", "sft", "distill", "grpo"]
+        "evaluate_sft", "evaluate_distill", *R1_EVALUATE, "register", "register_code_cpt", "register_long_context",
+        "register_sft", "register_distill", *R1_REGISTER, "promote", "promote_code_cpt", "promote_long_context",
+        "promote_sft", "promote_distill", "promote_grpo_all", "code_cpt", "long_context", "sft", "sft_cold_start",
+        "distill", "sft_rejection", "grpo", "grpo_reasoning", "grpo_all"]
     dumped = pipeline.model_dump(mode="json")
     assert dumped["pretrain_more"]["stage"] == "pretrain"
     assert validate(PipelineConfig, dumped) == pipeline   # a dump validates back to the same pipeline
