@@ -4,9 +4,9 @@ PRESETS, which say where each value comes from); a comment marks every value tha
 
 Router handling (`moe_router`): DeepSeek's papers say nothing about the aux-loss-free expert biases during RL. The
 default keeps them as released: V3 §4.2 already ends pretraining with a bias update speed of 0, and a bias that drifts
-between the rollout and its updates would move π_θ away from π_θold by something the gradient did not do. Freezing
-the router weights themselves (`frozen`) is not built: megatron's DDP and optimizer are built over every trainable
-parameter before the stage could mark one frozen."""
+between the rollout and its updates would move π_θ away from π_θold by something the gradient did not do. `frozen`
+goes further and keeps the router weights too: megatron's DDP and optimizer skip parameters that require no
+gradient, so they get neither gradient buffers nor optimizer state."""
 from __future__ import annotations
 
 from typing import ClassVar, Literal
@@ -32,8 +32,8 @@ R1_ZERO_INSTRUCTION = (
     "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
     "<think> reasoning process here </think> <answer> answer here </answer>.")
 
-# Every parallel size the one-process rollout cannot use yet (config field -> what it splits).
-_ONE_PROCESS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+# Every model-parallel size the rollout cannot use yet: it samples on a whole replica of the policy.
+_MODEL_PARALLEL = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                 "expert_model_parallel_size", "virtual_pipeline_model_parallel_size")
 
 
@@ -50,12 +50,13 @@ class RewardWeights(Section):
 
 
 class GrpoConfig(TrainingConfig):
-    """One process under torchrun (gpus_per_node 1): the policy samples its own rollouts through the KV cache, a
-    frozen reference scores them, and the policy is updated `updates_per_rollout` times on each rollout."""
+    """Under torchrun, one process per GPU, data-parallel only (no model-parallel size above 1): every rank samples
+    its share of each rollout through the KV cache over its own replica of the policy, a frozen reference scores
+    them, and the policy is updated `updates_per_rollout` times on each whole rollout."""
 
     stage_spec: ClassVar[StageSpec] = StageSpec(
         # A retry resumes from the last checkpoint and redraws that step's rollout (rollout_seed): nothing else to keep.
-        kind="grpo", launcher="torchrun", gpus_per_node=1, retries=3, retry_delay_minutes=5,
+        kind="grpo", launcher="torchrun", retries=3, retry_delay_minutes=5,   # one process per GPU: data parallel
         timeout_minutes=24 * 60,
         # R1-Zero applies RL to the *base* model, with no SFT first (R1 §2.2): the pretrain stage's release.
         inputs=(StageInput("init_checkpoint", upstream="pretrain"),),
@@ -108,11 +109,12 @@ class GrpoConfig(TrainingConfig):
     reference_reset_steps: int | None = Field(
         None, ge=1, description="Replace the reference by the current policy every this many steps (R1-Zero: every "
         "400). None: the reference stays the initial model (DeepSeekMath §4.1).")
-    moe_router: Literal["bias_updates_off", "as_trained"] = Field(
+    moe_router: Literal["bias_updates_off", "frozen", "as_trained"] = Field(
         "bias_updates_off", description="bias_updates_off: the aux-loss-free expert biases stay as released (V3 §4.2 "
         "ends pretraining with bias update speed 0), so routing changes only through the gradient of the GRPO loss "
-        "and the ratio π_θ/π_θold measures that alone. as_trained: the biases keep updating at "
-        "model.moe_router_bias_update_rate, as in pretraining. Router weights are trained either way.")
+        "and the ratio π_θ/π_θold measures that alone. frozen: the router weights stay as released too, so routing "
+        "never drifts between rollout and update (what other Megatron-based RL trainers do). as_trained: the biases "
+        "keep updating at model.moe_router_bias_update_rate, as in pretraining.")
     log_samples_interval: int | None = Field(
         10, ge=1, description="Every this many rollouts, a table of a few completions with their rewards to MLflow "
                               "(grpo/samples_step_<N>.json). None: never.")
@@ -125,11 +127,11 @@ class GrpoConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _check_grpo(self) -> "GrpoConfig":
-        for name in _ONE_PROCESS:
+        for name in _MODEL_PARALLEL:
             size = getattr(self.parallel, name)
             if size is not None and size > 1:
-                raise ValueError(f"parallel.{name} is {size}: grpo runs its rollouts in one process; rollouts under "
-                                 f"model parallelism are not built yet (use 1)")
+                raise ValueError(f"parallel.{name} is {size}: grpo's rollouts run on whole replicas of the policy "
+                                 f"(data parallelism); rollouts under model parallelism are not built yet (use 1)")
         rollout = self.prompts_per_step * self.group_size
         if self.train.global_batch_size != rollout:
             raise ValueError(f"train.global_batch_size ({self.train.global_batch_size}) must equal prompts_per_step "

@@ -66,6 +66,11 @@ class _Row:
     stop_token_id: int | None = None
 
 
+def row_seeds(seed: int, count: int) -> list[int]:
+    """The random-stream seeds of the rows of a `count`-prompt `generate` call with `seed`."""
+    return torch.randint(2 ** 62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 class Generator:
     """Generates from token-id prompts with a loaded GPTModel in eval mode (see training.model.release.load_release)."""
 
@@ -86,18 +91,22 @@ class Generator:
     @torch.inference_mode()   # no autograd bookkeeping at all: the outputs are token ids
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = (),
                  temperature: float = 0.0, seed: int = 0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
-                 use_cache: bool = True) -> list[Generation]:
+                 use_cache: bool = True, seeds: Sequence[int] | None = None) -> list[Generation]:
         """Continue each prompt by at most `max_new_tokens`; temperature 0 is greedy (`top_p` and `seed` then do
         nothing). A row ends at EOD, at any of `stop_token_ids` (neither is kept in its output), once its new text
         holds a stop string (the text is cut before it; `token_ids` keep the tokens that completed it), or when the
-        model's context is full. `use_cache=False`: the uncached reference path."""
+        model's context is full. `use_cache=False`: the uncached reference path. `seeds`: each prompt's stream seed,
+        in place of those drawn from `seed` (a slice of `row_seeds(seed, n)` samples those rows of an n-prompt
+        call, as a data-parallel rank of a rollout does)."""
         if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got {max_new_tokens}, "
                              f"{temperature}, {top_p}")
         settings = _Settings(max_new_tokens, tuple(s for s in stop if s), frozenset(int(t) for t in stop_token_ids),
                              temperature, top_p)
         checked = [self._checked(p) for p in prompts]
-        seeds = torch.randint(2 ** 62, (len(prompts),), generator=torch.Generator().manual_seed(seed)).tolist()
+        seeds = list(seeds) if seeds is not None else row_seeds(seed, len(prompts))
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         # Batches of similar lengths: a cached batch steps through its longer prompts one position at a time.
         order = sorted(range(len(prompts)), key=lambda i: len(checked[i]))
         out: list[Generation | None] = [None] * len(prompts)

@@ -1,5 +1,5 @@
 """GRPO's train module: the GPT train module whose batches are the policy's own rollouts (DeepSeekMath §4.1.2,
-Algorithm 1; DeepSeek-R1 §2.2), one process.
+Algorithm 1; DeepSeek-R1 §2.2), in one process or data-parallel.
 
 Every `updates_per_rollout` (μ) steps, before the step's update, `train_step` draws a rollout: `prompts_per_step`
 prompts of the task suite's train split (a seeded permutation, walked in order) x G completions, sampled by the
@@ -10,6 +10,12 @@ the initial release, `-token_nll`; none when beta is 0). `policy_samples` lays t
 and the micro-batches are reopened over it at the current data position; the next μ steps are the ordinary megatron
 step with `GRPOLoss`, each on the whole rollout.
 
+Data parallelism. With D ranks (every model-parallel size 1: each rank holds a whole replica of the policy), rank r
+samples the r-th D-th of the rollout's prompts, whole groups, with those rows' own random streams (`row_seeds`), and
+scores them; the shares are then gathered, in rank order, so that every rank holds the rollout one process would
+have drawn (up to the float sums of other generation batches), and the micro-batches hand each rank its share of
+the update as in pretraining.
+
 Resume. A rollout is a pure function of the weights and of the step it is drawn at (items by rollout index, sampling
 seed `rollout_seed(seed, step)`), and the config puts every checkpoint on a rollout boundary (save_interval a
 multiple of μ), so a resumed run redraws the rollout it stopped in from the restored weights, bit for bit, and no
@@ -18,7 +24,8 @@ last multiple of N: at each reset its weights are written to `reference/step_<N>
 one model's weights per reset) and a resume loads the one it needs.
 
 Router. `moe_router: bias_updates_off` sets the expert-bias update rate to 0 on every chunk's TransformerConfig
-(megatron reads it in finalize_model_grads at each step); the router weights still train. `as_trained` leaves it.
+(megatron reads it in finalize_model_grads at each step); the router weights still train. `frozen` also keeps the
+router weights as loaded (no gradient, no optimizer state). `as_trained` leaves both.
 
 Metrics (each step's dict; a step carries the values of the rollout it trained on): reward and `reward/<name>`,
 accuracy and format_rate (= reward/accuracy, reward/format), response_length, truncated_fraction,
@@ -28,6 +35,7 @@ and clip fraction.
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -36,7 +44,8 @@ import torch
 
 from training.rl import rewards as R
 from training.rl.policy_loss import GRPOLoss, policy_samples
-from training.rl.rollout import Rollout, collect, label_logp, rollout_seed, row_lengths
+from training.eval.generate import row_seeds
+from training.rl.rollout import Rollout, collect, concat, label_logp, rollout_seed, row_lengths
 from training.train.gpt_module import GPTTrainModule
 
 SAMPLE_ROWS = 8   # completions in each logged sample table
@@ -57,6 +66,11 @@ class InstructionTemplate:
         return [ids[0], *instruction, *ids[1:]]
 
 
+def is_router(name: str) -> bool:
+    """The MoE routers' gate weights (megatron's `...mlp.router.weight`; the expert biases are buffers)."""
+    return ".router." in name
+
+
 class GRPOTrainModule(GPTTrainModule):
     """`cfg`: a GrpoConfig; `items`: the prompts (TaskItems); `reference`: the initial release (the KL reference;
     None when beta is 0); `directory`: the stage's local directory; `label`: what its log lines start with."""
@@ -66,12 +80,15 @@ class GRPOTrainModule(GPTTrainModule):
 
     def __init__(self, cfg, device: torch.device, *, items: list, reference: Path | None, directory: Path,
                  label: str = "grpo"):
+        from megatron.core import parallel_state
+
         from training.data.chat import ChatTemplate
         from training.eval.generate import Generator
 
         loss = GRPOLoss(epsilon=cfg.epsilon, beta=cfg.beta, aggregation=cfg.aggregation,
                         max_tokens=cfg.max_new_tokens)
-        super().__init__(cfg, device, dataset=lambda num_samples: self.samples, loss=loss)
+        super().__init__(cfg, device, dataset=lambda num_samples: self.samples, loss=loss,
+                         frozen=is_router if cfg.moe_router == "frozen" else None)
         self.items, self.label, self.directory = items, label, directory
         self.order = random.Random(cfg.seed).sample(range(len(items)), len(items))
         self.generator = Generator(self.chunks[0], cfg.model.max_position_embeddings, cfg.generation_batch_size,
@@ -82,7 +99,12 @@ class GRPOTrainModule(GPTTrainModule):
         self.reference_release, self.reference = reference, None
         self.samples, self.rollout, self.rollout_metrics = None, None, {}
         self.step, self.position = 0, 0
-        if cfg.moe_router == "bias_updates_off":
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        if cfg.prompts_per_step % self.dp_size:
+            raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the data-parallel size "
+                             f"({self.dp_size}): each rank samples whole groups")
+        if cfg.moe_router in ("bias_updates_off", "frozen"):
             for tconfig in self.tconfigs:
                 tconfig.moe_router_bias_update_rate = 0.0
 
@@ -90,7 +112,7 @@ class GRPOTrainModule(GPTTrainModule):
     def start(self, step: int, consumed_samples: int) -> list[str]:
         """Remember the position; the batches open over the first rollout, drawn by the first step."""
         self.step, self.position, self.chunk_batches, self.samples = step, consumed_samples, None, None
-        if self.cfg.beta > 0:
+        if self.reference_release is not None:   # beta > 0, or track_kl
             self.reference = self._reference_at(step)
         return []
 
@@ -123,17 +145,27 @@ class GRPOTrainModule(GPTTrainModule):
         if resets and self.step and self.step % cfg.reference_reset_steps == 0:
             self._reset_reference()
         started = time.perf_counter()
-        rollout = collect(self.generator, self.rollout_items(index), group_size=cfg.group_size, rewards=self.rewards,
-                          weights=self.weights, max_new_tokens=cfg.max_new_tokens,
-                          seed=rollout_seed(cfg.seed, self.step), temperature=cfg.temperature, top_p=cfg.top_p,
-                          system_prompt=cfg.system_prompt, reply_prefix="<think>\n" if cfg.format == "r1" else "",
-                          scale_by_std=cfg.scale_by_std, template=self.template)
+        # Data parallelism: each rank samples a contiguous share of whole groups with those rows' own streams, so
+        # the ranks together draw the rollout one process would; then every rank holds the whole rollout, and the
+        # micro-batches give each its share of the update, as in pretraining.
+        items, rank, ranks = self.rollout_items(index), self.dp_rank, self.dp_size
+        share, rows = len(items) // ranks, len(items) // ranks * cfg.group_size
+        seed = rollout_seed(cfg.seed, self.step)
+        rollout = collect(self.generator, items[rank * share:(rank + 1) * share], group_size=cfg.group_size,
+                          rewards=self.rewards, weights=self.weights, max_new_tokens=cfg.max_new_tokens, seed=seed,
+                          temperature=cfg.temperature, top_p=cfg.top_p, system_prompt=cfg.system_prompt,
+                          reply_prefix="<think>\n" if cfg.format == "r1" else "", scale_by_std=cfg.scale_by_std,
+                          template=self.template,
+                          row_seeds=row_seeds(seed, len(items) * cfg.group_size)[rank * rows:(rank + 1) * rows])
         width = rollout.tokens.shape[1] - 1
         if width > cfg.train.seq_length:
             raise ValueError(f"a rollout needs {width} positions, more than train.seq_length ({cfg.train.seq_length})"
                              f": raise it or shorten max_new_tokens / system_prompt")
         sampled = time.perf_counter()
         ref_logp = self._reference_logp(rollout) if self.reference is not None else None
+        referenced = time.perf_counter()
+        if ranks > 1:
+            rollout, ref_logp = self._gather(rollout, ref_logp)
         seconds = time.perf_counter() - started
         self.samples = policy_samples(rollout, seq_length=cfg.train.seq_length,
                                       global_batch_size=cfg.train.global_batch_size, ref_logp=ref_logp)
@@ -144,15 +176,27 @@ class GRPOTrainModule(GPTTrainModule):
         self.rollout, self.rollout_metrics = rollout, {
             **stats, "accuracy": stats["reward/accuracy"], "format_rate": stats["reward/format"],
             "rollout_tokens_per_s": response_tokens / seconds, "rollout": float(index),
-            "seconds/reference": seconds - (sampled - started)}
+            "seconds/reference": referenced - sampled, "seconds/gather": started + seconds - referenced}
         last = self.step + cfg.updates_per_rollout
-        print(f"{self.label}: rollout {index} for steps {self.step + 1}-{last}: reward {stats['reward']:.4f} "
-              f"accuracy {stats['reward/accuracy']:.4f} format {stats['reward/format']:.4f} "
-              f"zero-advantage groups {stats['zero_advantage_groups']:.2f}, {len(rollout)} completions, "
-              f"{response_tokens} tokens in {seconds:.1f}s", flush=True)
+        if self.dp_rank == 0:   # one report of the whole rollout
+            print(f"{self.label}: rollout {index} for steps {self.step + 1}-{last}: reward {stats['reward']:.4f} "
+                  f"accuracy {stats['reward/accuracy']:.4f} format {stats['reward/format']:.4f} "
+                  f"zero-advantage groups {stats['zero_advantage_groups']:.2f}, {len(rollout)} completions, "
+                  f"{response_tokens} tokens in {seconds:.1f}s", flush=True)
         if cfg.log_samples_interval and index % cfg.log_samples_interval == 0:
             log_samples(rollout, self.rollout_items(index), f"grpo/samples_step_{self.step:06d}.json")
         return rollout
+
+    @staticmethod
+    def _gather(rollout: Rollout, ref_logp: torch.Tensor | None) -> tuple[Rollout, torch.Tensor | None]:
+        """Every data-parallel rank's share of the rollout, joined in rank order, on every rank."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group()
+        shares: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(shares, (rollout, ref_logp), group=group)
+        return concat([r for r, _ in shares], [ref for _, ref in shares])
 
     # -- the reference policy ----------------------------------------------------------------------------------------
     def _reference_logp(self, rollout: Rollout) -> torch.Tensor:
@@ -191,10 +235,13 @@ class GRPOTrainModule(GPTTrainModule):
                  if isinstance(value, torch.Tensor)}
         self.reference.gpt.load_state_dict(state, strict=False)
         path = self._reference_file(self.step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        save_file({key: value.contiguous() for key, value in state.items()}, str(partial))
-        partial.replace(path)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:   # one writer per node: the data-parallel replicas agree
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            save_file({key: value.contiguous() for key, value in state.items()}, str(partial))
+            partial.replace(path)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
         print(f"{self.label}: the reference is now the policy of step {self.step}", flush=True)
 
 

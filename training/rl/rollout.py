@@ -99,7 +99,7 @@ def prompt_and_reference(item: TaskItem | tuple[str, Any]) -> tuple[str, Any]:
 def collect(generator, items: Sequence[TaskItem | tuple[str, Any]], *, group_size: int,
             rewards: Sequence[R.Reward], weights: dict[str, float], max_new_tokens: int, seed: int,
             temperature: float = 1.0, top_p: float = 1.0, system_prompt: str | None = None, reply_prefix: str = "",
-            scale_by_std: bool = True, template=None) -> Rollout:
+            scale_by_std: bool = True, template=None, row_seeds: Sequence[int] | None = None) -> Rollout:
     """Sample `group_size` completions of each item's prompt with `generator` (a `training.eval.generate.Generator`
     over the policy's GPTModel), score them, and return the `Rollout`.
 
@@ -108,7 +108,9 @@ def collect(generator, items: Sequence[TaskItem | tuple[str, Any]], *, group_siz
     is where an R1-Zero instruction such as R1's Table 1 goes (a config value; none is built in). `reply_prefix` is
     text appended after `<｜Assistant｜>` as part of the prompt (e.g. "<think>\\n" for the "r1" format); it is
     prepended to each completion before scoring, so the rewards read the whole reply. Completions end at the
-    end-of-sentence token or after `max_new_tokens`. `weights` names every reward (`rewards.combine`)."""
+    end-of-sentence token or after `max_new_tokens`. `weights` names every reward (`rewards.combine`).
+    `row_seeds`: each row's sampling stream (default: drawn from `seed`; a data-parallel rank passes its rows' slice
+    of the whole rollout's, so that the ranks together draw what one process would)."""
     if group_size < 1 or not items:
         raise ValueError(f"need group_size >= 1 and at least one item; got {group_size} and {len(items)} items")
     template = template if template is not None else ChatTemplate(generator.tok)
@@ -124,7 +126,7 @@ def collect(generator, items: Sequence[TaskItem | tuple[str, Any]], *, group_siz
     clock = [time.perf_counter()]   # phase boundaries: sampled, old log-probs, scored
     try:
         outs = generator.generate([prompts[k] for k in rows], max_new_tokens, temperature=temperature, top_p=top_p,
-                                  seed=seed)
+                                  seed=seed, seeds=row_seeds)
         clock.append(time.perf_counter())
         responses = [o.token_ids + ([o.stop_token_id] if o.stop_reason == "eod" else []) for o in outs]
         prompt_lengths = [len(prompts[k]) for k in rows]
@@ -146,6 +148,35 @@ def collect(generator, items: Sequence[TaskItem | tuple[str, Any]], *, group_siz
     rollout.stats = {**summary(rollout), **{f"seconds/{phase}": end - start for phase, start, end in zip(
         ("generate", "old_logp", "rewards"), clock, clock[1:])}}
     return rollout
+
+
+def concat(parts: Sequence[Rollout], ref_logps: Sequence[Tensor | None] = ()) -> tuple[Rollout, Tensor | None]:
+    """The rollouts of several ranks as one, in order (each part's groups after the previous part's), right-padded
+    to the longest; with each part's reference log-probs ([N, T-1] as old_logp) joined the same way. Stats are
+    recomputed over the whole; each phase's seconds is the slowest part's (the ranks wait for it)."""
+    width = max(p.tokens.shape[1] for p in parts)
+
+    def wide(x: Tensor, columns: int, value) -> Tensor:
+        return torch.nn.functional.pad(x, (0, columns - x.shape[1]), value=value)
+
+    offsets = [sum(q.num_groups for q in parts[:i]) for i in range(len(parts))]   # prompt_index: into the whole
+    whole = Rollout(
+        tokens=torch.cat([wide(p.tokens, width, T.token_id(T.PAD)) for p in parts]),
+        response_mask=torch.cat([wide(p.response_mask, width - 1, False) for p in parts]),
+        old_logp=torch.cat([wide(p.old_logp, width - 1, 0.0) for p in parts]),
+        rewards=torch.cat([p.rewards for p in parts]), advantages=torch.cat([p.advantages for p in parts]),
+        scores={name: [v for p in parts for v in p.scores[name]] for name in parts[0].scores},
+        group_size=parts[0].group_size,
+        prompt_index=[k + offset for p, offset in zip(parts, offsets) for k in p.prompt_index],
+        prompt_lengths=[n for p in parts for n in p.prompt_lengths],
+        completions=[c for p in parts for c in p.completions], stop_reasons=[r for p in parts for r in p.stop_reasons],
+        stats={})
+    whole.stats = {**summary(whole), **{key: max(p.stats[key] for p in parts)
+                                        for key in parts[0].stats if key.startswith("seconds/")}}
+    ref = None
+    if ref_logps and ref_logps[0] is not None:
+        ref = torch.cat([wide(r, width - 1, 0.0) for r in ref_logps])
+    return whole, ref
 
 
 def _layout(prompts: list[list[int]], responses: list[list[int]]) -> tuple[Tensor, Tensor]:

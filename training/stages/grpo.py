@@ -1,5 +1,6 @@
 """The `grpo` stage: Group Relative Policy Optimization with rule-based rewards, DeepSeek-R1-Zero's recipe
-(DeepSeekMath §4.1; DeepSeek-R1 §2.2), in one process.
+(DeepSeekMath §4.1; DeepSeek-R1 §2.2), in one process or data-parallel (each rank samples its share of every
+rollout: training/rl/grpo_module.py).
 
 config -> prompts (the task suite's train split, generated) + rewards (format, accuracy by the task checkers,
 language consistency; training/rl/rewards.py) -> the GRPO train module (training/rl/grpo_module.py: every
@@ -28,8 +29,8 @@ FINAL_METRICS = ("reward", "accuracy", "format_rate", "kl", "clip_fraction", "re
 
 
 class GrpoError(ValueError):
-    """Bad input found before training (more than one process, prompts that do not fit a sequence); the message
-    names the field. Not retried (`permanent`)."""
+    """Bad input found before training (a data-parallel size that does not divide the rollout, prompts that do not
+    fit a sequence); the message names the field. Not retried (`permanent`)."""
 
     permanent = True
 
@@ -64,19 +65,30 @@ def check_lengths(cfg: GrpoConfig, items: list) -> None:
                         f"tokens with system_prompt) + {prefix} + max_new_tokens ({cfg.max_new_tokens}): raise it")
 
 
+def check_data_parallel(cfg: GrpoConfig, ranks: int) -> None:
+    """Every rank samples whole groups of each rollout and the update splits it evenly: refuse, naming the field,
+    a data-parallel size that does not divide them."""
+    if cfg.prompts_per_step % ranks:
+        raise GrpoError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the {ranks} data-parallel "
+                        f"ranks: each samples whole groups")
+    if cfg.train.global_batch_size % (cfg.train.micro_batch_size * ranks):
+        raise GrpoError(f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+                        f"train.micro_batch_size x ranks ({cfg.train.micro_batch_size} x {ranks})")
+
+
 def train(cfg: GrpoConfig, parent: dict, stage: StageRun) -> Outcome:
     from training.train.trainer import InitialWeights
 
     with distributed(cfg.parallel, cfg.seed) as info:
-        if info.world_size != 1:
-            raise GrpoError(f"grpo runs its rollouts in one process; this job has {info.world_size} (data-parallel "
-                            f"rollouts are not built yet: launch one process per node and node)")
+        check_data_parallel(cfg, info.world_size)   # the config refuses every model-parallel size above 1
         release = fetch_parent(cfg, parent, stage, allowed=type(cfg.model).CONTEXT_FIELDS)
         cfg = with_parent_context(cfg, release)
         items = prompts(cfg)
         check_lengths(cfg, items)
-        print(f"{stage.name}: {len(items)} prompts, {cfg.prompts_per_step} x G = {cfg.group_size} completions a "
-              f"rollout, {cfg.updates_per_rollout} update(s) each, {cfg.train.steps} steps", flush=True)
+        if info.is_main:
+            print(f"{stage.name}: {len(items)} prompts, {cfg.prompts_per_step} x G = {cfg.group_size} completions a "
+                  f"rollout, {cfg.updates_per_rollout} update(s) each, {cfg.train.steps} steps on {info.world_size} "
+                  f"data-parallel rank(s)", flush=True)
         with stage.tracking(enabled=info.is_main) as mlflow_run:
             start = InitialWeights(parent["uri"], lambda: record_parent(stage, parent, release))
             metrics, logged = build_trainer(cfg, items, release, stage, info, start, mlflow_run)

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import math
 import signal
+import subprocess
 
 import pytest
+import torch
 
-from tests.support.grpo import command, grpo
+from tests.support.grpo import arguments, command, grpo
 from tests.support.layouts import losses
-from tests.support.processes import kill_after
+from tests.support.processes import REPO, kill_after, repo_env
 
 METRICS = ("grpo_loss", "kl", "clip_fraction", "reward", "reward/format", "reward/accuracy", "reward/language",
            "accuracy", "format_rate", "response_length", "zero_advantage_groups", "rollout_tokens_per_s",
@@ -72,6 +74,45 @@ def test_grpo_trains_on_its_own_rollouts_and_records_its_lineage(uninterrupted, 
     assert [a.path for a in client.list_artifacts(run_id, "grpo")] == [
         "grpo/samples_step_000000.json", "grpo/samples_step_000002.json"]
     assert client.get_run(run_id).data.tags["seekflow.init_checkpoint"] == str(chat_parent)
+
+
+@pytest.mark.slow
+def test_two_data_parallel_ranks_draw_and_train_what_one_process_does(uninterrupted, chat_parent, tmp_path):
+    """Under torchrun with 2 ranks, each samples one of the 2 prompts of every rollout (its rows' own streams), the
+    shares are gathered, and each rank trains on its half: the same rollouts and updates as one process."""
+    import sys
+
+    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", "-m", "training", *arguments(tmp_path, chat_parent)],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=repo_env())
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "step 4/4 loss" in out.stdout and out.stdout.count(": rollout ") == 2   # rank 0 reports the whole
+    one, _ = uninterrupted
+    for name in ("reward", "accuracy", "format_rate", "response_length", "zero_advantage_groups"):
+        assert losses(tmp_path, name) == losses(one, name), name   # the same completions, scored alike
+    for name in ("grpo_loss", "kl", "clip_fraction"):
+        two, single = losses(tmp_path, name), losses(one, name)
+        assert all(abs(two[s] - single[s]) <= 1e-5 for s in single), (name, two, single)
+
+
+@pytest.mark.slow
+def test_a_frozen_router_keeps_its_weights_while_the_rest_trains(chat_parent, tmp_path):
+    out = grpo(tmp_path, chat_parent, "moe_router=frozen", "train.steps=2", "train.save_interval=2")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    before, after = _weights(chat_parent, tmp_path / "before.pt"), _weights(tmp_path / "grpo" / "release",
+                                                                            tmp_path / "after.pt")
+    routers = [name for name in after if name.endswith(".router.weight")]
+    assert len(routers) == 3 and all(torch.equal(after[n], before[n]) for n in routers)   # 2 MoE layers + MTP's
+    assert any(not torch.equal(after[n], before[n]) for n in after if ".router." not in n)   # the rest trained
+    assert len(set(losses(tmp_path, "moe/expert_bias_norm").values())) == 1   # and the biases stay too
+
+
+def _weights(release, scratch) -> dict:
+    """A release's tensors by name, read from its dist checkpoint without megatron (PyTorch's DCP reader)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(release), str(scratch))
+    return {k: v for k, v in torch.load(scratch, weights_only=False).items() if isinstance(v, torch.Tensor)}
 
 
 @pytest.mark.slow

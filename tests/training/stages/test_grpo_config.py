@@ -1,6 +1,6 @@
 """grpo without running it: R1-Zero's defaults (in step with grpo_loss.PRESETS), the base model as its input, and
 the rules that keep a rollout whole refused naming the field: one rollout per global batch, checkpoints between
-rollouts, one process."""
+rollouts, no model parallelism (data parallelism only)."""
 from __future__ import annotations
 
 import pytest
@@ -21,7 +21,7 @@ def test_defaults_are_r1_zeros_and_the_input_is_the_base_model():
     assert cfg.train.global_batch_size == 512 and cfg.aggregation == preset["aggregation"] and cfg.scale_by_std
     assert cfg.rewards.model_dump() == {"format": 1.0, "accuracy": 1.0, "language": 0.0}
     assert "<think> reasoning process here </think> <answer> answer here </answer>" in cfg.system_prompt
-    assert cfg.stage_spec.upstream == ("pretrain",) and cfg.stage_spec.gpus_per_node == 1
+    assert cfg.stage_spec.upstream == ("pretrain",) and cfg.stage_spec.gpus_per_node == 0   # every GPU: data parallel
     assert list(STAGES)[-2:] == ["distill", "grpo"]
     tiny = resolve_stage_config("grpo", "tiny")
     assert tiny.train.global_batch_size == tiny.prompts_per_step * tiny.group_size
@@ -37,13 +37,13 @@ def test_defaults_are_r1_zeros_and_the_input_is_the_base_model():
     ({"grpo.updates_per_rollout": 2, "grpo.reference_reset_steps": 3},
      "reference_reset_steps (3) must be a multiple of updates_per_rollout (2)"),
     ({"grpo.parallel.tensor_model_parallel_size": 2, "grpo.parallel.sequence_parallel": True},
-     ("parallel.tensor_model_parallel_size is 2: grpo runs its rollouts in one process; rollouts under model "
-      "parallelism are not built yet")),
+     ("parallel.tensor_model_parallel_size is 2: grpo's rollouts run on whole replicas of the policy (data "
+      "parallelism); rollouts under model parallelism are not built yet")),
     ({"grpo.parallel.expert_model_parallel_size": 2}, "parallel.expert_model_parallel_size is 2"),
     ({"grpo.parallel.pipeline_model_parallel_size": 3}, "parallel.pipeline_model_parallel_size is 3"),
     ({"grpo.max_new_tokens": 192}, "max_new_tokens (192) must be below train.seq_length (192)"),
     ({"grpo.group_size": 1}, "grpo.group_size: Input should be greater than or equal to 2"),
-    ({"grpo.moe_router": "frozen"}, "grpo.moe_router: Input should be 'bias_updates_off' or 'as_trained'"),
+    ({"grpo.moe_router": "fixed"}, "grpo.moe_router: Input should be 'bias_updates_off', 'frozen' or 'as_trained'"),
 ])
 def test_settings_that_cannot_work_are_refused_naming_the_field(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -59,3 +59,14 @@ def test_prompts_too_long_for_a_sequence_are_refused_before_training():
     short = resolve_stage_config("grpo", "tiny", overrides=["tasks.train_items=200", "train.seq_length=160"])
     with pytest.raises(GrpoError, match=r"train.seq_length \(160\) is shorter than the longest prompt \(13\d tokens"):
         check_lengths(short, prompts(short))
+
+
+def test_a_data_parallel_size_must_split_the_rollout_into_whole_groups():
+    from training.stages.grpo import GrpoError, check_data_parallel
+
+    cfg = resolve_stage_config("grpo", "tiny")   # 8 prompts x G 8, micro-batches of 8
+    check_data_parallel(cfg, 1), check_data_parallel(cfg, 2), check_data_parallel(cfg, 8)
+    with pytest.raises(GrpoError, match=r"prompts_per_step \(8\) must be a multiple of the 3 data-parallel ranks"):
+        check_data_parallel(cfg, 3)
+    with pytest.raises(GrpoError, match=r"train.global_batch_size \(64\) must be a multiple of train.micro_batch_size"):
+        check_data_parallel(cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": 16})}), 8)
