@@ -22,12 +22,13 @@ from training.vocabulary import vocabulary
 
 
 class GPTTrainModule(TrainModule):
-    """`cfg` is a training stage config: `model`, `parallel`, `optimizer`, `train` and `seed` sections."""
+    """`cfg` is a training stage config: `model`, `parallel`, `optimizer`, `train` and `seed` sections. `frozen`:
+    which parameters (by name) stay as loaded."""
 
     progress_fields = (("mtp_loss", "mtp"),)   # a model without MTP logs none
 
     def __init__(self, cfg, device: torch.device, *, dataset: Callable[[int], object], loss: Loss,
-                 child_tuning: ChildTuningConfig | None = None):
+                 child_tuning: ChildTuningConfig | None = None, frozen: Callable[[str], bool] | None = None):
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
@@ -58,6 +59,9 @@ class GPTTrainModule(TrainModule):
         self.chunks, self.tconfigs = [gpt for gpt, _ in built], [config for _, config in built]
         for gpt in self.chunks:   # built (and seeded) on the CPU; trained on this rank's device
             gpt.to(device)
+            for name, param in gpt.named_parameters():   # `frozen` ones get no gradient, optimizer state or update:
+                if frozen and frozen(name):               # megatron's DDP and optimizer skip requires_grad=False
+                    param.requires_grad_(False)
         self.model = self.chunks if vpp else self.chunks[0]   # what checkpoints save: one model, or the chunks
         # bf16: megatron's mixed precision. Float16Module casts the weights (and first-stage inputs) to bf16 and the
         # outputs back to fp32; gradients are reduced in fp32 and the optimizer steps fp32 master weights.
