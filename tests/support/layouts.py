@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from tests.support.mlflow_store import sqlite_store
-from tests.support.processes import REPO, repo_env, run_python
+from tests.support.processes import REPO, repo_env, run_python, torchrun
 
 STEPS = 4
 LAYERS = 4   # dense layer 1, MoE layers 2-4, then the MTP module (itself MoE)
@@ -30,7 +30,7 @@ LAYOUTS = {   # name: (processes, overrides)
 def command(run_root, corpus_root, nproc: int, *overrides: str) -> list[str]:
     """`python -m training pretrain` (under torchrun when nproc > 1) for one layout run; its MLflow store is
     seeded under `run_root` (tests/support/mlflow_store.py)."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    launcher = torchrun(nproc) if nproc > 1 else []
     sets = [f"run_root={run_root}", f"data_manifest={corpus_root}/curate", f"model.num_layers={LAYERS}",
             f"train.steps={STEPS}", "train.save_interval=100", f"tracking.uri={sqlite_store(run_root)}",
             *overrides]

@@ -17,6 +17,13 @@ import threading
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+def torchrun(nproc: int) -> list[str]:
+    """Interpreter arguments that launch `nproc` local ranks: `[sys.executable, *torchrun(2), script, ...]`.
+    --standalone: the rendezvous binds a free port itself (torchrun's default, 29500, is one port for every xdist
+    worker)."""
+    return ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.support.processes import REPO, ok, repo_env, run_python
+from tests.support.processes import REPO, ok, repo_env, run_python, torchrun
 from training.eval.generate import Generator, nucleus, sample
 
 CHECK = "tests/training/eval/generate_cache_check.py"
@@ -23,7 +23,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # small tensors: one thread is faster an
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("generate_cache")
-    ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", CHECK, "save",
+    ok(subprocess.run([sys.executable, *torchrun(2), CHECK, "save",
                        *(arg for layout in ("EP2", "PP2") for arg in (layout, str(tmp / "releases" / layout)))],
                       cwd=REPO, capture_output=True, text=True, timeout=300,
                       env=repo_env(PYTHONWARNINGS="ignore", **ONE_THREAD)))

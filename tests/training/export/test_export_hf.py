@@ -18,7 +18,7 @@ import torch
 
 from tests.support.micro import VOCAB, write_corpus
 from tests.support.mlflow_store import sqlite_store
-from tests.support.processes import ok, run_python, run_training
+from tests.support.processes import ok, run_python, run_training, torchrun
 from tests.support.tamper import flip_byte, largest
 from training.config import resolve_stage_config
 from training.export.convert import ExportError, hf_config, model_config_from_hf
@@ -273,7 +273,7 @@ def test_export_is_deterministic(trained, tmp_path):
 def test_export_does_not_depend_on_the_saved_layout(trained, tmp_path):
     """The release re-saved by 2 processes with expert parallelism 2 exports to the very same bytes."""
     resharded = tmp_path / "release_ep2"
-    out = ok(run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE / "export_megatron.py"), "reshard",
+    out = ok(run(*torchrun(2), str(HERE / "export_megatron.py"), "reshard",
                  str(trained["release"]), str(resharded)))
     assert "resharded: 4 local experts per rank" in out.stdout
     ok(export(resharded, tmp_path / "hf"))

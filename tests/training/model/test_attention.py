@@ -89,9 +89,9 @@ def _probe() -> None:
 
 @pytest.mark.parametrize("cp", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_attention_equals_attention_over_the_whole_sequence(cp):
-    from tests.support.processes import REPO
+    from tests.support.processes import REPO, torchrun
 
-    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cp}",
+    out = subprocess.run([sys.executable, "-W", "ignore", *torchrun(cp),
                           __file__, "probe"], capture_output=True, text=True, timeout=300, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -358,10 +358,10 @@ def _pretrain_v2(run_root: Path, nproc: int, *extra: str) -> dict:
     """The real pretrain stage (3 steps) with DeepSeek-V2 routing; returns its MLflow run's metrics."""
     from tests.support.micro import write_corpus
     from tests.support.mlflow_store import sqlite_store
-    from tests.support.processes import repo_env
+    from tests.support.processes import repo_env, torchrun
 
     write_corpus(run_root)
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    launcher = torchrun(nproc) if nproc > 1 else []
     sets = [f"run_root={run_root}", "train.steps=3", "train.save_interval=3",
             f"tracking.uri={sqlite_store(run_root)}", *V2_OVERRIDES, *extra]
     cmd = [sys.executable, "-W", "ignore", *launcher, "-m", "training", "pretrain", "--preset", "micro"]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.support.processes import REPO, repo_env
+from tests.support.processes import REPO, repo_env, torchrun
 
 PROBE = str(REPO / "tests/training/model/packing_probe.py")
 
@@ -47,7 +47,7 @@ TWO_PROCESS_LAYOUTS = ["ep=2", "pp=2"]
 @pytest.fixture(scope="module")
 def two_process_reports() -> dict[str, dict]:
     """Both layouts in one torchrun launch (the probe runs them in turn on the same processes): {layout: report}."""
-    reports = {r["layout"]: r for r in _probe("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", PROBE,
+    reports = {r["layout"]: r for r in _probe(*torchrun(2), PROBE,
                                               *TWO_PROCESS_LAYOUTS)}
     assert sorted(reports) == sorted(TWO_PROCESS_LAYOUTS), reports
     return reports

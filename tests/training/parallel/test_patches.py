@@ -193,7 +193,9 @@ def test_moe_step_single_process(single_process_steps):
 @pytest.mark.slow
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
 def test_moe_step_two_processes_expert_parallel(dispatcher, single_process_steps):
-    steps = _steps([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    from tests.support.processes import torchrun
+
+    steps = _steps([sys.executable, "-W", "ignore", *torchrun(2),
                     str(HERE / "mcore_step.py"), "ep=2", f"dispatcher={dispatcher}"])
     _assert_trains(steps, world=2)
     single = single_process_steps

@@ -154,10 +154,10 @@ def test_one_step_reports_grpo_loss_of_the_whole_batch_and_follows_its_gradient(
 
 @pytest.mark.slow
 def test_ep2_and_pp2_give_the_one_process_loss_and_update(one_process):
-    from tests.support.processes import REPO, repo_env
+    from tests.support.processes import REPO, repo_env, torchrun
 
     single, out = one_process
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    proc = subprocess.run([sys.executable, "-W", "ignore", *torchrun(2),
                            str(REPO / PROBE), "layouts", str(out)], capture_output=True, text=True, timeout=600,
                           cwd=REPO, env=repo_env(), check=False)
     report = _json(proc)

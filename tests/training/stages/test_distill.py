@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.distill import distill
 from tests.support.mlflow_store import sqlite_store
-from tests.support.processes import REPO, repo_env, run_training
+from tests.support.processes import REPO, repo_env, run_training, torchrun
 from training import integrity
 from training.verify import tasks
 
@@ -144,7 +144,7 @@ def test_two_ranks_share_the_prompts_then_train_the_student_in_its_own_layout(te
     under tensor parallelism (megatron's groups rebuilt for it)."""
     sets = [f"run_root={tmp_path}", f"teacher={teacher}", f"tracking.uri={sqlite_store(tmp_path)}",
             "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
-    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+    out = subprocess.run([sys.executable, "-W", "ignore", *torchrun(2), "-m",
                           "training", "distill", "--preset", "micro", *(a for s in sets for a in ("--set", s))],
                          capture_output=True, text=True, timeout=600, cwd=REPO, env=repo_env())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

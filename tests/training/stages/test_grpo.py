@@ -8,13 +8,14 @@ import json
 import math
 import signal
 import subprocess
+import sys
 
 import pytest
 import torch
 
 from tests.support.grpo import arguments, command, grpo
 from tests.support.layouts import losses
-from tests.support.processes import REPO, kill_after, repo_env
+from tests.support.processes import REPO, kill_after, repo_env, torchrun
 
 METRICS = ("grpo_loss", "kl", "clip_fraction", "reward", "reward/format", "reward/accuracy", "reward/language",
            "accuracy", "format_rate", "response_length", "zero_advantage_groups", "rollout_tokens_per_s",
@@ -80,10 +81,8 @@ def test_grpo_trains_on_its_own_rollouts_and_records_its_lineage(uninterrupted, 
 def test_two_data_parallel_ranks_draw_and_train_what_one_process_does(uninterrupted, chat_parent, tmp_path):
     """Under torchrun with 2 ranks, each samples one of the 2 prompts of every rollout (its rows' own streams), the
     shares are gathered, and each rank trains on its half: the same rollouts and updates as one process."""
-    import sys
-
-    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node=2", "-m", "training", *arguments(tmp_path, chat_parent)],
+    out = subprocess.run([sys.executable, "-W", "ignore", *torchrun(2), "-m", "training",
+                          *arguments(tmp_path, chat_parent)],
                          capture_output=True, text=True, timeout=600, cwd=REPO, env=repo_env())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step 4/4 loss" in out.stdout and out.stdout.count(": rollout ") == 2   # rank 0 reports the whole

@@ -263,7 +263,7 @@ def _run_layouts(outs: dict[str, Path]) -> dict[str, list[dict]]:
     """{layout: its reports}: the layouts (of one process count) in one torchrun launch, in turn on the same
     processes, each with its LAYOUTS overrides and its own output folder."""
     from tests.support.layouts import LAYOUTS as LAYOUT_OVERRIDES
-    from tests.support.processes import REPO, repo_env
+    from tests.support.processes import REPO, repo_env, torchrun
 
     (nproc,) = {LAYOUT_OVERRIDES[layout][0] for layout in outs}
     argv = []
@@ -271,9 +271,8 @@ def _run_layouts(outs: dict[str, Path]) -> dict[str, list[dict]]:
         out.mkdir(parents=True, exist_ok=True)
         argv += [NEXT] if argv else []
         argv += [str(out), *LAYOUT_OVERRIDES[layout][1], *LAYOUTS[layout]]
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={nproc}", __file__, "probe", *argv], capture_output=True, text=True,
-                          timeout=300 * len(outs), cwd=REPO, env=repo_env())
+    proc = subprocess.run([sys.executable, "-W", "ignore", *torchrun(nproc), __file__, "probe", *argv],
+                          capture_output=True, text=True, timeout=300 * len(outs), cwd=REPO, env=repo_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
     assert len(printed) == len(outs), proc.stdout[-3000:]
