@@ -99,11 +99,7 @@ class GRPOTrainModule(GPTTrainModule):
         self.reference_release, self.reference = reference, None
         self.samples, self.rollout, self.rollout_metrics = None, None, {}
         self.step, self.position = 0, 0
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
-        if cfg.prompts_per_step % self.dp_size:
-            raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the data-parallel size "
-                             f"({self.dp_size}): each rank samples whole groups")
+        self.dp_rank = parallel_state.get_data_parallel_rank()   # of self.dp_size (the stage checks they divide)
         if cfg.moe_router in ("bias_updates_off", "frozen"):
             for tconfig in self.tconfigs:
                 tconfig.moe_router_bias_update_rate = 0.0
@@ -145,9 +141,7 @@ class GRPOTrainModule(GPTTrainModule):
         if resets and self.step and self.step % cfg.reference_reset_steps == 0:
             self._reset_reference()
         started = time.perf_counter()
-        # Data parallelism: each rank samples a contiguous share of whole groups with those rows' own streams, so
-        # the ranks together draw the rollout one process would; then every rank holds the whole rollout, and the
-        # micro-batches give each its share of the update, as in pretraining.
+        # this rank's share: whole groups, each row with the stream it has in the whole rollout
         items, rank, ranks = self.rollout_items(index), self.dp_rank, self.dp_size
         share, rows = len(items) // ranks, len(items) // ranks * cfg.group_size
         seed = rollout_seed(cfg.seed, self.step)
@@ -157,16 +151,16 @@ class GRPOTrainModule(GPTTrainModule):
                           reply_prefix="<think>\n" if cfg.format == "r1" else "", scale_by_std=cfg.scale_by_std,
                           template=self.template,
                           row_seeds=row_seeds(seed, len(items) * cfg.group_size)[rank * rows:(rank + 1) * rows])
-        width = rollout.tokens.shape[1] - 1
-        if width > cfg.train.seq_length:
-            raise ValueError(f"a rollout needs {width} positions, more than train.seq_length ({cfg.train.seq_length})"
-                             f": raise it or shorten max_new_tokens / system_prompt")
         sampled = time.perf_counter()
         ref_logp = self._reference_logp(rollout) if self.reference is not None else None
         referenced = time.perf_counter()
         if ranks > 1:
             rollout, ref_logp = self._gather(rollout, ref_logp)
         seconds = time.perf_counter() - started
+        width = rollout.tokens.shape[1] - 1   # checked on the whole rollout: every rank raises, none waits
+        if width > cfg.train.seq_length:
+            raise ValueError(f"a rollout needs {width} positions, more than train.seq_length ({cfg.train.seq_length})"
+                             f": raise it or shorten max_new_tokens / system_prompt")
         self.samples = policy_samples(rollout, seq_length=cfg.train.seq_length,
                                       global_batch_size=cfg.train.global_batch_size, ref_logp=ref_logp)
         position = self.consumed_samples

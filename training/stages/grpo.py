@@ -24,7 +24,7 @@ from training.stages.parent import fetch_parent, pin_parent, record_parent, star
 from training.stages.pretrain import trained_outcome
 
 # The step metrics the manifest keeps (the last step's), besides the trainer's.
-FINAL_METRICS = ("reward", "accuracy", "format_rate", "kl", "clip_fraction", "response_length",
+FINAL_METRICS = ("reward", "accuracy", "format_rate", "kl", "clip_fraction", "entropy", "response_length",
                  "zero_advantage_groups")
 
 

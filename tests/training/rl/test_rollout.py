@@ -89,7 +89,8 @@ def _probe() -> dict:
                        "generated": g.token_ids, "stop_reason": g.stop_reason, "text": g.text,
                        "row": a.tokens[i].tolist(), "mask": a.response_mask[i].nonzero().view(-1).tolist(),
                        "rollout_stop_reason": a.stop_reasons[i], "completion": a.completions[i],
-                       "old_logp_off_mask": a.old_logp[i][~a.response_mask[i]].abs().max().item()}
+                       "old_logp_off_mask": a.old_logp[i][~a.response_mask[i]].abs().max().item(),
+                       "old_logp": a.old_logp[i][a.response_mask[i]].tolist()}
                       for i, g in enumerate(gens)]
     out["shapes"] = {name: list(getattr(a, name).shape) for name in
                      ("tokens", "response_mask", "old_logp", "rewards", "advantages")}
@@ -199,6 +200,8 @@ def test_group_advantages_and_flat_group(probe):
     assert stats["response_length"] == pytest.approx(sum(lengths) / len(lengths))
     cut = sum(s["stop_reason"] == "max_new_tokens" for s in probe["samples"])
     assert stats["truncated_fraction"] == pytest.approx(cut / len(probe["samples"]))
+    old_logp = [lp for s in probe["samples"] for lp in s["old_logp"]]
+    assert stats["entropy"] == pytest.approx(-sum(old_logp) / len(old_logp), rel=1e-5) and stats["entropy"] > 0
     # where the rollout's time went (benchmarks/grpo.py reads these from MLflow)
     assert all(stats[f"seconds/{phase}"] > 0 for phase in ("generate", "old_logp", "rewards"))
 

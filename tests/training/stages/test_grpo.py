@@ -19,7 +19,8 @@ from tests.support.processes import REPO, kill_after, repo_env, torchrun
 
 METRICS = ("grpo_loss", "kl", "clip_fraction", "reward", "reward/format", "reward/accuracy", "reward/language",
            "accuracy", "format_rate", "response_length", "zero_advantage_groups", "rollout_tokens_per_s",
-           "update_tokens_per_s", "rollout", "mtp_loss")
+           "update_tokens_per_s", "rollout", "mtp_loss", "entropy", "seconds/generate", "seconds/old_logp",
+           "seconds/rewards", "seconds/reference", "seconds/update")
 # μ = 1, the reference replaced by the policy every 2 steps, a checkpoint every step, the biases updating.
 RESETTING = ("updates_per_rollout=1", "reference_reset_steps=2", "train.save_interval=1", "train.keep_last=4",
              "moe_router=as_trained")
