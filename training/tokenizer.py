@@ -44,6 +44,7 @@ FILE_END = _special("end", "of", "file")
 USER = f"<{_BAR}User{_BAR}>"                         # chat turns (post-training)
 ASSISTANT = f"<{_BAR}Assistant{_BAR}>"
 THINK_BEGIN, THINK_END = "<think>", "</think>"
+REASONING_OPENER = f"{THINK_BEGIN}\n"   # how R1's reasoning reply opens (its chat template)
 
 SPECIAL_TOKENS = (BOS, EOD, PAD, FIM_BEGIN, FIM_HOLE, FIM_END, REPO_NAME_BEGIN, REPO_NAME_END, FILE_NAME_BEGIN,
                   FILE_NAME_END, FILE_BEGIN, FILE_END, USER, ASSISTANT, THINK_BEGIN, THINK_END)

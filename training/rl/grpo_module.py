@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from training.rl import rewards as R
+from training.tokenizer import REASONING_OPENER
 from training.rl.policy_loss import GRPOLoss, policy_samples
 from training.eval.generate import row_seeds
 from training.rl.rollout import Rollout, collect, concat, label_logp, rollout_seed, row_lengths
@@ -148,7 +149,7 @@ class GRPOTrainModule(GPTTrainModule):
         rollout = collect(self.generator, items[rank * share:(rank + 1) * share], group_size=cfg.group_size,
                           rewards=self.rewards, weights=self.weights, max_new_tokens=cfg.max_new_tokens, seed=seed,
                           temperature=cfg.temperature, top_p=cfg.top_p, system_prompt=cfg.system_prompt,
-                          reply_prefix="<think>\n" if cfg.format == "r1" else "", scale_by_std=cfg.scale_by_std,
+                          reply_prefix=REASONING_OPENER if cfg.format == "r1" else "", scale_by_std=cfg.scale_by_std,
                           template=self.template,
                           row_seeds=row_seeds(seed, len(items) * cfg.group_size)[rank * rows:(rank + 1) * rows])
         sampled = time.perf_counter()

@@ -29,6 +29,7 @@ from training.stages.lifecycle import Outcome, StageRun, run_stage
 from training.stages.parent import fetch_parent, pin_parent, record_parent, started_from
 from training.stages.pretrain import trained_outcome
 from training.stages.sft import build_trainer, pack_conversations, with_epoch_steps
+from training.tokenizer import REASONING_OPENER
 from training.tracking import tracking_uri
 from training.verify import tasks
 
@@ -69,14 +70,17 @@ def sampling(cfg: DistillConfig) -> dict:
 
 
 def distill(cfg: DistillConfig, teacher: dict, base: dict | None, stage: StageRun) -> Outcome:
+    from training.model.release import read_model_config
     from training.train.trainer import InitialWeights
 
     with distributed(ParallelConfig(), cfg.seed) as info:   # every rank a whole teacher: generation only
         traces = teacher_traces(cfg, teacher, stage, info)
         info = student_layout(cfg)
-        if cfg.student == "teacher":
-            cfg = with_teacher_architecture(cfg, base, stage)
-        release = fetch_parent(cfg, base, stage) if base else None
+        if cfg.student == "teacher":   # the teacher's own architecture, whatever `model` says
+            release = fetch_parent(cfg, base, stage, allowed=frozenset(type(cfg.model).model_fields))
+            cfg = cfg.model_copy(update={"model": read_model_config(release)})
+        else:
+            release = fetch_parent(cfg, base, stage) if base else None
         packed, data = pack_conversations(cfg, traces["uri"], stage, generated=True)
         cfg = with_epoch_steps(cfg, len(packed))
         print(f"{stage.name}: {data['conversations']} traces in {len(packed)} sequences of {cfg.train.seq_length} "
@@ -95,15 +99,6 @@ def distill(cfg: DistillConfig, teacher: dict, base: dict | None, stage: StageRu
     outcome.metrics.update({"traces_kept": counts["kept"], "rejection_rate": counts["rejection_rate"]})
     outcome.result.update(teacher=traces["teacher"]["uri"], rejection_rate=counts["rejection_rate"])
     return outcome
-
-
-def with_teacher_architecture(cfg: DistillConfig, teacher: dict, stage: StageRun) -> DistillConfig:
-    """`cfg` whose student `model` is the teacher release's architecture (`student: teacher`)."""
-    from training.model.release import read_model_config
-
-    release = registry.resolve_release_on_every_rank(teacher["uri"], tracking_uri=tracking_uri(cfg),
-                                                     into=stage.directory / "init")
-    return cfg.model_copy(update={"model": read_model_config(release)})
 
 
 def student_layout(cfg: DistillConfig):
@@ -198,7 +193,7 @@ def sample_and_grade(cfg: DistillConfig, release, items: list, info) -> tuple[li
     template = ChatTemplate(generator.tok)
     k = cfg.samples_per_prompt
     repeated = [item for item in items for _ in range(k)]   # one sampling stream per copy of a prompt
-    opener = "<think>\n" if cfg.reasoning else ""             # a reasoning teacher's reply opens inside <think>
+    opener = REASONING_OPENER if cfg.reasoning else ""   # a reasoning teacher's reply opens inside <think>
     prefix = generator.encode(opener) if opener else []
     outs = generator.generate([template.prompt([Message("user", item.prompt)]) + prefix for item in repeated],
                               cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,

@@ -54,12 +54,15 @@ def check_lengths(cfg: GrpoConfig, items: list) -> None:
     less one: label positions)."""
     from training.data.chat import ChatTemplate, Message
     from training.rl.grpo_module import InstructionTemplate
+    from training.tokenizer import REASONING_OPENER
     from training.vocabulary import vocabulary
 
-    template = InstructionTemplate(ChatTemplate(vocabulary(cfg.model.vocab_merges).tokenizer))
+    tokenizer = vocabulary(cfg.model.vocab_merges).tokenizer
+    template = InstructionTemplate(ChatTemplate(tokenizer))
     system = [Message("system", cfg.system_prompt)] if cfg.system_prompt else []
     longest = max(len(template.prompt([*system, Message("user", item.prompt)])) for item in items)
-    prefix = 2 if cfg.format == "r1" else 0   # "<think>\n" after the Assistant token
+    opener = REASONING_OPENER if cfg.format == "r1" else ""   # after the Assistant token, as the rollout writes it
+    prefix = len(tokenizer.encode(opener, add_special_tokens=False).ids)
     if longest + prefix + cfg.max_new_tokens > cfg.train.seq_length:
         raise GrpoError(f"train.seq_length ({cfg.train.seq_length}) is shorter than the longest prompt ({longest} "
                         f"tokens with system_prompt) + {prefix} + max_new_tokens ({cfg.max_new_tokens}): raise it")
@@ -124,7 +127,8 @@ def build_trainer(cfg: GrpoConfig, items: list, release, stage: StageRun, info, 
         def post_step(self, trainer, metrics: dict) -> None:
             self.metrics = metrics
 
-    module = GRPOTrainModule(cfg, info.device, items=items, reference=release if cfg.beta > 0 or cfg.track_kl else None,
+    reference = release if cfg.beta > 0 or cfg.track_kl else None
+    module = GRPOTrainModule(cfg, info.device, items=items, reference=reference,
                              directory=stage.directory, label=stage.name)
     last = LastStep()
     trainer = Trainer(module, cfg.train, info, label=stage.name, directory=stage.directory, run_root=cfg.run_root,
