@@ -9,8 +9,8 @@ completions for each of `grpo.prompts_per_step` prompts of the task suite's trai
 (the task checkers; code in the sandbox), advantages are relative to each prompt's group (DeepSeekMath §4.1.2), and
 the policy is updated `grpo.updates_per_rollout` times on the rollout with the clipped objective (`grpo.epsilon`) and
 a KL penalty (`grpo.beta`) to the frozen initial model (replaced by the policy every `grpo.reference_reset_steps`
-steps when set). One process, one GPU: rollouts under model or data parallelism are not built yet, and such a layout
-fails validation naming the field. Checkpoints, the release, sample tables and the manifest (the parent release as
+steps when set). One torchrun process per GPU: rollouts and updates run under data, pipeline and expert
+parallelism (tensor and context parallelism fail validation, naming the field). Checkpoints, the release, sample tables and the manifest (the parent release as
 lineage) land under `$SEEKFLOW_HOME/runs/seekflow_grpo/<run_id>/grpo/`; a retry resumes from the last checkpoint and
 redraws that rollout. Rewards, accuracy, format rate, KL, clip fraction, response length and throughput go to the
 stage's MLflow run. The trigger form is generated from `GrpoConfig`; fields left at the `tiny` preset's value take

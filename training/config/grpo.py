@@ -32,9 +32,10 @@ R1_ZERO_INSTRUCTION = (
     "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
     "<think> reasoning process here </think> <answer> answer here </answer>.")
 
-# Every model-parallel size the rollout cannot use yet: it samples on a whole replica of the policy.
-_MODEL_PARALLEL = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-                "expert_model_parallel_size", "virtual_pipeline_model_parallel_size")
+# The model-parallel sizes the rollout cannot decode under (training/eval/model_parallel.py): tensor parallelism
+# (megatron needs sequence parallelism with MoE, which splits the one decoded position) and context parallelism split
+# the sequence; virtual pipeline stages interleave chunks a decoding step does not walk.
+_NOT_FOR_ROLLOUTS = ("tensor_model_parallel_size", "context_parallel_size", "virtual_pipeline_model_parallel_size")
 
 
 class RewardWeights(Section):
@@ -50,13 +51,13 @@ class RewardWeights(Section):
 
 
 class GrpoConfig(TrainingConfig):
-    """Under torchrun, one process per GPU, data-parallel only (no model-parallel size above 1): every rank samples
-    its share of each rollout through the KV cache over its own replica of the policy, a frozen reference scores
-    them, and the policy is updated `updates_per_rollout` times on each whole rollout."""
+    """Under torchrun, one process per GPU, data-, pipeline- and expert-parallel: every data-parallel rank samples its
+    share of each rollout through the KV cache on its shard of the policy, a frozen reference scores them, and the
+    policy is updated `updates_per_rollout` times on each whole rollout."""
 
     stage_spec: ClassVar[StageSpec] = StageSpec(
         # A retry resumes from the last checkpoint and redraws that step's rollout (rollout_seed): nothing else to keep.
-        kind="grpo", launcher="torchrun", retries=3, retry_delay_minutes=5,   # one process per GPU: data parallel
+        kind="grpo", launcher="torchrun", retries=3, retry_delay_minutes=5,   # one process per GPU
         timeout_minutes=24 * 60,
         # R1-Zero applies RL to the *base* model, with no SFT first (R1 §2.2): the pretrain stage's release.
         inputs=(StageInput("init_checkpoint", upstream="pretrain"),),
@@ -127,11 +128,11 @@ class GrpoConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _check_grpo(self) -> "GrpoConfig":
-        for name in _MODEL_PARALLEL:
+        for name in _NOT_FOR_ROLLOUTS:
             size = getattr(self.parallel, name)
             if size is not None and size > 1:
-                raise ValueError(f"parallel.{name} is {size}: grpo's rollouts run on whole replicas of the policy "
-                                 f"(data parallelism); rollouts under model parallelism are not built yet (use 1)")
+                raise ValueError(f"parallel.{name} is {size}: grpo's rollouts decode under data, pipeline and expert "
+                                 f"parallelism only; under this one they are not built (use 1)")
         rollout = self.prompts_per_step * self.group_size
         if self.train.global_batch_size != rollout:
             raise ValueError(f"train.global_batch_size ({self.train.global_batch_size}) must equal prompts_per_step "

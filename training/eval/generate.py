@@ -27,6 +27,7 @@ import torch
 from training import tokenizer as T
 from training.parallel.patches import cpu_device
 from training.eval.kv_cache import KVCache, hidden_states
+from training.eval.model_parallel import ModelParallelForward
 from training.eval.perplexity import nll_from_logits
 from training.vocabulary import vocabulary
 
@@ -74,9 +75,13 @@ def row_seeds(seed: int, count: int) -> list[int]:
 class Generator:
     """Generates from token-id prompts with a loaded GPTModel in eval mode (see training.model.release.load_release)."""
 
-    def __init__(self, gpt, max_positions: int, batch_size: int = 8, vocab_merges: int | None = None):
+    def __init__(self, gpt, max_positions: int, batch_size: int = 8, vocab_merges: int | None = None,
+                 model_parallel: bool = False):
         self.gpt, self.max_positions, self.batch_size = gpt, max_positions, batch_size
         self.device = next(gpt.parameters()).device      # inputs follow the weights (CPU here, a GPU elsewhere)
+        # `gpt` is this rank's shard of a pipeline/expert-parallel model: its forwards span the ranks
+        # (model_parallel.py); every rank of the model calls generate and token_nll alike, with the same row counts.
+        self.shards = ModelParallelForward(gpt) if model_parallel else None
         # Prompts and outputs are DeepSeek token ids; a vocabulary-subset model (model.vocab_merges) sees rows.
         self.vocabulary = vocabulary(vocab_merges)
         self.tok = self.vocabulary.tokenizer
@@ -107,6 +112,8 @@ class Generator:
         seeds = list(seeds) if seeds is not None else row_seeds(seed, len(prompts))
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if self.shards and not use_cache:
+            raise ValueError("a model-parallel Generator decodes through the KV cache only (use_cache=True)")
         # Batches of similar lengths: a cached batch steps through its longer prompts one position at a time.
         order = sorted(range(len(prompts)), key=lambda i: len(checked[i]))
         out: list[Generation | None] = [None] * len(prompts)
@@ -143,19 +150,26 @@ class Generator:
     def _decode_cached(self, rows: list[_Row], settings: _Settings) -> None:
         """Megatron's static-batching schedule (kv_cache.py): prefill to the shortest prompt, then one position per
         step; a row inside its prompt is fed its prompt's next token, a row past it the token it just took. Rows
-        that end leave the cache."""
+        that end leave the cache. Model-parallel: every step is a forward across the ranks (model_parallel.py)."""
         longest = max(len(r.seq) for r in rows)
-        cache = KVCache(self.gpt, len(rows), min(self.max_positions, longest + settings.max_new_tokens))
+        cache = KVCache(self.gpt, len(rows), min(self.max_positions, longest + settings.max_new_tokens),
+                        forward=self.shards.forward if self.shards else None)
         start = min(len(r.seq) for r in rows)
         live = rows
         hidden = cache.step(self._to_rows(torch.tensor([r.seq[:start] for r in live])))   # [batch, h]
         while True:
             ready = [i for i, r in enumerate(live) if len(r.seq) == cache.length]   # past their prompt
             if ready:
-                self._take([live[i] for i in ready], hidden[ready], settings)
+                self._take([live[i] for i in ready], None if hidden is None else hidden[ready], settings)
             keep = [i for i, r in enumerate(live) if r.reason is None]
+            if self.shards and not keep:   # expert-parallel lockstep: idle until every rank's rows have ended
+                while self.shards.any_live(False):
+                    self.shards.idle(self.pad_id, self._to_rows)
+                return
             if not keep:
                 return
+            if self.shards:
+                self.shards.any_live(True)   # (this rank's answer: its rows are live, so is the step)
             if len(keep) < len(live):
                 cache.keep(keep)
                 live = [live[i] for i in keep]
@@ -165,8 +179,10 @@ class Generator:
         return self.vocabulary.to_rows(ids.to(self.device))
 
     def _take(self, rows: list[_Row], hidden: torch.Tensor, settings: _Settings) -> None:
-        """Choose each row's next token from its last hidden state [rows, h] and apply the stopping rules."""
-        logits = self._logits(hidden).cpu()
+        """Choose each row's next token from its last hidden state [rows, h] (None on a pipeline stage before the
+        last: the last one's logits are broadcast) and apply the stopping rules."""
+        logits = (self.shards.from_last_stage(lambda: self._logits(hidden)) if self.shards
+                  else self._logits(hidden)).cpu()
         uniforms = (torch.cat([torch.rand(1, generator=r.rng) for r in rows]) if settings.temperature > 0
                     else None)
         tokens = self.vocabulary.to_ids(sample(logits, settings.temperature, settings.top_p, uniforms))
@@ -187,13 +203,19 @@ class Generator:
     def token_nll(self, tokens: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """Per-position NLL [batch, seq-1] of tokens[:, 1:] given the prefix (float64 for a stable sum)."""
         tokens = self._to_rows(tokens)
-        hidden = hidden_states(self.gpt, tokens)                          # [seq, batch, h]
+        if self.shards:   # computed on the last pipeline stage, the same values on every stage
+            hidden = self.shards.forward(tokens)
+            return self.shards.from_last_stage(lambda: self._nll(hidden, tokens, chunk)).cpu()
+        return self._nll(hidden_states(self.gpt, tokens), tokens, chunk).cpu()
+
+    def _nll(self, hidden: torch.Tensor, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+        """[batch, seq-1] NLLs of tokens[:, 1:] from the final hidden states [seq, batch, h]."""
         targets = tokens[:, 1:].t()                                      # [seq-1, batch]
         parts = []
         for s in range(0, targets.shape[0], chunk):                      # bounds the [chunk, batch, vocab] logits
             logits = self._logits(hidden[s:min(s + chunk, targets.shape[0])])
             parts.append(nll_from_logits(logits, targets[s:s + chunk]))
-        return torch.cat(parts).t().cpu()
+        return torch.cat(parts).t()
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`project`, with the padding rows of a vocabulary subset (rows no token maps to) never chosen or scored."""

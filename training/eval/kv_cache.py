@@ -47,12 +47,15 @@ class KVCache:
     """Incremental decoding of a batch of `batch_size` rows, up to `max_length` positions, through megatron-core's
     `StaticInferenceContext`. Every row advances by the same number of positions per `step`."""
 
-    def __init__(self, gpt, batch_size: int, max_length: int):
+    def __init__(self, gpt, batch_size: int, max_length: int, forward=None):
         from megatron.core.inference.contexts import StaticInferenceContext
 
         if gpt.training:
             raise ValueError("KVCache needs the model in eval mode (megatron's inference path is taken only then)")
         self.gpt = gpt
+        # `forward(tokens, positions, context)`: the final hidden states, or None on a pipeline stage before the last
+        # (model_parallel.ModelParallelForward.forward); default: the whole model in this process
+        self.forward = forward or (lambda tokens, positions, context: hidden_states(gpt, tokens, positions, context))
         self.context = StaticInferenceContext(max_batch_size=batch_size, max_sequence_length=max_length)
 
     @property
@@ -60,17 +63,17 @@ class KVCache:
         """Positions every row has in the cache."""
         return self.context.sequence_len_offset
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Feed `tokens` [batch, n] at positions length .. length + n - 1; the final-norm hidden state of each row's
-        last position [batch, hidden]."""
+        last position [batch, hidden] (None on a pipeline stage before the last)."""
         start = self.length
         if start + tokens.shape[1] > self.context.max_sequence_length:
             raise ValueError(f"{start} cached + {tokens.shape[1]} new positions exceed the cache's "
                              f"{self.context.max_sequence_length}")
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
-        hidden = hidden_states(self.gpt, tokens, positions, self.context)
+        hidden = self.forward(tokens, positions, self.context)
         self.context.increment_sequence_len_offset(tokens.shape[1])
-        return hidden[-1]
+        return None if hidden is None else hidden[-1]
 
     def keep(self, rows: Sequence[int]) -> None:
         """Drop every batch row but `rows` (in this order) from the cache, e.g. rows that finished: later steps

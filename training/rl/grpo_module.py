@@ -10,11 +10,14 @@ the initial release, `-token_nll`; none when beta is 0). `policy_samples` lays t
 and the micro-batches are reopened over it at the current data position; the next μ steps are the ordinary megatron
 step with `GRPOLoss`, each on the whole rollout.
 
-Data parallelism. With D ranks (every model-parallel size 1: each rank holds a whole replica of the policy), rank r
-samples the r-th D-th of the rollout's prompts, whole groups, with those rows' own random streams (`row_seeds`), and
-scores them; the shares are then gathered, in rank order, so that every rank holds the rollout one process would
-have drawn (up to the float sums of other generation batches), and the micro-batches hand each rank its share of
-the update as in pretraining.
+Parallelism. With D data-parallel ranks, rank r samples the r-th D-th of the rollout's prompts, whole groups, with
+those rows' own random streams (`row_seeds`), and scores them; the shares are then gathered, in rank order, so that
+every rank holds the rollout one process would have drawn (up to the float sums of other generation batches), and
+the micro-batches hand each rank its share of the update as in pretraining. Under pipeline and expert parallelism
+the rollout decodes on this rank's shard of the policy (`chunks[0]`, the weights the update trains), every forward
+spanning the model's ranks: the stages of a pipeline pass hidden states on and share the last stage's logits, and
+expert-parallel ranks, which sample different prompts, decode in lockstep (training/eval/model_parallel.py). The
+reference is loaded sharded the same way.
 
 Resume. A rollout is a pure function of the weights and of the step it is drawn at (items by rollout index, sampling
 seed `rollout_seed(seed, step)`), and the config puts every checkpoint on a rollout boundary (save_interval a
@@ -35,7 +38,6 @@ and clip fraction.
 """
 from __future__ import annotations
 
-import os
 import random
 import time
 from pathlib import Path
@@ -92,8 +94,12 @@ class GRPOTrainModule(GPTTrainModule):
                          frozen=is_router if cfg.moe_router == "frozen" else None)
         self.items, self.label, self.directory = items, label, directory
         self.order = random.Random(cfg.seed).sample(range(len(items)), len(items))
+        # pipeline / expert parallelism: the rollout decodes on this rank's shard, in step with the other ranks
+        self.shard = {name: getattr(parallel_state, f"get_{name}_model_parallel_rank")() for name in ("pipeline", "expert")}
+        self.model_parallel = max(parallel_state.get_pipeline_model_parallel_world_size(),
+                                  parallel_state.get_expert_model_parallel_world_size()) > 1
         self.generator = Generator(self.chunks[0], cfg.model.max_position_embeddings, cfg.generation_batch_size,
-                                   vocab_merges=cfg.model.vocab_merges)
+                                   vocab_merges=cfg.model.vocab_merges, model_parallel=self.model_parallel)
         self.template = InstructionTemplate(ChatTemplate(self.generator.tok))
         self.rewards = R.standard(cfg.format, cfg.language)
         self.weights = cfg.rewards.model_dump()
@@ -101,6 +107,7 @@ class GRPOTrainModule(GPTTrainModule):
         self.samples, self.rollout, self.rollout_metrics = None, None, {}
         self.step, self.position = 0, 0
         self.dp_rank = parallel_state.get_data_parallel_rank()   # of self.dp_size (the stage checks they divide)
+        self.is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         if cfg.moe_router in ("bias_updates_off", "frozen"):
             for tconfig in self.tconfigs:
                 tconfig.moe_router_bias_update_rate = 0.0
@@ -173,7 +180,7 @@ class GRPOTrainModule(GPTTrainModule):
             "rollout_tokens_per_s": response_tokens / seconds, "rollout": float(index),
             "seconds/reference": referenced - sampled, "seconds/gather": started + seconds - referenced}
         last = self.step + cfg.updates_per_rollout
-        if self.dp_rank == 0:   # one report of the whole rollout
+        if self.is_main:   # one report of the whole rollout
             print(f"{self.label}: rollout {index} for steps {self.step + 1}-{last}: reward {stats['reward']:.4f} "
                   f"accuracy {stats['reward/accuracy']:.4f} format {stats['reward/format']:.4f} "
                   f"zero-advantage groups {stats['zero_advantage_groups']:.2f}, {len(rollout)} completions, "
@@ -203,7 +210,7 @@ class GRPOTrainModule(GPTTrainModule):
         from training.eval.generate import Generator
         from training.model.release import load_release
 
-        gpt, model = load_release(self.reference_release)
+        gpt, model = load_release(self.reference_release, self.cfg.parallel)   # sharded as the policy is
         gpt.to(self.device)
         gpt.requires_grad_(False)
         every = self.cfg.reference_reset_steps   # a step on a reset redraws with a fresh reset: the one before
@@ -217,10 +224,12 @@ class GRPOTrainModule(GPTTrainModule):
                 raise ValueError(f"reference weights of step {last_reset} do not fit the model: missing "
                                  f"{missing[:4]}, unexpected {unexpected[:4]}")
         return Generator(gpt, model.max_position_embeddings, self.cfg.generation_batch_size,
-                         vocab_merges=model.vocab_merges)
+                         vocab_merges=model.vocab_merges, model_parallel=self.model_parallel)
 
     def _reference_file(self, step: int) -> Path:
-        return self.directory / "reference" / f"step_{step:06d}.safetensors"
+        """The reset reference's weights of this rank's shard (one file per pipeline stage and expert shard)."""
+        shard = "".join(f".{name[0]}p{rank}" for name, rank in self.shard.items()) if self.model_parallel else ""
+        return self.directory / "reference" / f"step_{step:06d}{shard}.safetensors"
 
     def _reset_reference(self) -> None:
         """The reference becomes the current policy (R1-Zero: every 400 steps); its weights are kept for a resume."""
@@ -230,11 +239,13 @@ class GRPOTrainModule(GPTTrainModule):
                  if isinstance(value, torch.Tensor)}
         self.reference.gpt.load_state_dict(state, strict=False)
         path = self._reference_file(self.step)
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:   # one writer per node: the data-parallel replicas agree
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
-            save_file({key: value.contiguous() for key, value in state.items()}, str(partial))
-            partial.replace(path)
+        # Every rank writes its shard (data-parallel replicas the same bytes, each through its own partial file): a
+        # resume on any node, whether the stage directory is shared or node-local, finds the file it needs.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        partial = path.with_suffix(f".partial{rank}")
+        save_file({key: value.contiguous() for key, value in state.items()}, str(partial))
+        partial.replace(path)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         print(f"{self.label}: the reference is now the policy of step {self.step}", flush=True)

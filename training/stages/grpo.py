@@ -1,6 +1,6 @@
 """The `grpo` stage: Group Relative Policy Optimization with rule-based rewards, DeepSeek-R1-Zero's recipe
-(DeepSeekMath §4.1; DeepSeek-R1 §2.2), in one process or data-parallel (each rank samples its share of every
-rollout: training/rl/grpo_module.py).
+(DeepSeekMath §4.1; DeepSeek-R1 §2.2), in one process or under data, pipeline and expert parallelism (each
+data-parallel rank samples its share of every rollout on its shard of the policy: training/rl/grpo_module.py).
 
 config -> prompts (the task suite's train split, generated) + rewards (format, accuracy by the task checkers,
 language consistency; training/rl/rewards.py) -> the GRPO train module (training/rl/grpo_module.py: every
@@ -83,7 +83,9 @@ def train(cfg: GrpoConfig, parent: dict, stage: StageRun) -> Outcome:
     from training.train.trainer import InitialWeights
 
     with distributed(cfg.parallel, cfg.seed) as info:
-        check_data_parallel(cfg, info.world_size)   # the config refuses every model-parallel size above 1
+        from megatron.core import parallel_state
+
+        check_data_parallel(cfg, parallel_state.get_data_parallel_world_size())
         release = fetch_parent(cfg, parent, stage, allowed=type(cfg.model).CONTEXT_FIELDS)
         cfg = with_parent_context(cfg, release)
         items = prompts(cfg)
@@ -91,7 +93,7 @@ def train(cfg: GrpoConfig, parent: dict, stage: StageRun) -> Outcome:
         if info.is_main:
             print(f"{stage.name}: {len(items)} prompts, {cfg.prompts_per_step} x G = {cfg.group_size} completions a "
                   f"rollout, {cfg.updates_per_rollout} update(s) each, {cfg.train.steps} steps on {info.world_size} "
-                  f"data-parallel rank(s)", flush=True)
+                  f"rank(s), {parallel_state.get_data_parallel_world_size()} data-parallel", flush=True)
         with stage.tracking(enabled=info.is_main) as mlflow_run:
             start = InitialWeights(parent["uri"], lambda: record_parent(stage, parent, release))
             metrics, logged = build_trainer(cfg, items, release, stage, info, start, mlflow_run)

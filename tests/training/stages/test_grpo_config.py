@@ -37,10 +37,9 @@ def test_defaults_are_r1_zeros_and_the_input_is_the_base_model():
     ({"grpo.updates_per_rollout": 2, "grpo.reference_reset_steps": 3},
      "reference_reset_steps (3) must be a multiple of updates_per_rollout (2)"),
     ({"grpo.parallel.tensor_model_parallel_size": 2, "grpo.parallel.sequence_parallel": True},
-     ("parallel.tensor_model_parallel_size is 2: grpo's rollouts run on whole replicas of the policy (data "
-      "parallelism); rollouts under model parallelism are not built yet")),
-    ({"grpo.parallel.expert_model_parallel_size": 2}, "parallel.expert_model_parallel_size is 2"),
-    ({"grpo.parallel.pipeline_model_parallel_size": 3}, "parallel.pipeline_model_parallel_size is 3"),
+     ("parallel.tensor_model_parallel_size is 2: grpo's rollouts decode under data, pipeline and expert "
+      "parallelism only; under this one they are not built")),
+    ({"grpo.parallel.context_parallel_size": 2}, "parallel.context_parallel_size is 2"),
     ({"grpo.max_new_tokens": 192}, "max_new_tokens (192) must be below train.seq_length (192)"),
     ({"grpo.group_size": 1}, "grpo.group_size: Input should be greater than or equal to 2"),
     ({"grpo.moe_router": "fixed"}, "grpo.moe_router: Input should be 'bias_updates_off', 'frozen' or 'as_trained'"),
