@@ -1,4 +1,5 @@
-"""The embedded default backend: the job runs as local processes (`torchrun` or `python`) on this machine.
+"""The embedded default backend: the job runs as local processes on this machine: `torchrun` for a torchrun stage with
+more than one process per node, otherwise `python` itself.
 
 Output is streamed line by line into the task log. The job gets its own process group, so `kill()` reaches torchrun
 and every worker it spawned; and each job asks the kernel to SIGTERM it if the Airflow task process dies first
@@ -104,7 +105,9 @@ class LocalBackend:
     def command(self, spec: JobSpec, config_path: str) -> list[str]:
         if spec.nodes != 1:
             raise ValueError(f"the local backend runs on one machine; {spec.stage} asks for {spec.nodes} nodes")
-        if spec.launcher == "python":
+        # One process needs no rendezvous: torchrun's agent would add ~1.5 s of start-up and nothing else (the stage
+        # initialises a one-process group itself: training/parallel/setup.py).
+        if spec.launcher == "python" or spec.procs_per_node == 1:
             return [self.python, *spec.training_args(config_path)]
         return [self.python, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={spec.procs_per_node}",
                 # Port 0: the rendezvous store binds a free port itself (as --standalone does); a port picked here

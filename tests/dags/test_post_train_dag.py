@@ -30,7 +30,8 @@ def test_the_r1_recipe_registers_each_step_with_its_parent_and_gates_the_last(da
         "sft.tasks.train_items": 8,   # the prompts the teacher answers, now written as reasoning turns
         # the cold start learns the 8 reasoning turns (~18 s); the GRPO steps move the policy little, so that the
         # rejection sampling still finds correct replies to keep (micro grpo's lr of 3e-3 wrecks it in one step)
-        "overrides": {"sft_cold_start.train.steps": 120, "sft_rejection.train.steps": 2,
+        "overrides": {"sft_cold_start.train.steps": 120, "sft_cold_start.train.save_interval": 120,   # one save
+                      "sft_rejection.train.steps": 2,
                       # the Hugging Face export is the pipeline test's to check: not four times here
                       **{f"register_{step}.export_hf": False for step in R1_STEPS},
                       **{f"{step}.{key}": value for step in ("grpo_reasoning", "grpo_all") for key, value in (

@@ -26,8 +26,9 @@ METRICS = ("grpo_loss", "kl", "clip_fraction", "reward", "reward/format", "rewar
 # numbers of steps; a learning rate that moves it without wrecking it (micro's 3e-3 is for the 2-step chat parent);
 # the routers frozen (their weights as the parent's; the biases too, as bias_updates_off, the micro default, keeps).
 TEACHER = ("moe_router=frozen", "optimizer.lr=1e-5", "optimizer.min_lr=1e-5")
-# Each layout is one torchrun launch of 2 ranks, to draw and train what one process does.
-LAYOUTS = {"DP2": (), "EP2": ("parallel.expert_model_parallel_size=2",),
+# Each layout is one torchrun launch of 2 ranks, to draw and train what one process does. (EP2 is data-parallel too:
+# each rank samples its share of the prompts and the shares are gathered, as under DP2.)
+LAYOUTS = {"EP2": ("parallel.expert_model_parallel_size=2",),
            "PP2": ("parallel.pipeline_model_parallel_size=2", "parallel.decoder_first_pipeline_num_layers=2")}
 # μ = 1, the reference replaced by the policy every 2 steps, a checkpoint every step, the biases updating.
 RESETTING = ("updates_per_rollout=1", "reference_reset_steps=2", "train.save_interval=1", "train.keep_last=4",
@@ -98,10 +99,10 @@ def test_grpo_trains_on_its_own_rollouts_and_records_its_lineage(uninterrupted, 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_ranks_in_each_layout_draw_and_train_what_one_process_does(layout, uninterrupted, micro_teacher,
                                                                        tmp_path):
-    """Under torchrun with 2 ranks: data-parallel, each samples one of the 2 prompts of every rollout (its rows' own
-    streams), the shares are gathered, and each rank trains on its half; expert-parallel, the same, the two ranks
-    decoding in lockstep on their halves of the experts; pipeline-parallel, both stages decode every row, passing
-    hidden states on. Each draws the same rollouts as one process and trains to the same losses."""
+    """Under torchrun with 2 ranks: expert-parallel (and so data-parallel), each rank samples one of the 2 prompts of
+    every rollout (its rows' own streams) on its half of the experts, in lockstep with the other, the shares are
+    gathered, and each rank trains on its half; pipeline-parallel, both stages decode every row, passing hidden
+    states on. Each draws the same rollouts as one process and trains to the same losses."""
     out = subprocess.run([sys.executable, "-W", "ignore", *torchrun(2), "-m", "training",
                           *arguments(tmp_path, micro_teacher, *TEACHER, *LAYOUTS[layout])],
                          capture_output=True, text=True, timeout=600, cwd=REPO, env=repo_env())
