@@ -16,7 +16,8 @@ tokens: room for the reasoning). Per seed it prints both accuracies, the gain in
 reward/format/KL at the first and last logged steps (the curves are in each run's MLflow store, `mlflow.db`). Every
 number is printed; nothing is tuned here.
 
-    .venv/bin/python benchmarks/grpo_learning.py [--seeds 1 2 3] [--out DIR] [--bases DIR] [--report]
+    .venv/bin/python benchmarks/grpo_learning.py [--seeds 1 2 3] [--out DIR] [--bases DIR | --cold-starts DIR]
+                                                 [--grpo-steps N] [--report]
 """
 from __future__ import annotations
 
@@ -55,8 +56,12 @@ def curve(root: Path, run_name: str) -> dict[str, list[float]]:
             for metric in ("reward", "format_rate", "accuracy", "kl")}
 
 
-def run_seed(seed: int, out: Path, bases: Path | None, tasks: list[str], items: int, steps: int) -> dict:
+def run_seed(seed: int, out: Path, bases: Path | None, tasks: list[str], items: int, steps: int,
+             cold_starts: Path | None = None) -> dict:
     root = out / f"seed{seed}"
+    if cold_starts:   # an earlier run's cold-start release of this seed: GRPO (and both scores) only
+        cold = cold_starts / f"seed{seed}" / "sft_cold_start" / "release"
+        return grpo_and_scores(seed, root, cold, tasks, steps, {})
     base = (bases / f"seed{seed}" / "pretrain" / "release") if bases else root / "pretrain" / "release"
     if not (base / "manifest.json").exists() and not bases:
         if not (out / "corpus" / "curate" / "manifest.json").is_file():
@@ -65,7 +70,10 @@ def run_seed(seed: int, out: Path, bases: Path | None, tasks: list[str], items: 
     seconds = {"cold_start": stage("sft", root, tracking(root), f"seed={seed}", "name=sft_cold_start",
                                    f"init_checkpoint={base}", "reasoning=true", f"tasks.train_items={items}",
                                    "epochs=2")}
-    cold = root / "sft_cold_start" / "release"
+    return grpo_and_scores(seed, root, root / "sft_cold_start" / "release", tasks, steps, seconds)
+
+
+def grpo_and_scores(seed: int, root: Path, cold: Path, tasks: list[str], steps: int, seconds: dict) -> dict:
     seconds["grpo"] = stage("grpo", root, tracking(root), f"seed={seed}", "name=grpo_reasoning",
                             f"init_checkpoint={cold}", *R1_FORMAT, f"train.steps={steps}", "train.save_interval=100")
     return {"seed": seed, "cold_start": accuracy(root, "evaluate_cold_start", cold, seed, tasks),
@@ -89,6 +97,8 @@ def main() -> int:
     parser.add_argument("--bases", type=Path, help="reuse the pretrained bases of an sft_learning.py run (its --out)")
     parser.add_argument("--cold-start-items", type=int, default=8000, help="cold-start records per task (R1 "
                                                                           "§2.3.1: thousands; the tiny sft's 8,000)")
+    parser.add_argument("--cold-starts", type=Path, help="reuse the cold-start releases of an earlier run (its "
+                                                           "--out): GRPO and the scores only")
     parser.add_argument("--grpo-steps", type=int, default=400, help="~20 minutes on 2 cores (the issue's budget)")
     parser.add_argument("--report", action="store_true", help="print the results.json of an earlier run; run nothing")
     args = parser.parse_args()
@@ -104,7 +114,8 @@ def main() -> int:
     else:
         results = []
         for seed in args.seeds:
-            results.append(run_seed(seed, out, args.bases, tasks, args.cold_start_items, args.grpo_steps))
+            results.append(run_seed(seed, out, args.bases, tasks, args.cold_start_items, args.grpo_steps,
+                                    args.cold_starts))
             report(results[-1])
             (out / "results.json").write_text(json.dumps(results, indent=2))
     gains = [r["grpo"] - r["cold_start"] for r in results]

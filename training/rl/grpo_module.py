@@ -33,8 +33,8 @@ router weights as loaded (no gradient, no optimizer state). `as_trained` leaves 
 Metrics (each step's dict; a step carries the values of the rollout it trained on): reward and `reward/<name>`,
 accuracy and format_rate (= reward/accuracy, reward/format), response_length, truncated_fraction,
 zero_advantage_groups, rollout_tokens_per_s (response tokens sampled and scored per second of the rollout phase),
-update_tokens_per_s (sequence tokens of the update per second), rollout (its index), with the loss's grpo_loss, kl
-and clip fraction.
+update_tokens_per_s (sequence positions of the update per second), sequence_length (the rollout's width, which
+the update trains at), rollout (its index), with the loss's grpo_loss, kl and clip fraction.
 """
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ class GRPOTrainModule(GPTTrainModule):
         metrics = super().train_step()
         update_s = time.perf_counter() - started
         self.step += 1
-        metrics.update(self.rollout_metrics, update_tokens_per_s=len(self.samples) * cfg.train.seq_length / update_s)
+        metrics.update(self.rollout_metrics, update_tokens_per_s=len(self.samples) * self.seq_length / update_s,
+                       sequence_length=float(self.seq_length))
         metrics["seconds/update"] = update_s   # with the rollout's seconds/<phase>: where a step's time goes
         return metrics
 
@@ -169,8 +170,12 @@ class GRPOTrainModule(GPTTrainModule):
         if width > cfg.train.seq_length:
             raise ValueError(f"a rollout needs {width} positions, more than train.seq_length ({cfg.train.seq_length})"
                              f": raise it or shorten max_new_tokens / system_prompt")
-        self.samples = policy_samples(rollout, seq_length=cfg.train.seq_length,
-                                      global_batch_size=cfg.train.global_batch_size, ref_logp=ref_logp)
+        # Trained at the rollout's own width, not padded to train.seq_length: padding is compute the update throws
+        # away (at the tiny preset's 192, two thirds of it). Every rank holds the whole rollout, so the pipeline's
+        # stages agree on the width of the activations they exchange.
+        self.seq_length = width
+        self.samples = policy_samples(rollout, seq_length=width, global_batch_size=cfg.train.global_batch_size,
+                                      ref_logp=ref_logp)
         position = self.consumed_samples
         super().start(self.step, position)   # micro-batches over the rollout, at the data position
         stats = rollout.stats

@@ -101,6 +101,7 @@ class GPTTrainModule(TrainModule):
             lr_decay_style=opt.decay_style if scheduler_cls is OptimizerParamScheduler else "constant",
             start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=train.steps, wd_incr_style="constant")
         self.flops_per_token = flops_per_token(cfg.model, train.seq_length)
+        self.seq_length = train.seq_length   # the micro-batches' length (GRPO trains each rollout at its own width)
         self.chunk_batches = None
         # Child-Tuning (training/train/child_tuning.py), a fine-tuning option: hooks on the optimizer that update
         # only a child network of the parameter elements. None when not configured.
@@ -159,7 +160,7 @@ class GPTTrainModule(TrainModule):
         reported = get_forward_backward_func()(
             forward_step_func=self.forward_step, model=self.wrapped,
             data_iterator=self.chunk_batches if len(self.wrapped) > 1 else self.batches,
-            num_microbatches=num_microbatches, seq_length=train.seq_length,
+            num_microbatches=num_microbatches, seq_length=self.seq_length,
             micro_batch_size=train.micro_batch_size, forward_only=False)
         # Child-Tuning masks this step's update inside the optimizer step (after clipping); it draws _F's mask from
         # the step number, which the scheduler counts (and checkpoints).

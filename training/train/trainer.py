@@ -147,7 +147,8 @@ class Trainer:
             if self.step % train.log_interval == 0 or self.step == train.steps:
                 steps_per_s = len(window) / max(time.time() - window_start, 1e-9)
                 logged = {key: sum(m.get(key, math.nan) for m in window) / len(window) for key in window[-1]}
-                tokens_per_step = sum(m["batch_size"] for m in window) / len(window) * train.seq_length
+                tokens_per_step = sum(m["batch_size"] * m.get("sequence_length", train.seq_length)
+                                      for m in window) / len(window)
                 logged.update(lr=metrics["lr"], batch_size=metrics["batch_size"], steps_per_s=steps_per_s,
                               tokens_per_s=steps_per_s * tokens_per_step)
                 logged.update(self._throughput(logged["tokens_per_s"], devices))
