@@ -58,9 +58,11 @@ class TrainLoopConfig(Section):
     log_interval: int = Field(10, ge=1, description="Steps between progress lines and MLflow metrics.")
     save_interval: int = Field(100, ge=1, description="Steps between checkpoints (the last step always saves).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
-    precision: Literal["fp32", "bf16"] = Field(
+    precision: Literal["fp32", "bf16", "fp8"] = Field(
         "fp32", description="fp32: everything in float32. bf16: megatron-core mixed precision, bf16 weights and "
-                            "activations with fp32 master weights, optimizer state and gradient reduction.")
+                            "activations with fp32 master weights, optimizer state and gradient reduction. fp8: "
+                            "bf16, with the linear layers' GEMMs in blockwise FP8 (DeepSeek-V3 §3.3; a CPU "
+                            "emulation: training/model/fp8_linear.py).")
     peak_flops_per_device: float | None = Field(None, gt=0, description="Peak FLOP/s of one device, for model "
                                                                         "FLOPs utilisation (None: no MFU metric).")
     batch_size_rampup: BatchSizeRampup | None = Field(

@@ -104,12 +104,13 @@ def _rope(model: ModelConfig) -> dict:
 
 
 def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initialization: bool = True,
-              seed: int | None = None, vp_stage: int | None = None, bf16: bool = False):
+              seed: int | None = None, vp_stage: int | None = None, bf16: bool = False, fp8: bool = False):
     """The GPTModel for this pipeline stage (pre/post process follow the pipeline rank), or, with a virtual pipeline,
     its model chunk `vp_stage` (chunk v of stage p holds the layers of virtual stage v x PP + p).
 
     With `bf16` the config asks for megatron-core's mixed precision; the caller wraps the model in its
-    `Float16Module` (bf16 weights, fp32 outputs) and gives the optimizer fp32 master weights.
+    `Float16Module` (bf16 weights, fp32 outputs) and gives the optimizer fp32 master weights. With `fp8` the linear
+    layers of the blocks run their GEMMs in FP8 (training/model/fp8_spec.py: DeepSeek-V3 §3.3).
 
     With `seed`, its weights are redrawn layout-invariantly (training/model/init.py): any parallel layout starts
     from the model one process would build. Without it, megatron's own (layout-dependent) init stays."""
@@ -144,6 +145,10 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initializ
         mtp_block_spec=mtp_spec,
         vp_stage=vp_stage,
     )
+    if fp8:
+        from training.model.fp8_spec import use_fp8_linears
+
+        use_fp8_linears(gpt)
     if seed is not None:
         from training.model.init import reinitialize
 

@@ -53,8 +53,8 @@ class GPTTrainModule(TrainModule):
 
         # With a virtual pipeline, each rank holds `vpp` model chunks (megatron's interleaved 1F1B schedule).
         vpp = cfg.parallel.virtual_pipeline_model_parallel_size
-        bf16 = train.precision == "bf16"
-        built = [build_gpt(cfg.model, cfg.parallel, seed=cfg.seed, vp_stage=v, bf16=bf16)
+        bf16 = train.precision in ("bf16", "fp8")   # fp8: bf16 mixed precision with the linears' GEMMs in FP8
+        built = [build_gpt(cfg.model, cfg.parallel, seed=cfg.seed, vp_stage=v, bf16=bf16, fp8=train.precision == "fp8")
                  for v in (range(vpp) if vpp else [None])]
         self.chunks, self.tconfigs = [gpt for gpt, _ in built], [config for _, config in built]
         for gpt in self.chunks:   # built (and seeded) on the CPU; trained on this rank's device
