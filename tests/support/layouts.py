@@ -59,3 +59,18 @@ def losses(run_root, metric: str = "lm_loss") -> dict[int, float]:
     runs = client.search_runs([client.get_experiment_by_name("seekflow").experiment_id],
                               order_by=["attributes.start_time DESC"])
     return {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, metric)}
+
+
+def rerun_from_step_2(run_root, cmd: list[str]) -> dict[int, float]:
+    """Rerun a finished 4-step `command` (saving every 2 steps) as if its job had died right after the step-2 save
+    (the step-4 checkpoint, its marker and the manifest gone); checks that it resumed there and returns the losses
+    of the rerun (steps 3 and 4)."""
+    import shutil
+
+    stage = run_root / "pretrain"
+    shutil.rmtree(stage / "checkpoints" / "iter_0000004")
+    (stage / "checkpoints" / "latest").write_text("2")
+    (stage / "manifest.json").unlink()
+    rerun = run(cmd)
+    assert "resumed from step 2 (8 samples consumed)" in rerun.stdout, rerun.stdout[-3000:]
+    return losses(run_root)

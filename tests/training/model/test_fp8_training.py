@@ -4,12 +4,11 @@ as a bf16 run does (fp32 masters in its checkpoints), and resumes bit for bit.""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from tests.support.layouts import STEPS, command, losses, run
+from tests.support.layouts import STEPS, command, losses, rerun_from_step_2, run
 from tests.support.processes import run_python
 
 PROBE = "tests/training/model/fp8_probe.py"
@@ -46,11 +45,5 @@ def test_fp8_trains_close_to_fp32_releases_bf16_weights_and_resumes_exactly(micr
     # evaluates as any release; the fp32 masters are in the checkpoints, which the resume below reads
     assert weights and {v.dtype for v in weights.values()} == {torch.bfloat16}
 
-    stage = tmp_path / "fp8" / "pretrain"   # as if the job died right after the step-2 save
-    shutil.rmtree(stage / "checkpoints" / "iter_0000004")
-    (stage / "checkpoints" / "latest").write_text("2")
-    (stage / "manifest.json").unlink()
-    rerun = run(fp8)
-    assert "resumed from step 2 (8 samples consumed)" in rerun.stdout, rerun.stdout[-3000:]
-    resumed = losses(tmp_path / "fp8")
+    resumed = rerun_from_step_2(tmp_path / "fp8", fp8)
     assert sorted(resumed) == [3, 4] and [resumed[3], resumed[4]] == [quantised[3], quantised[4]]   # bit for bit
