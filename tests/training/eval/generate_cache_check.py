@@ -3,7 +3,7 @@ and megatron's parallel state are process-global):
 
     torchrun --nproc-per-node 2 generate_cache_check.py save EP2 OUT_DIR [PP2 OUT_DIR ...]
         the layout model built (layout-invariantly, by seed) under each layout in turn, saved as a release in its
-        OUT_DIR
+        OUT_DIR, and decoded there on its shards (model_parallel.py), into OUT_DIR-decoded.json
     python generate_cache_check.py check OUT.json [RELEASE_DIR ...]
         for every model (below, then each release), greedy decoding with and without the cache, plus the stopping
         rules and sampling, written to OUT.json
@@ -23,6 +23,7 @@ import torch
 
 PROMPT_LENGTHS = (5, 11, 2, 17, 8)   # batched by length, 3 to a batch: (2, 5, 8) and (11, 17)
 NEW_TOKENS = 24
+SAMPLED = dict(max_new_tokens=8, temperature=1.5, top_p=0.9)
 
 
 def layout_model():
@@ -62,8 +63,45 @@ def save(*layouts_and_dirs: str) -> None:
         init_distributed(parallel, seed=0)
         gpt, _ = build_gpt(layout_model(), parallel, seed=7)
         checkpoint.save_release(Path(out_dir), gpt, layout_model())
+        gpt.eval()
+        decoded = decode_under_the_layout(gpt, layout)
+        if torch.distributed.get_rank() == 0:
+            decoded_file(out_dir).write_text(json.dumps(decoded))
         parallel_state.destroy_model_parallel()
     shutdown()
+
+
+def decoded_file(release) -> Path:
+    """Beside the release (whose directory holds only what its complete.json lists)."""
+    return Path(release).parent / f"{Path(release).name}-decoded.json"
+
+
+def decode_under_the_layout(gpt, layout: str) -> dict:
+    """Greedy and sampled decoding on this rank's shard (training/eval/model_parallel.py). EP2: rank 0 decodes
+    prompts 0-1 and rank 1 prompts 2-4, whose lengths differ (30 and 39 decoding steps: rank 0 idles in lockstep);
+    PP2: both stages decode every prompt. Returns every prompt's tokens, in order."""
+    import torch.distributed as dist
+
+    from training.eval.generate import Generator, row_seeds
+
+    gen = Generator(gpt, 128, batch_size=3, model_parallel=True)
+    prompts = prompts_for(gen, "layout")
+    mine = list(range(len(prompts)))
+    if layout == "EP2":
+        mine = mine[:2] if dist.get_rank() == 0 else mine[2:]
+    seeds = row_seeds(1, len(prompts))   # each row's stream, as in one process's call with seed 1
+    part = {"rows": mine, "greedy": tokens(gen.generate([prompts[i] for i in mine], NEW_TOKENS)),
+            "sampled": tokens(gen.generate([prompts[i] for i in mine], SAMPLED["max_new_tokens"],
+                                           temperature=SAMPLED["temperature"], top_p=SAMPLED["top_p"],
+                                           seeds=[seeds[i] for i in mine]))}
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    decoded = {"greedy": [None] * len(prompts), "sampled": [None] * len(prompts)}
+    for share in parts if layout == "EP2" else parts[:1]:
+        for key in decoded:
+            for row, out in zip(share["rows"], share[key]):
+                decoded[key][row] = out
+    return decoded
 
 
 def prompts_for(gen, name: str) -> list[list[int]]:
@@ -102,7 +140,7 @@ def stopping_and_sampling(gen, prompts, report) -> dict:
     report["context_full"] = [(o.token_ids, o.stop_reason) for o in
                               [gen.generate([long_prompt], 10, use_cache=c)[0] for c in (True, False)]]
     # sampling: per seed, with or without the cache, one prompt per batch or three
-    sampled = dict(max_new_tokens=8, temperature=1.5, top_p=0.9)
+    sampled = SAMPLED
     report["sampled"] = {"seed1": tokens(gen.generate(prompts, seed=1, **sampled)),
                          "seed1_again": tokens(gen.generate(prompts, seed=1, **sampled)),
                          "seed1_uncached": tokens(gen.generate(prompts, seed=1, use_cache=False, **sampled)),
@@ -148,13 +186,16 @@ def check(out_file: str, *releases: str) -> None:
         gpt, _ = build_gpt(layout_model(), ParallelConfig(), seed=7)
         gpt.eval()
         prompts = prompts_for(Generator(gpt, 128), "layout")
-        report["layout_one_process"] = tokens(Generator(gpt, 128, batch_size=3).generate(prompts, NEW_TOKENS))
+        one = Generator(gpt, 128, batch_size=3)
+        report["layout_one_process"] = tokens(one.generate(prompts, NEW_TOKENS))
+        report["layout_one_process_sampled"] = tokens(one.generate(prompts, seed=1, **SAMPLED))
         for release in releases:
             gpt, model = load_release(release)
             gen = Generator(gpt, model.max_position_embeddings, batch_size=3)
             report[f"release_{Path(release).name}"] = {
                 "cached": tokens(gen.generate(prompts, NEW_TOKENS)),
-                "uncached": tokens(gen.generate(prompts, NEW_TOKENS, use_cache=False))}
+                "uncached": tokens(gen.generate(prompts, NEW_TOKENS, use_cache=False)),
+                "decoded_under_the_layout": json.loads(decoded_file(release).read_text())}
     Path(out_file).write_text(json.dumps(report))
     shutdown()
 

@@ -1,8 +1,8 @@
 """Generation with megatron-core's KV cache (training/eval/kv_cache.py, training/eval/generate.py).
 
-The megatron-side runs are in generate_cache_check.py, in fresh processes: the layout model saved as a release under
-EP2 and PP2 (torchrun, 2 processes), then one process that decodes every model with and without the cache. The
-generator itself runs in one process; the layouts are those that wrote the checkpoints it loads."""
+The megatron-side runs are in generate_cache_check.py, in fresh processes: the layout model decoded on its shards and
+saved as a release under EP2 and PP2 (torchrun, 2 processes), then one process that decodes every model with and
+without the cache, and the releases the layouts wrote."""
 from __future__ import annotations
 
 import json
@@ -41,12 +41,15 @@ def test_greedy_with_the_cache_equals_greedy_without_it(report, model):
     assert all(len(t) == 24 for t in r["cached"]), r["reasons"]   # nothing cut short: every position compared
 
 
-def test_greedy_with_the_cache_equals_greedy_without_it_on_models_saved_by_ep2_and_pp2(report):
-    """The same weights drawn under each layout (layout-invariant init by seed) and saved from there, loaded into one
-    process: cached == uncached, and both == the model one process builds."""
+def test_ep2_and_pp2_decode_on_their_shards_and_save_what_one_process_decodes(report):
+    """The same weights drawn under each layout (layout-invariant init by seed): decoded there on the shards, greedy
+    and sampled (EP2: the ranks on different prompts, in lockstep; PP2: hidden states passed between the stages),
+    and saved from there, then loaded into one process (cached == uncached): every way, the one-process tokens."""
     for layout in ("EP2", "PP2"):
         r = report[f"release_{layout}"]
         assert r["cached"] == r["uncached"] == report["layout_one_process"], layout
+        assert r["decoded_under_the_layout"]["greedy"] == report["layout_one_process"], layout
+        assert r["decoded_under_the_layout"]["sampled"] == report["layout_one_process_sampled"], layout
 
 
 def test_a_prompt_decodes_alone_as_in_a_batch(report):
