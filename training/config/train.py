@@ -63,6 +63,13 @@ class TrainLoopConfig(Section):
                             "activations with fp32 master weights, optimizer state and gradient reduction. fp8: "
                             "bf16, with the linear layers' GEMMs in blockwise FP8 (DeepSeek-V3 §3.3; a CPU "
                             "emulation: training/model/fp8_linear.py).")
+    fp8_shadow_interval: int | None = Field(
+        50, ge=1, description="precision fp8: every this many steps, one micro-batch recomputed in the training "
+                              "precision with the same weights; the relative loss gap and each FP8 GEMM's error are "
+                              "logged (training/train/fp8_monitor.py). None: off. Ignored in fp32 and bf16.")
+    # DeepSeek-V3 §3.3: FP8 training's relative loss error stays below 0.25% of BF16's
+    fp8_shadow_threshold: float = Field(0.0025, gt=0, description="Warn, naming the step, when the shadow loss gap "
+                                                                  "exceeds this (relative).")
     peak_flops_per_device: float | None = Field(None, gt=0, description="Peak FLOP/s of one device, for model "
                                                                         "FLOPs utilisation (None: no MFU metric).")
     batch_size_rampup: BatchSizeRampup | None = Field(

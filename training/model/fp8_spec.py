@@ -13,12 +13,35 @@ as any other.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     gather_from_sequence_parallel_region)
 
 from training.model.fp8_linear import fp8_linear
+
+
+# What the FP8 linears compute (`gemm_mode`): "fp8", or the shadow monitor's "high" (the training precision's GEMM,
+# as a bf16 run does) and "measure" (FP8, recording each GEMM's relative error against the high-precision one).
+_MODE = "fp8"
+_ERRORS: dict[str, float] = {}
+
+
+@contextlib.contextmanager
+def gemm_mode(mode: str):
+    """Within the block, every FP8 linear of the process computes as `mode` says; yields {layer: relative
+    Frobenius error of its output} (filled in "measure" mode)."""
+    global _MODE
+    if mode not in ("fp8", "high", "measure"):
+        raise ValueError(f"unknown FP8 GEMM mode {mode!r}")
+    previous, _MODE = _MODE, mode
+    _ERRORS.clear()
+    try:
+        yield _ERRORS
+    finally:
+        _MODE = previous
 
 
 def fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
@@ -31,7 +54,13 @@ def fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduc
         input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
     elif allreduce_dgrad:
         input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-    output = fp8_linear(input, weight, name)
+    if _MODE == "high":
+        output = torch.nn.functional.linear(input, weight)
+    else:
+        output = fp8_linear(input, weight, name)
+        if _MODE == "measure":
+            exact = torch.nn.functional.linear(input.float(), weight.float())
+            _ERRORS[name] = float(torch.linalg.norm(output.float() - exact) / torch.linalg.norm(exact).clamp_min(1e-30))
     return output if bias is None else output + bias
 
 

@@ -119,6 +119,7 @@ class GPTTrainModule(TrainModule):
 
         train = self.cfg.train
         dataset = self.dataset_of(self.ramp.samples_after(train.steps))
+        self.dataset = dataset
         # One reader per model chunk, in step: each chunk's forward reads the micro-batch it is at.
         self.chunk_batches = [MicroBatches(dataset, micro_batch_size=train.micro_batch_size,
                                            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.dp_size,
@@ -132,6 +133,23 @@ class GPTTrainModule(TrainModule):
     @property
     def batches(self):
         return self.chunk_batches[0]
+
+    def probe_batch(self) -> dict:
+        """This rank's first micro-batch of the run (on the CPU, in DeepSeek ids), whatever the data position."""
+        from megatron.core import parallel_state
+
+        from training.data.gpt_data import MicroBatches
+
+        return next(MicroBatches(self.dataset, micro_batch_size=self.cfg.train.micro_batch_size,
+                                 dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.dp_size))
+
+    def callbacks(self) -> list:
+        train = self.cfg.train
+        if train.precision == "fp8" and train.fp8_shadow_interval:
+            from training.train.fp8_monitor import Fp8ShadowMonitor
+
+            return [Fp8ShadowMonitor(train.fp8_shadow_interval, train.fp8_shadow_threshold)]
+        return []
 
     @property
     def consumed_samples(self) -> int:

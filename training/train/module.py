@@ -47,6 +47,11 @@ class TrainModule(ABC):
     def start(self, step: int, consumed_samples: int) -> list[str]:
         """Open the batches at the data position (after a resume, or 0). Returns warnings for the log."""
 
+    def callbacks(self) -> list:
+        """Callbacks the module's own options need (the FP8 shadow monitor); the Trainer runs them after the
+        stage's."""
+        return []
+
     @property
     @abstractmethod
     def consumed_samples(self) -> int:

@@ -64,7 +64,7 @@ class Trainer:
         local directory (checkpoints/ and release/ go under it); `label`: what progress lines start with."""
         self.module, self.train, self.info, self.label = module, train, info, label
         self.directory, self.run_root = directory, run_root
-        self.callbacks, self.init_weights = list(callbacks), init_weights
+        self.callbacks, self.init_weights = [*callbacks, *module.callbacks()], init_weights
         self.is_main = info.is_main
         self.step, self.mlflow_run = 0, None
         self.ckpt_root = directory / "checkpoints"

@@ -1,6 +1,8 @@
 """`train.precision: fp8` (training/model/fp8_spec.py): the block's linear layers run their GEMMs in blockwise FP8
 (the CPU emulation) and the rest as bf16 does; it trains close to fp32 on the micro preset, releases bf16 weights
-as a bf16 run does (fp32 masters in its checkpoints), and resumes bit for bit."""
+as a bf16 run does (fp32 masters in its checkpoints), and resumes bit for bit. The shadow monitor
+(training/train/fp8_monitor.py) logs the FP8-vs-BF16 loss gap and each GEMM's error, warns over its threshold, and
+changes nothing; it refuses a layout it cannot recompute in one forward, naming the field."""
 from __future__ import annotations
 
 import json
@@ -29,9 +31,19 @@ def test_the_blocks_linears_are_fp8_and_the_head_embedding_and_routers_are_not()
 
 @pytest.mark.slow
 def test_fp8_trains_close_to_fp32_releases_bf16_weights_and_resumes_exactly(micro_corpus, one_process_run, tmp_path):
-    fp8 = command(tmp_path / "fp8", micro_corpus, 1, "train.precision=fp8", "train.save_interval=2")
-    run(fp8)
+    # the shadow monitor every 2 steps, with a threshold every gap exceeds: it warns, and changes nothing
+    fp8 = command(tmp_path / "fp8", micro_corpus, 1, "train.precision=fp8", "train.save_interval=2",
+                  "train.fp8_shadow_interval=2", "train.fp8_shadow_threshold=1e-12")
+    out = run(fp8)
     full, quantised = losses(one_process_run), losses(tmp_path / "fp8")
+    assert "WARNING pretrain: step 2: FP8 shadow loss gap" in out.stdout and "step 4: FP8 shadow" in out.stdout
+    gaps = losses(tmp_path / "fp8", "fp8/shadow_loss_gap")
+    assert sorted(gaps) == [2, 4] and all(0 < abs(g) < 0.01 for g in gaps.values()), gaps
+    error = losses(tmp_path / "fp8", "fp8/quant_error/decoder.layers.2.mlp.experts.local_experts.0.linear_fc1")
+    assert sorted(error) == [2, 4] and all(0 < e < 0.1 for e in error.values()), error   # E4M3: a few %
+    unmonitored = command(tmp_path / "plain", micro_corpus, 1, "train.precision=fp8", "train.fp8_shadow_interval=null")
+    run(unmonitored)
+    assert losses(tmp_path / "plain") == quantised
     assert sorted(quantised) == sorted(full) == list(range(1, STEPS + 1))
     assert all(abs(quantised[s] - full[s]) < 1e-2 for s in full), (quantised, full)   # near ln(512) = 6.24
     assert any(quantised[s] != full[s] for s in full)
@@ -47,3 +59,15 @@ def test_fp8_trains_close_to_fp32_releases_bf16_weights_and_resumes_exactly(micr
 
     resumed = rerun_from_step_2(tmp_path / "fp8", fp8)
     assert sorted(resumed) == [3, 4] and [resumed[3], resumed[4]] == [quantised[3], quantised[4]]   # bit for bit
+
+
+def test_the_shadow_monitor_refuses_a_pipeline_naming_the_field():
+    from types import SimpleNamespace
+
+    from training.config import ParallelConfig
+    from training.train.fp8_monitor import Fp8ShadowMonitor
+
+    parallel = ParallelConfig(pipeline_model_parallel_size=2)
+    trainer = SimpleNamespace(module=SimpleNamespace(cfg=SimpleNamespace(parallel=parallel)))
+    with pytest.raises(ValueError, match=r"train.fp8_shadow_interval: .*parallel.pipeline_model_parallel_size is 2"):
+        Fp8ShadowMonitor(10, 0.0025).pre_train(trainer)
