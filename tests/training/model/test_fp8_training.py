@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from tests.support.layouts import STEPS, command, losses, rerun_from_step_2, run
+from tests.support.layouts import LAYOUTS, STEPS, command, losses, rerun_from_step_2, run
 from tests.support.processes import run_python
 
 PROBE = "tests/training/model/fp8_probe.py"
@@ -29,8 +29,17 @@ def test_the_blocks_linears_are_fp8_and_the_head_embedding_and_routers_are_not()
         assert any(name.endswith(part) or part in name for name in fp8), (part, fp8)
 
 
+@pytest.fixture(scope="module")
+def fp8_one_process(micro_corpus, tmp_path_factory):
+    """The layout runs' 4 steps in FP8 in one process, without the shadow monitor: its run root."""
+    root = tmp_path_factory.mktemp("fp8-one-process")
+    run(command(root, micro_corpus, 1, "train.precision=fp8", "train.fp8_shadow_interval=null"))
+    return root
+
+
 @pytest.mark.slow
-def test_fp8_trains_close_to_fp32_releases_bf16_weights_and_resumes_exactly(micro_corpus, one_process_run, tmp_path):
+def test_fp8_trains_close_to_fp32_releases_bf16_weights_and_resumes_exactly(micro_corpus, one_process_run,
+                                                                          fp8_one_process, tmp_path):
     # the shadow monitor every 2 steps, with a threshold every gap exceeds: it warns, and changes nothing
     fp8 = command(tmp_path / "fp8", micro_corpus, 1, "train.precision=fp8", "train.save_interval=2",
                   "train.fp8_shadow_interval=2", "train.fp8_shadow_threshold=1e-12")
@@ -41,9 +50,7 @@ def test_fp8_trains_close_to_fp32_releases_bf16_weights_and_resumes_exactly(micr
     assert sorted(gaps) == [2, 4] and all(0 < abs(g) < 0.01 for g in gaps.values()), gaps
     error = losses(tmp_path / "fp8", "fp8/quant_error/decoder.layers.2.mlp.experts.local_experts.0.linear_fc1")
     assert sorted(error) == [2, 4] and all(0 < e < 0.1 for e in error.values()), error   # E4M3: a few %
-    unmonitored = command(tmp_path / "plain", micro_corpus, 1, "train.precision=fp8", "train.fp8_shadow_interval=null")
-    run(unmonitored)
-    assert losses(tmp_path / "plain") == quantised
+    assert losses(fp8_one_process) == quantised   # the monitor changed nothing
     assert sorted(quantised) == sorted(full) == list(range(1, STEPS + 1))
     assert all(abs(quantised[s] - full[s]) < 1e-2 for s in full), (quantised, full)   # near ln(512) = 6.24
     assert any(quantised[s] != full[s] for s in full)
@@ -71,3 +78,16 @@ def test_the_shadow_monitor_refuses_a_pipeline_naming_the_field():
     trainer = SimpleNamespace(module=SimpleNamespace(cfg=SimpleNamespace(parallel=parallel)))
     with pytest.raises(ValueError, match=r"train.fp8_shadow_interval: .*parallel.pipeline_model_parallel_size is 2"):
         Fp8ShadowMonitor(10, 0.0025).pre_train(trainer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["EP2", "PP2"])
+def test_ep2_and_pp2_train_in_fp8_as_one_process_does(layout, micro_corpus, fp8_one_process, tmp_path):
+    """Within the tolerance tests/training/parallel/test_mixed_precision.py gives bf16 (1e-2): FP8's tiles are per
+    token and per weight block, so no layout changes what a tile holds; the bf16 rounding around them may."""
+    processes, overrides = LAYOUTS[layout]
+    run(command(tmp_path, micro_corpus, processes, "train.precision=fp8", "train.fp8_shadow_interval=null",
+                *overrides))
+    single, sharded = losses(fp8_one_process), losses(tmp_path)
+    assert sorted(sharded) == sorted(single) == list(range(1, STEPS + 1))
+    assert all(abs(sharded[s] - single[s]) < 1e-2 for s in single), (layout, sharded, single)
