@@ -72,6 +72,6 @@ class _Fp8Linear(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, name: str = "linear") -> torch.Tensor:
-    """x [..., in] · weight [out, in]ᵀ with V3's FP8 recipe (no bias: megatron's linears add theirs outside the GEMM).
+    """x [..., in] · weight [out, in]ᵀ with V3's FP8 recipe (no bias: megatron's linears add theirs after the GEMM).
     `name` says which layer an error (a non-finite value) came from."""
     return _Fp8Linear.apply(x, weight, name)

@@ -95,7 +95,8 @@ class GRPOTrainModule(GPTTrainModule):
         self.items, self.label, self.directory = items, label, directory
         self.order = random.Random(cfg.seed).sample(range(len(items)), len(items))
         # pipeline / expert parallelism: the rollout decodes on this rank's shard, in step with the other ranks
-        self.shard = {name: getattr(parallel_state, f"get_{name}_model_parallel_rank")() for name in ("pipeline", "expert")}
+        self.shard = {name: getattr(parallel_state, f"get_{name}_model_parallel_rank")()
+                      for name in ("pipeline", "expert")}
         self.model_parallel = max(parallel_state.get_pipeline_model_parallel_world_size(),
                                   parallel_state.get_expert_model_parallel_world_size()) > 1
         self.generator = Generator(self.chunks[0], cfg.model.max_position_embeddings, cfg.generation_batch_size,

@@ -70,8 +70,8 @@ def test_the_round_trip_is_within_e4m3s_bound_per_element(outliers):
 
 
 def _bound(a: torch.Tensor, a_bound: torch.Tensor, b: torch.Tensor, b_bound: torch.Tensor) -> torch.Tensor:
-    """|a·bᵀ - â·b̂ᵀ| allowed by per-element operand errors (|â - a| ≤ a_bound, |b̂ - b| ≤ b_bound), plus float32
-    accumulation (k terms, each 2^-23 relative) on the product of magnitudes."""
+    """|a·bᵀ - â·b̂ᵀ| allowed by per-element operand errors (|â - a| ≤ a_bound, |b̂ - b| ≤ b_bound), plus
+    float32 accumulation (k terms, each 2^-23 relative) on the product of magnitudes."""
     a64, b64, ea, eb = (t.double() for t in (a.abs(), b.abs(), a_bound, b_bound))
     k = a.shape[1]
     return a64 @ eb.t() + ea @ b64.t() + ea @ eb.t() + k * 2.0 ** -23 * ((a64 + ea) @ (b64 + eb).t())
