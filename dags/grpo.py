@@ -10,11 +10,12 @@ completions for each of `grpo.prompts_per_step` prompts of the task suite's trai
 the policy is updated `grpo.updates_per_rollout` times on the rollout with the clipped objective (`grpo.epsilon`) and
 a KL penalty (`grpo.beta`) to the frozen initial model (replaced by the policy every `grpo.reference_reset_steps`
 steps when set). One torchrun process per GPU: rollouts and updates run under data, pipeline and expert
-parallelism (tensor and context parallelism fail validation, naming the field). Checkpoints, the release, sample tables and the manifest (the parent release as
-lineage) land under `$SEEKFLOW_HOME/runs/seekflow_grpo/<run_id>/grpo/`; a retry resumes from the last checkpoint and
-redraws that rollout. Rewards, accuracy, format rate, KL, clip fraction, response length and throughput go to the
-stage's MLflow run. The trigger form is generated from `GrpoConfig`; fields left at the `tiny` preset's value take
-the chosen profile's value.
+parallelism (tensor and context parallelism fail validation, naming the field). Checkpoints, the release, sample
+tables and the manifest (the parent release as lineage) land under
+`$SEEKFLOW_HOME/runs/seekflow_grpo/<run_id>/grpo/`; a retry resumes from the last checkpoint and redraws that
+rollout. Rewards, accuracy, format rate, KL, clip fraction, response length and throughput go to the stage's MLflow
+run. The trigger form is generated from `GrpoConfig`; fields left at the `tiny` preset's value take the chosen
+profile's value.
 """
 from __future__ import annotations
 
