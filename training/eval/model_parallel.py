@@ -49,10 +49,6 @@ class ModelParallelForward:
         self.dtype = next(gpt.parameters()).dtype       # the activations passed between stages
         self.device = next(gpt.parameters()).device
 
-    @property
-    def is_last_stage(self) -> bool:
-        return self.last
-
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 inference_context=None) -> torch.Tensor | None:
         """`hidden_states` of `tokens` [batch, seq] through every stage: the final-norm hidden states
