@@ -31,6 +31,11 @@ class ParallelConfig(Section):
     decoder_last_pipeline_num_layers: int | None = Field(None, ge=1, description="Layers on the last stage.")
     use_distributed_optimizer: bool = True
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    moe_grouped_gemm: bool = Field(
+        False, description="Run each MoE layer's local experts as two torch._grouped_mm GEMMs instead of "
+                           "megatron-core's SequentialMLP loop (training/model/grouped_experts.py). Same parameters "
+                           "and checkpoints; for GPUs, where the loop's many small GEMMs leave the device idle. Not "
+                           "with train.precision fp8 (FP8 grouped GEMMs are not built).")
     recompute: list[RecomputeModule] = Field(
         default_factory=list,
         description="Activations to recompute in the backward pass instead of keeping (megatron-core's selective "

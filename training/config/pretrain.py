@@ -56,6 +56,9 @@ class TrainingConfig(StageConfig):
         ep = self.parallel.expert_model_parallel_size
         if self.model.num_experts is not None and self.model.num_experts % ep:
             raise ValueError(f"model.num_experts ({self.model.num_experts}) not divisible by expert parallel size {ep}")
+        if par.moe_grouped_gemm and self.train.precision == "fp8":
+            raise ValueError("parallel.moe_grouped_gemm: grouped expert GEMMs in FP8 are not built; with "
+                             "train.precision fp8 the experts run sequentially (moe_grouped_gemm: false)")
         return self
 
     def check_checkpointable_without_fused_adam(self) -> None:

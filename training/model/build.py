@@ -65,7 +65,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_router_load_balancing_type="seq_aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
             moe_token_dispatcher_type=parallel.moe_token_dispatcher_type,
-            moe_grouped_gemm=False,     # grouped GEMM needs Transformer Engine; without it megatron uses SequentialMLP
+            # megatron's grouped MLPs need Transformer Engine: its SequentialMLP, or our GroupedExperts (build_gpt)
+            moe_grouped_gemm=False,
             moe_permute_fusion=False,
         )
         if model.moe_router_type == "deepseek_v2":
@@ -127,6 +128,11 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, use_cpu_initializ
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage)
     if model.num_experts is not None and model.moe_router_type == "deepseek_v2":
         _use_deepseek_v2_router(block_spec, model, parallel)
+    if model.num_experts is not None and parallel.moe_grouped_gemm:
+        if fp8:
+            raise ValueError("parallel.moe_grouped_gemm: grouped expert GEMMs in FP8 are not built; with "
+                             "train.precision fp8 the experts run sequentially (moe_grouped_gemm: false)")
+        _use_grouped_experts(block_spec)
     _use_sdpa_attention(block_spec)
     mtp_spec = None
     if model.mtp_num_layers:
@@ -176,6 +182,19 @@ def _use_deepseek_v2_router(block_spec, model: ModelConfig, parallel: ParallelCo
         moe = getattr(layer_spec.submodules, "mlp", None)
         if moe is not None and hasattr(getattr(moe, "submodules", None), "router"):
             moe.submodules.router = functools.partial(DeepSeekV2Router, settings=settings)
+
+
+def _use_grouped_experts(block_spec) -> None:
+    """Swap megatron's SequentialMLP for GroupedExperts (training/model/grouped_experts.py) in every MoE layer spec
+    (the MTP spec copies the last one)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from training.model.grouped_experts import GroupedExperts
+
+    for layer_spec in block_spec.layer_specs:
+        experts = getattr(getattr(getattr(layer_spec.submodules, "mlp", None), "submodules", None), "experts", None)
+        if experts is not None and experts.module is SequentialMLP:
+            experts.module = GroupedExperts
 
 
 def _use_sdpa_attention(block_spec) -> None:
