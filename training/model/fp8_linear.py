@@ -10,28 +10,15 @@ FP32 accumulation, the input cached for backward in FP8.
 What autograd keeps for backward is the FP8 input and the FP8 weight with their scales (~1 byte an element, against
 2 for a BF16 linear's input and weight). Master weights and the weight gradient stay in the training precision.
 
-Backends of one GEMM `a · bᵀ` of two operands quantised along their shared (contraction) dimension:
-  - **emulated** (CPU): the dequantised operands multiplied in float32. The same quantisation numerics as a GPU's,
-    only slower, so every numerical test runs here.
-  - **GPU** (CUDA): not built yet. It raises `Fp8Unavailable` naming the reason, never falls back silently.
+Each GEMM runs on the device's backend (training/model/fp8_gemm.py): emulated in float32 on a CPU, torch's blockwise
+scaled_mm on a Hopper GPU, and otherwise an `Fp8Unavailable` error naming the reason.
 """
 from __future__ import annotations
 
 import torch
 
+from training.model.fp8_gemm import gemm
 from training.model.fp8_quant import TILE, Quantized, activation_tiles, quantize, weight_blocks
-
-
-class Fp8Unavailable(RuntimeError):
-    """FP8 training cannot run on this device; the message says why."""
-
-
-def gemm(a: Quantized, b: Quantized) -> torch.Tensor:
-    """float32 a · bᵀ of a [m, k] and b [n, k], each quantised along k."""
-    if a.values.device.type != "cpu":
-        raise Fp8Unavailable(f"FP8 GEMMs on {a.values.device.type} are not built yet: seekflow's FP8 path runs as a "
-                             f"CPU emulation only (the blockwise torch scaled_mm backend is issue 19's next step)")
-    return a.dequantize() @ b.dequantize().t()
 
 
 def transposed(q: Quantized) -> Quantized:

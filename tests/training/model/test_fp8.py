@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from training.model.fp8_linear import Fp8Unavailable, fp8_linear, gemm
+from training.model.fp8_gemm import Fp8Unavailable, gemm
+from training.model.fp8_linear import fp8_linear
 from training.model.fp8_quant import (E4M3_MAX, FP8, NonFiniteError, Quantized, activation_tiles, quantize,
                                       round_trip_bound, to_e4m3, weight_blocks)
 
@@ -125,5 +126,39 @@ def test_fp8_keeps_at_most_55_percent_of_what_a_bf16_linear_keeps_for_backward()
 def test_a_device_without_the_fp8_backend_fails_naming_why():
     meta = torch.empty(4, 128, device="meta", dtype=FP8)
     operand = Quantized(meta, torch.empty(4, 1, device="meta"), (1, 128))
-    with pytest.raises(Fp8Unavailable, match="FP8 GEMMs on meta are not built yet"):
+    with pytest.raises(Fp8Unavailable, match="FP8 GEMMs on meta are not built: seekflow's FP8 runs as a CPU emulation or on CUDA"):
         gemm(operand, operand)
+
+
+@pytest.mark.parametrize("gemm_name, m, n, k", [
+    ("fprop, tiny", 7, 192, 64),          # hidden 64: k and n padded to 128
+    ("fprop, V3 expert", 300, 2048, 7168),
+    ("dgrad, tiny", 7, 64, 192),          # the weight's blocks transposed (a non-contiguous view)
+    ("wgrad, tiny", 192, 64, 7),          # 1 x 128 times 1 x 128, contracting 7 tokens
+])
+def test_the_gpu_backends_operands_pass_torchs_own_scaled_mm_checks(gemm_name, m, n, k):
+    """The blockwise scaled_mm's layout rules (row/column-major, multiples of 16 and 128, outer-dim-major scales,
+    block scales rounded to 4) as torch's meta kernel checks them; the kernel itself needs a Hopper GPU
+    (tests/training/model/test_fp8_gpu.py)."""
+    from training.model.fp8_gemm import scaled_mm_operands
+    from training.model.fp8_linear import transposed
+
+    a = activation_tiles(_random(m, k))
+    if gemm_name.startswith("fprop"):
+        b = weight_blocks(_random(n, k, seed=1))
+    elif gemm_name.startswith("dgrad"):
+        b = transposed(weight_blocks(_random(k, n, seed=1)))
+    else:
+        b = activation_tiles(_random(n, k, seed=1))
+    assert b.values.shape == (n, k)
+    on_meta = {key: value.to("meta") if isinstance(value, torch.Tensor) else value
+               for key, value in scaled_mm_operands(a, b).items()}
+    out = torch.nn.functional.scaled_mm(**on_meta, output_dtype=torch.bfloat16)
+    assert out.shape[0] == m and n <= out.shape[1] < n + 128
+    # the padding is zeros with unit scales: the padded GEMM, emulated, is the unpadded one
+    operands = scaled_mm_operands(a, b)
+    b_padded = Quantized(operands["mat_b"].t(), operands["scale_b"].t()[:, :-(-operands["mat_b"].shape[0] // 128)]
+                         if b.tile == (128, 128) else operands["scale_b"], b.tile)
+    a_padded = Quantized(operands["mat_a"], operands["scale_a"], a.tile)
+    exact = gemm(a, b)   # (float32 sums in another order: equal up to rounding)
+    assert torch.allclose(gemm(a_padded, b_padded)[:, :n], exact, rtol=1e-5, atol=1e-5 * exact.abs().max())

@@ -27,7 +27,10 @@ def _train(cmd, run_root, hide_gpu: bool) -> dict[int, float]:
     ([], 1e-4),   # fp32 both; the GPU's kernels sum in other orders
     (["parallel.recompute=[core_attn,layernorm,mla_up_proj,moe]"], 1e-4),
     (["train.precision=bf16"], 2e-3),   # bf16 matmuls round differently on each device
-], ids=["fp32", "recompute", "bf16"])
+    (["train.precision=bf16", "parallel.moe_grouped_gemm=true"], 2e-3),   # torch._grouped_mm's experts
+    # the scaled_mm kernel against the CPU emulation; the bf16 around it as above (test_fp8_training's tolerance)
+    (["train.precision=fp8", "train.fp8_shadow_interval=null"], 1e-2),
+], ids=["fp32", "recompute", "bf16", "bf16-grouped", "fp8"])
 def test_pretrain_on_the_gpu_matches_the_cpu(micro_corpus, tmp_path, overrides, tolerance):
     on_gpu = _train(command(tmp_path / "gpu", micro_corpus, 1, *overrides), tmp_path / "gpu", hide_gpu=False)
     on_cpu = _train(command(tmp_path / "cpu", micro_corpus, 1, *overrides), tmp_path / "cpu", hide_gpu=True)
