@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from training import checkpoint, storage
@@ -172,6 +173,8 @@ class Trainer:
         utilisation = mfu(tokens_per_s, flops, self.train.peak_flops_per_device, devices)
         if math.isfinite(utilisation):
             out["mfu"] = utilisation
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         return out
 
     def _report(self, logged: dict, steps_per_s: float) -> None:

@@ -21,9 +21,10 @@ def test_bf16_trains_close_to_fp32_and_resumes_exactly(micro_corpus, one_process
     assert [resumed[3], resumed[4]] == [mixed[3], mixed[4]]   # bit for bit
 
 
-def test_paper_presets_train_in_bf16_and_tiny_in_fp32():
+def test_paper_presets_train_in_their_papers_precision_and_tiny_in_fp32():
     from training.config import resolve_stage_config
 
-    for preset in ("deepseek-v3", "deepseek-v2", "deepseek-v2-lite", "deepseek-moe-16b"):
+    for preset in ("deepseek-v2", "deepseek-v2-lite", "deepseek-moe-16b"):
         assert resolve_stage_config("pretrain", preset).train.precision == "bf16", preset
+    assert resolve_stage_config("pretrain", "deepseek-v3").train.precision == "fp8"   # V3 §3.3
     assert resolve_stage_config("pretrain", "tiny").train.precision == "fp32"   # exact layout parity on CPU
