@@ -2,6 +2,7 @@
 #   make run [PROFILE=tiny] [STEPS=N]   start MLflow + Airflow locally, trigger the pipeline, follow it
 #   make status | make stop | make clean
 #   make test [PYTEST_ARGS='-m "not slow"'] [PYTEST_WORKERS=2]
+#   make test-extended                  the multi-process checks kept outside make test's 15 minutes
 # Ports: SEEKFLOW_MLFLOW_PORT (default 5000), SEEKFLOW_AIRFLOW_PORT (default 8080).
 
 PYTHON3 ?= python3.11
@@ -14,7 +15,7 @@ STEPS   ?=
 PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv run stop status test clean constraints
+.PHONY: venv run stop status test test-extended clean constraints
 
 venv: $(STAMP)
 
@@ -41,6 +42,9 @@ status:
 
 test: venv
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+
+test-extended: venv
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --extended -m extended $(PYTEST_ARGS)
 
 clean: stop
 	rm -rf .seekflow

@@ -318,7 +318,18 @@ def pytest_xdist_make_scheduler(config, log):
     return GroupScheduling(config, log)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true",
+                     help="also run the tests marked `extended`: checks kept outside the 15-minute suite")
+
+
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--extended"):
+        skip = pytest.mark.skip(reason="extended: outside the 15-minute suite; run with `make test-extended`")
+        for item in items:
+            if "extended" in item.keywords:
+                item.add_marker(skip)
+
     def rank(item):
         group = scheduling_group(item.nodeid)
         return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from tests.support.layouts import STEPS, command, losses, rerun_from_step_2, run
+from tests.support.layouts import LAYOUTS, STEPS, command, losses, rerun_from_step_2, run
 from tests.support.processes import run_python
 
 PROBE = "tests/training/model/fp8_probe.py"
@@ -78,3 +78,17 @@ def test_the_shadow_monitor_refuses_a_pipeline_naming_the_field():
     trainer = SimpleNamespace(module=SimpleNamespace(cfg=SimpleNamespace(parallel=parallel)))
     with pytest.raises(ValueError, match=r"train.fp8_shadow_interval: .*parallel.pipeline_model_parallel_size is 2"):
         Fp8ShadowMonitor(10, 0.0025).pre_train(trainer)
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.parametrize("layout", ["EP2", "PP2"])
+def test_ep2_and_pp2_train_in_fp8_as_one_process_does(layout, micro_corpus, fp8_one_process, tmp_path):
+    """Within the tolerance tests/training/parallel/test_mixed_precision.py gives bf16 (1e-2): FP8's tiles are per
+    token and per weight block, so no layout changes what a tile holds; the bf16 rounding around them may."""
+    processes, overrides = LAYOUTS[layout]
+    run(command(tmp_path, micro_corpus, processes, "train.precision=fp8", "train.fp8_shadow_interval=null",
+                *overrides))
+    single, sharded = losses(fp8_one_process), losses(tmp_path)
+    assert sorted(sharded) == sorted(single) == list(range(1, STEPS + 1))
+    assert all(abs(sharded[s] - single[s]) < 1e-2 for s in single), (layout, sharded, single)

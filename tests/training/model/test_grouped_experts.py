@@ -47,3 +47,17 @@ def test_what_grouped_mm_cannot_do_is_refused_with_the_reason(monkeypatch):
     monkeypatch.delattr(torch, "_grouped_mm")
     with pytest.raises(GroupedGemmUnavailable, match="has no torch._grouped_mm; use the sequential experts"):
         check_grouped_mm(torch.float32, torch.device("cpu"), 128, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_grouped_experts_under_ep2_train_as_one_sequential_process_does(micro_corpus, one_process_run, tmp_path):
+    """Each EP rank groups its own local experts' tokens; the dispatcher's all-to-alls are unchanged: the layout
+    tests' EP2 run with grouped experts gives the one-process sequential losses (their tolerance: 1e-5)."""
+    from tests.support.layouts import LAYOUTS, STEPS, command, losses, run
+
+    processes, overrides = LAYOUTS["EP2"]
+    run(command(tmp_path, micro_corpus, processes, "parallel.moe_grouped_gemm=true", *overrides))
+    single, grouped = losses(one_process_run), losses(tmp_path)
+    assert sorted(grouped) == sorted(single) == list(range(1, STEPS + 1))
+    assert all(abs(grouped[s] - single[s]) < 1e-5 for s in single), (grouped, single)
