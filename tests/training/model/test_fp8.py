@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from training.model.fp8_gemm import Fp8Unavailable, gemm
+from training.parallel.fp8_backends import Fp8Unavailable, gemm
 from training.model.fp8_linear import fp8_linear
 from training.model.fp8_quant import (E4M3_MAX, FP8, NonFiniteError, Quantized, activation_tiles, quantize,
                                       round_trip_bound, to_e4m3, weight_blocks)
@@ -140,7 +140,7 @@ def test_the_gpu_backends_operands_pass_torchs_own_scaled_mm_checks(gemm_name, m
     """The blockwise scaled_mm's layout rules (row/column-major, multiples of 16 and 128, outer-dim-major scales,
     block scales rounded to 4) as torch's meta kernel checks them; the kernel itself needs a Hopper GPU
     (tests/training/model/test_fp8_gpu.py)."""
-    from training.model.fp8_gemm import scaled_mm_operands
+    from training.parallel.fp8_backends import scaled_mm_operands
     from training.model.fp8_linear import transposed
 
     a = activation_tiles(_random(m, k))
