@@ -65,6 +65,9 @@ def main() -> int:
             results[precision] = (final(losses(root)), seconds)
             print(f"seed {seed}, {precision}: final loss {results[precision][0]:.5f} (mean of the last 10% of "
                   f"{args.steps} steps), {seconds:.0f} s", flush=True)
+        shadow = losses(out / f"seed{seed}" / "fp8", "fp8/shadow_loss_gap")
+        print(f"seed {seed}, fp8's shadow monitor (same weights, FP8 vs BF16 GEMMs): "
+              + ", ".join(f"step {step} {100 * gap:+.3f}%" for step, gap in sorted(shadow.items())), flush=True)
         gaps.append((results["fp8"][0] - results["bf16"][0]) / results["bf16"][0])
         floors.append((results["bf16"][0] - results["fp32"][0]) / results["fp32"][0])
         print(f"seed {seed}: relative gap fp8 vs bf16 {100 * gaps[-1]:+.3f}%; bf16 vs fp32, for scale: "
