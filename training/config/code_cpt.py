@@ -10,10 +10,25 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from training.config.base import StageInput, StageSpec
+from training.config.base import Section, StageInput, StageSpec
 from training.config.pretrain import PretrainConfig
+
+
+class KssmConfig(Section):
+    """KSSM's two objectives (Wang et al., "Knowledgeable Salient Span Mask for Enhancing Language Models as
+    Knowledge Base"), adapted to a causal model (training/train/kssm.py). The paper gives no weights for a causal
+    LM; these defaults are seekflow's."""
+
+    span_weight: float = Field(1.0, ge=0, description="Extra weight of a knowledge-bearing label's cross-entropy "
+                                                      "(1 + span_weight times a plain token's).")
+    attention_weight: float = Field(0.1, ge=0, description="Weight of the attention objective: -log of the attention "
+                                                           "mass that positions predicting a K-B token put on earlier "
+                                                           "K-B tokens, every layer. 0: off.")
+    model_fraction: float = Field(0.1, ge=0, le=1, description="Besides the rules' spans, the share of word tokens "
+                                                               "the model mispredicts most in each sequence that "
+                                                               "count as K-B (the paper's signal). 0: rules only.")
 
 
 class CodeCptConfig(PretrainConfig):
@@ -49,3 +64,19 @@ class CodeCptConfig(PretrainConfig):
                                      "(curate sources[].fim.rate), checked before training. DeepSeek-Coder-V2 §3.1: "
                                      "0.5, PSM, for the 16B (Lite) model; 0 for the 236B (next-token prediction "
                                      "only). null: any rate.")
+    kssm: KssmConfig | None = Field(
+        None, description="Knowledge CPT: train with KSSM's objectives (training/train/kssm.py) instead of the plain "
+                          "next-token loss. null: plain continued pretraining.")
+
+    @model_validator(mode="after")
+    def _check_kssm(self) -> "CodeCptConfig":
+        if self.kssm is None:
+            return self
+        if self.parallel.context_parallel_size > 1:
+            raise ValueError("kssm: K-B spans are found on each sequence's text, which context parallelism splits "
+                             "over ranks; set parallel.context_parallel_size 1")
+        if self.kssm.attention_weight > 0 and self.parallel.pipeline_model_parallel_size > 1:
+            raise ValueError("kssm.attention_weight: the attention objective is collected from every layer into the "
+                             "loss of the last pipeline stage; with parallel.pipeline_model_parallel_size > 1 set "
+                             "it to 0")
+        return self

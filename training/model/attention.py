@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from training.model import salient_attention
+
 
 def global_positions(seq_length_local: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
     """Positions in the full sequence of the tokens a CP rank holds: its chunks r and 2 x CP - 1 - r."""
@@ -110,6 +112,8 @@ class CausalSdpaAttention(torch.nn.Module):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, heads, s, dim]
         if k.size(1) != q.size(1):   # grouped-query attention: each key/value head serves a group of query heads
             k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+        if cp_size == 1 and attention_mask is None:   # KSSM's attention objective, while it is observed
+            salient_attention.record(q, k, self.softmax_scale)
         v_dim = v.size(-1)
         if v_dim < q.size(-1):   # MLA: values 128 wide, queries and keys 192. Flash kernels need one head size, so
             v = F.pad(v, (0, q.size(-1) - v_dim))   # pad the values with zeros and drop those output columns

@@ -77,13 +77,21 @@ def train(cfg: CodeCptConfig, curate: dict, parent: dict, stage: StageRun) -> Ou
 
 
 def build_trainer(cfg: CodeCptConfig, curate: dict, stage: StageRun, info, init_weights):
-    """The GPT train module on the mixture with the next-token loss, in the Trainer with pretrain's MoE callbacks."""
+    """The GPT train module on the mixture with the next-token loss (or KSSM's, with `kssm`), in the Trainer with
+    pretrain's MoE callbacks."""
     from training.train.callbacks import ExpertLoad, TokenSchedules
     from training.train.gpt_module import GPTTrainModule
     from training.train.losses import NextTokenLoss
     from training.train.trainer import Trainer
 
-    module = GPTTrainModule(cfg, info.device, loss=NextTokenLoss(), dataset=lambda num_samples: (
+    loss = NextTokenLoss()
+    if cfg.kssm is not None:   # knowledge CPT: KSSM's salient-span and attention objectives (training/train/kssm.py)
+        from training.train.kssm import SalientSpanLoss
+        from training.vocabulary import vocabulary
+
+        loss = SalientSpanLoss(vocabulary(cfg.model.vocab_merges), cfg.kssm.span_weight, cfg.kssm.attention_weight,
+                               cfg.kssm.model_fraction)
+    module = GPTTrainModule(cfg, info.device, loss=loss, dataset=lambda num_samples: (
         curated_dataset(cfg, curate, stage, info.local_rank, num_samples)))
     return Trainer(module, cfg.train, info, label=stage.name, directory=stage.directory, run_root=cfg.run_root,
                    init_weights=init_weights, callbacks=[TokenSchedules(cfg.model, cfg.train.seq_length),
