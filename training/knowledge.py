@@ -1,8 +1,9 @@
 """A generated knowledge corpus and its factual-recall probe (issue 20: knowledge CPT with KSSM).
 
 Fictional people, each with four attributes, written as short biographies for continued pretraining; held-out cloze
-probes ask for one attribute each, phrased unlike any training sentence, so a model answers from what it stored,
-not by completing a sentence it has seen:
+probes ask for one attribute each, phrased unlike any training sentence about that person, so a model answers from
+what it stored, not by completing a sentence it has seen (half of the people also have their questions answered in
+training, which teaches the question format; the probes ask about the other half):
 
     train   "Orvane Tellis was born in Kesmora. Orvane Tellis worked as a glassblower. ..."
     probe   "Question: Where is Orvane Tellis from? Answer:"  -> " Kesmora"
@@ -103,17 +104,36 @@ def _filled_offset(template: str, marker: str, name: str, value: str) -> int:
     return len(head.replace("{name}", name).replace("{value}", value))
 
 
-def corpus(seed: int, count: int, copies: int = 4) -> tuple[list[Document], list[Probe]]:
-    """The training documents (`copies` differently worded biographies of each person, shuffled) and one held-out
-    probe per person and attribute."""
+def corpus(seed: int, count: int, copies: int = 4, qa_share: float = 0.5) -> tuple[list[Document], list[Probe]]:
+    """The training documents and the held-out probes. Every person gets `copies` differently worded biographies.
+    The first `qa_share` of the people also get their questions answered in training (one document of the four
+    question-answer pairs): that teaches the question format, as in knowledge-extraction studies (Allen-Zhu and Li,
+    "Physics of Language Models: Part 3.1"). The probes are the other people's questions, never seen with an answer:
+    they test whether facts stored from biographies can be retrieved in another phrasing."""
     population = people(seed, count)
     rng = random.Random(f"seekflow-knowledge-docs-{seed}")
     documents = [biography(person, rng) for person in population for _ in range(copies)]
+    answered = round(qa_share * count)
+    documents += [questions_answered(person) for person in population[:answered]]
     rng.shuffle(documents)
     probes = [Probe(TEMPLATES[attribute][1][0].format(name=person.name), person.attributes[attribute], person.name,
                     attribute)
-              for person in population for attribute in TEMPLATES]
+              for person in population[answered:] for attribute in TEMPLATES]
     return documents, probes
+
+
+def questions_answered(person: Person) -> Document:
+    """A training document of a person's four probe questions, each followed by its answer."""
+    text, spans = "", []
+    for attribute, (_, questions) in TEMPLATES.items():
+        question = questions[0].format(name=person.name)
+        start = len(text) + (1 if text else 0)
+        text += (" " if text else "") + f"{question} {person.attributes[attribute]}."
+        name_at = start + question.index(person.name)
+        value_at = start + len(question) + 1
+        spans += [(name_at, name_at + len(person.name), "name"),
+                  (value_at, value_at + len(person.attributes[attribute]), attribute)]
+    return Document(text, tuple(sorted(spans)))
 
 
 def exact_match(generated: str, probe: Probe) -> bool:

@@ -11,7 +11,10 @@ def test_the_corpus_is_deterministic_and_its_spans_mark_names_and_values():
     assert (documents, probes) == knowledge.corpus(seed=3, count=20)
     assert documents != knowledge.corpus(seed=4, count=20)[0]
     population = {p.name: p for p in knowledge.people(3, 20)}
-    assert len(population) == 20 and len(documents) == 80 and len(probes) == 80
+    assert len(population) == 20 and len(documents) == 80 + 10 and len(probes) == 10 * 4
+    answered = {d.text[s:e] for d in documents if d.text.startswith("Question:") for s, e, k in d.spans
+                if k == "name"}
+    assert len(answered) == 10 and answered.isdisjoint(p.person for p in probes)   # probes: the other half
     for document in documents:
         names = {document.text[s:e] for s, e, kind in document.spans if kind == "name"}
         assert len(names) == 1
@@ -23,7 +26,7 @@ def test_the_corpus_is_deterministic_and_its_spans_mark_names_and_values():
 
 
 def test_probes_are_held_out_phrasings_and_exact_match_reads_the_first_word():
-    documents, probes = knowledge.corpus(seed=1, count=5)
+    documents, probes = knowledge.corpus(seed=1, count=6)
     training_text = " ".join(d.text for d in documents)
     for probe in probes:
         assert probe.prompt not in training_text and probe.prompt.startswith("Question:")

@@ -153,7 +153,8 @@ def test_one_step_reports_grpo_loss_of_the_whole_batch_and_follows_its_gradient(
 
 
 @pytest.mark.slow
-def test_ep2_and_pp2_give_the_one_process_loss_and_update(one_process):
+@pytest.mark.extended   # the suite's GRPO stage layout test (tests/training/stages/test_grpo.py) checks EP2 and PP2
+def test_ep2_and_pp2_give_the_one_process_loss_and_update(one_process):   # for the default aggregation
     from tests.support.processes import REPO, repo_env, torchrun
 
     single, out = one_process
