@@ -28,6 +28,7 @@ def code_cpt(run_root, corpus_root, parent, *overrides: str, architecture: bool 
     return run_training(*arguments(run_root, corpus_root, parent, *overrides, architecture=architecture))
 
 
-def command(run_root, corpus_root, parent, *overrides: str) -> list[str]:
+def command(run_root, corpus_root, parent, *overrides: str, architecture: bool = True) -> list[str]:
     """The same run as an interpreter command line, for a test that kills it."""
-    return [sys.executable, "-W", "ignore", "-m", "training", *arguments(run_root, corpus_root, parent, *overrides)]
+    return [sys.executable, "-W", "ignore", "-m", "training",
+            *arguments(run_root, corpus_root, parent, *overrides, architecture=architecture)]

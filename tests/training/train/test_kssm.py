@@ -91,3 +91,29 @@ def test_kssm_refuses_layouts_it_cannot_serve_naming_the_field():
             "kssm.attention_weight=0.1", "parallel.pipeline_model_parallel_size=2", "model.num_layers=4"])
     resolve_stage_config("code_cpt", "micro", overrides=[   # the span objective alone works under PP
         "kssm.attention_weight=0", "parallel.pipeline_model_parallel_size=2", "model.num_layers=4"])
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_kssm_run_killed_mid_run_resumes_bit_for_bit(knowledge_corpus, chat_parent, tmp_path):
+    """The loss keeps no state of its own (K-B marks come from the batch and the forward), so code_cpt's resume
+    holds with `kssm` on: the resumed steps give the uninterrupted run's losses exactly."""
+    import signal
+
+    from tests.support.code_cpt import code_cpt, command
+    from tests.support.layouts import losses
+    from tests.support.processes import kill_after
+    from tests.support.sft import MERGES
+
+    sets = (f"model.vocab_merges={MERGES}", "model.num_layers=3", "fim_rate=null", "train.save_interval=2",
+            "kssm.span_weight=1.0", "kssm.attention_weight=0.1", "kssm.model_fraction=0.1")
+    whole = code_cpt(tmp_path / "whole", knowledge_corpus, chat_parent, *sets, architecture=False)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    cmd = command(tmp_path / "cut", knowledge_corpus, chat_parent, *sets, architecture=False)
+    rc = kill_after(cmd, "code_cpt: saved iter_0000002", tmp_path / "killed.log")
+    assert rc == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    resumed = code_cpt(tmp_path / "cut", knowledge_corpus, chat_parent, *sets, architecture=False)
+    assert "resumed from step 2" in resumed.stdout, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    for metric in ("lm_loss", "kssm_loss", "salient_attention_loss"):
+        after, uninterrupted = losses(tmp_path / "cut", metric), losses(tmp_path / "whole", metric)
+        assert sorted(after) == [3, 4] and [after[3], after[4]] == [uninterrupted[3], uninterrupted[4]], metric
