@@ -11,7 +11,7 @@ Both releases answer the same held-out probes (`python -m training.eval.recall`)
 word, and the mean rank of the gold answer's first token. Every number is printed; nothing is tuned here.
 
     .venv/bin/python benchmarks/kssm_learning.py [--seeds 1 2 3] [--people 100] [--steps 150] [--out DIR]
-                                                 [--bases DIR] [--set kssm.span_weight=2 ...]
+                                                 [--bases DIR] [--set kssm.span_weight=2 ...] [--variant NAME]
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def recall(release: Path, probes: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_seed(seed: int, out: Path, bases: Path | None, people: int, steps: int, kssm_sets: list[str]) -> dict:
+def run_seed(seed: int, out: Path, bases: Path | None, people: int, steps: int, kssm_sets: list[str],
+             variant: str = "kssm") -> dict:
     from training.config import resolve_stage_config
     from training.data.knowledge_data import write_knowledge_curate
 
@@ -52,7 +53,7 @@ def run_seed(seed: int, out: Path, bases: Path | None, people: int, steps: int, 
         write_knowledge_curate(knowledge, seed=seed, people=people, vocab_merges=merges)
     result = {"seed": seed}
     for name, extra in (("plain", []), ("kssm", ["kssm.span_weight=1.0", *kssm_sets])):
-        run_root = root / name
+        run_root = root / (variant if name == "kssm" else name)   # a finished run is skipped (its manifest)
         seconds = stage("code_cpt", run_root, tracking(run_root), f"seed={seed}", f"init_checkpoint={base}",
                         f"data_manifest={knowledge / 'curate'}", "mixture=null", "fim_rate=null",
                         f"train.steps={steps}", f"train.save_interval={steps}", *extra)
@@ -79,18 +80,20 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-kssm")
     parser.add_argument("--bases", type=Path, help="reuse the pretrained bases of an earlier run (its --out)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="kssm.<field>=<value> for the kssm run")
+    parser.add_argument("--variant", default="kssm", help="the kssm run's directory: an ablation (with --set) beside "
+                                                          "the same plain runs, which a rerun into --out reuses")
     args = parser.parse_args()
     out = args.out.resolve()
     results = []
     for seed in args.seeds:
-        results.append(run_seed(seed, out, args.bases, args.people, args.steps, args.sets))
+        results.append(run_seed(seed, out, args.bases, args.people, args.steps, args.sets, args.variant))
         report(results[-1])
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / f"results-{args.variant}.json").write_text(json.dumps(results, indent=2))
     gaps = [r["kssm"]["exact_match"] - r["plain"]["exact_match"] for r in results]
     ranks = [r["plain"]["mean_gold_rank"] - r["kssm"]["mean_gold_rank"] for r in results]
-    print(f"kssm - plain exact match per seed: {', '.join(f'{100 * g:+.1f} points' for g in gaps)}; gold rank "
-          f"improvement per seed: {', '.join(f'{g:+.1f}' for g in ranks)}; results: {out / 'results.json'}",
-          flush=True)
+    print(f"{args.variant} - plain exact match per seed: {', '.join(f'{100 * g:+.1f} points' for g in gaps)}; gold "
+          f"rank improvement per seed: {', '.join(f'{g:+.1f}' for g in ranks)}; results: "
+          f"{out / f'results-{args.variant}.json'}", flush=True)
     return 0
 
 

@@ -10,8 +10,8 @@ FP32 accumulation, the input cached for backward in FP8.
 What autograd keeps for backward is the FP8 input and the FP8 weight with their scales (~1 byte an element, against
 2 for a BF16 linear's input and weight). Master weights and the weight gradient stay in the training precision.
 
-Each GEMM runs on the device's backend (training/parallel/fp8_backends.py): emulated in float32 on a CPU, torch's blockwise
-scaled_mm on a Hopper GPU, and otherwise an `Fp8Unavailable` error naming the reason.
+Each GEMM runs on the device's backend (training/parallel/fp8_backends.py): emulated in float32 on a CPU, torch's
+blockwise scaled_mm on a Hopper GPU, and otherwise an `Fp8Unavailable` error naming the reason.
 """
 from __future__ import annotations
 
