@@ -79,4 +79,8 @@ class CodeCptConfig(PretrainConfig):
             raise ValueError("kssm.attention_weight: the attention objective is collected from every layer into the "
                              "loss of the last pipeline stage; with parallel.pipeline_model_parallel_size > 1 set "
                              "it to 0")
+        if self.kssm.attention_weight > 0 and self.parallel.tensor_model_parallel_size > 1:
+            raise ValueError("kssm.attention_weight: each tensor-parallel rank holds only its heads' attention, so "
+                             "the ranks' objectives would differ; with parallel.tensor_model_parallel_size > 1 set "
+                             "it to 0")
         return self

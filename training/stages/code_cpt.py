@@ -90,7 +90,7 @@ def build_trainer(cfg: CodeCptConfig, curate: dict, stage: StageRun, info, init_
         from training.vocabulary import vocabulary
 
         loss = SalientSpanLoss(vocabulary(cfg.model.vocab_merges), cfg.kssm.span_weight, cfg.kssm.attention_weight,
-                               cfg.kssm.model_fraction)
+                               cfg.kssm.model_fraction, decoder_layers=cfg.model.num_layers)
     module = GPTTrainModule(cfg, info.device, loss=loss, dataset=lambda num_samples: (
         curated_dataset(cfg, curate, stage, info.local_rank, num_samples)))
     return Trainer(module, cfg.train, info, label=stage.name, directory=stage.directory, run_root=cfg.run_root,

@@ -26,8 +26,9 @@ from training.train.losses import NextTokenLoss
 class SalientSpanLoss(NextTokenLoss):
     reported = ("lm loss", "kssm loss", "salient lm loss", "salient attention loss", "salient share")
 
-    def __init__(self, vocabulary, span_weight: float, attention_weight: float, model_fraction: float):
-        self.vocabulary, self.span_weight = vocabulary, span_weight
+    def __init__(self, vocabulary, span_weight: float, attention_weight: float, model_fraction: float,
+                 decoder_layers: int):
+        self.vocabulary, self.span_weight, self.decoder_layers = vocabulary, span_weight, decoder_layers
         self.attention_weight, self.model_fraction = attention_weight, model_fraction
         self.tokenizer = vocabulary.tokenizer
         self._pieces: dict[int, str] = {}
@@ -71,7 +72,10 @@ class SalientSpanLoss(NextTokenLoss):
             count, kb_count = loss_mask.sum(), kb.sum()
             # the K-B-weighted mean, scaled to this micro-batch's token count (megatron divides the step's summed
             # losses by its summed counts), plus the attention term per token
-            attention = torch.stack(terms).mean() if terms else nll.sum() * 0.0
+            # the decoder's layers, which run first; MTP's layer sees the sequence shifted by one token, so the marks
+            # would be misaligned there
+            layers = terms[:self.decoder_layers]
+            attention = torch.stack(layers).mean() if layers else nll.sum() * 0.0
             objective = ((nll * weights).sum() / weights.sum().clamp(min=1) + self.attention_weight * attention) * count
             return objective, count.to(torch.int), {
                 "lm loss": torch.stack([(nll * loss_mask).sum().detach(), count]),

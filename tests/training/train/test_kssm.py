@@ -89,6 +89,9 @@ def test_kssm_refuses_layouts_it_cannot_serve_naming_the_field():
     with pytest.raises(ConfigError, match="kssm.attention_weight: the attention objective"):
         resolve_stage_config("code_cpt", "micro", overrides=[
             "kssm.attention_weight=0.1", "parallel.pipeline_model_parallel_size=2", "model.num_layers=4"])
+    with pytest.raises(ConfigError, match="kssm.attention_weight: each tensor-parallel rank holds only its heads"):
+        resolve_stage_config("code_cpt", "micro", overrides=[
+            "kssm.attention_weight=0.1", "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"])
     resolve_stage_config("code_cpt", "micro", overrides=[   # the span objective alone works under PP
         "kssm.attention_weight=0", "parallel.pipeline_model_parallel_size=2", "model.num_layers=4"])
 
