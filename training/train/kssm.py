@@ -16,6 +16,8 @@ labels alone, the attention term and the share of labels marked K-B.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from training.data.salient_spans import model_salient, salient_token_mask
@@ -56,7 +58,7 @@ class SalientSpanLoss(NextTokenLoss):
         rules, texts = self.rule_marks(tokens, labels)
         rules = rules.to(tokens.device)
         observing = (observe_salient_attention(rules[:, :-1], rules[:, 1:]) if self.attention_weight > 0
-                     else _nothing())
+                     else contextlib.nullcontext([]))
         with observing as terms:
             output = model(tokens, batch["position_ids"], attention_mask, labels=labels, loss_mask=loss_mask)
 
@@ -70,12 +72,12 @@ class SalientSpanLoss(NextTokenLoss):
             kb = kb.float() * loss_mask
             weights = loss_mask + self.span_weight * kb
             count, kb_count = loss_mask.sum(), kb.sum()
-            # the K-B-weighted mean, scaled to this micro-batch's token count (megatron divides the step's summed
-            # losses by its summed counts), plus the attention term per token
-            # the decoder's layers, which run first; MTP's layer sees the sequence shifted by one token, so the marks
-            # would be misaligned there
+            # the attention term of the decoder's layers, which run first (MTP's layer sees the sequence shifted by
+            # one token: the marks would be misaligned there)
             layers = terms[:self.decoder_layers]
             attention = torch.stack(layers).mean() if layers else nll.sum() * 0.0
+            # the K-B-weighted mean plus the attention term, scaled to this micro-batch's token count (megatron
+            # divides the step's summed losses by its summed counts)
             objective = ((nll * weights).sum() / weights.sum().clamp(min=1) + self.attention_weight * attention) * count
             return objective, count.to(torch.int), {
                 "lm loss": torch.stack([(nll * loss_mask).sum().detach(), count]),
@@ -86,10 +88,3 @@ class SalientSpanLoss(NextTokenLoss):
 
         return output, loss_func
 
-
-class _nothing:
-    def __enter__(self):
-        return []
-
-    def __exit__(self, *exc):
-        return False
