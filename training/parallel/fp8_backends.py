@@ -12,8 +12,9 @@
 The kernel's layout rules, met by `scaled_mm_operands` (torch's own shape checker runs them on the meta device in
 the tests):
   - a is row-major and b column-major ([k, n] with stride (1, k)): the "TN" layout of FP8 tensor-core GEMMs;
-  - k is a multiple of 128, and n of 128 for 128 x 128 blocks (of 16 for 1 x 128 tiles): the operands are padded
-    with zeros, which is fp8_quant's edge-tile rule (a zero changes no tile's max-abs and adds zero products);
+  - k is a multiple of 128, n of 128 for 128 x 128 blocks (of 16 for 1 x 128 tiles), and m of 4 (FACTS.md, from
+    PyTorch's own fixes): the operands are padded with zeros, which is fp8_quant's edge-tile rule (a
+    zero changes no tile's max-abs and adds zero products);
   - 1 x 128 scales are outer-dim-major ([rows, k / 128] with stride (1, rows)); 128 x 128 block scales are given as
     [k-blocks rounded up to 4, n-blocks], outer-dim-major, the padding scales set to 1.
 """
@@ -93,8 +94,8 @@ def _outer_dim_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_mm_operands(a: Quantized, b: Quantized) -> dict:
-    """The keyword arguments of `F.scaled_mm` computing a · bᵀ (output [m rounded, n rounded]; see the module
-    docstring for the layout rules)."""
+    """The keyword arguments of `F.scaled_mm` computing a · bᵀ (output [m, n] rounded up; see the module docstring
+    for the layout rules)."""
     if a.tile != (1, TILE) or b.tile not in ((1, TILE), (TILE, TILE)):
         raise ValueError(f"blockwise scaled_mm takes 1 x {TILE} tiles times 1 x {TILE} tiles or {TILE} x {TILE} "
                          f"blocks; got {a.tile} and {b.tile}")
@@ -105,9 +106,10 @@ def scaled_mm_operands(a: Quantized, b: Quantized) -> dict:
     k_tiles = k_padded // TILE
     blocks = b.tile == (TILE, TILE)
     n_padded = _round_up(n, TILE if blocks else 16)
-    mat_a = _padded(a.values, m, k_padded)
+    m_padded = _round_up(m, 4)
+    mat_a = _padded(a.values, m_padded, k_padded)
     mat_b = _padded(b.values, n_padded, k_padded).t()              # [k, n], column-major
-    scale_a = _outer_dim_major(a.scales)                          # [m, k / 128]
+    scale_a = _outer_dim_major(_padded_scales(a.scales, m_padded, k_tiles))   # [m, k / 128]
     if blocks:                                                    # [k-blocks rounded up to 4, n / 128]
         scale_b = _padded_scales(b.scales, n_padded // TILE, _round_up(k_tiles, 4)).t()
         recipe_b = F.ScalingType.BlockWise128x128

@@ -154,11 +154,11 @@ def test_the_gpu_backends_operands_pass_torchs_own_scaled_mm_checks(gemm_name, m
     on_meta = {key: value.to("meta") if isinstance(value, torch.Tensor) else value
                for key, value in scaled_mm_operands(a, b).items()}
     out = torch.nn.functional.scaled_mm(**on_meta, output_dtype=torch.bfloat16)
-    assert out.shape[0] == m and n <= out.shape[1] < n + 128
+    assert m <= out.shape[0] < m + 4 and n <= out.shape[1] < n + 128
     # the padding is zeros with unit scales: the padded GEMM, emulated, is the unpadded one
     operands = scaled_mm_operands(a, b)
     b_padded = Quantized(operands["mat_b"].t(), operands["scale_b"].t()[:, :-(-operands["mat_b"].shape[0] // 128)]
                          if b.tile == (128, 128) else operands["scale_b"], b.tile)
     a_padded = Quantized(operands["mat_a"], operands["scale_a"], a.tile)
     exact = gemm(a, b)   # (float32 sums in another order: equal up to rounding)
-    assert torch.allclose(gemm(a_padded, b_padded)[:, :n], exact, rtol=1e-5, atol=1e-5 * exact.abs().max())
+    assert torch.allclose(gemm(a_padded, b_padded)[:m, :n], exact, rtol=1e-5, atol=1e-5 * exact.abs().max())
