@@ -39,7 +39,7 @@ class CodeCptConfig(PretrainConfig):
         kind="code_cpt", launcher="torchrun", retries=3, retry_delay_minutes=5, timeout_minutes=3 * 24 * 60,
         inputs=(StageInput("data_manifest", upstream="curate"), StageInput("init_checkpoint", upstream="pretrain")),
         form_fields=(
-            "mixture", "fim_rate",
+            "mixture", "fim_rate", "kssm",
             "train.steps", "train.seq_length", "train.micro_batch_size", "train.global_batch_size",
             "train.log_interval", "train.save_interval",
             "optimizer.lr", "optimizer.min_lr", "optimizer.warmup_steps", "optimizer.decay_style",
