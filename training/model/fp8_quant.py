@@ -15,7 +15,8 @@ Rules every backend follows (the CPU emulation here is the definition the GPU pa
   - **Saturation.** Values are clamped to ±448 before the cast; with online scaling only rounding can push a value
     past it, but the cast must never turn an out-of-range value into NaN (CUDA's does; the CPU's saturates).
   - **inf and NaN** in the input raise `NonFiniteError`, naming the tensor and counting them: a scale computed from
-    inf would silently zero the tile, a NaN would spread through the GEMM.
+    inf would silently zero the tile, a NaN would spread through the GEMM. On a GPU the check is deferred to once a
+    step, before the optimizer step (`defer_finite_checks`): one host sync instead of one per tensor.
 
 E4M3 keeps 3 mantissa bits: a normal value (|x / scale| ≥ 2^-6) is within a relative 2^-4 of x after the round trip;
 a subnormal within an absolute 2^-10 · scale (`round_trip_bound`).
@@ -73,14 +74,43 @@ def quantize(x: torch.Tensor, tile: tuple[int, int], name: str = "tensor") -> Qu
     """`x` [rows, cols] as E4M3 with one online scale (max-abs / 448) per tile; see the module docstring."""
     if x.dim() != 2:
         raise ValueError(f"{name}: quantize takes a 2-D tensor, got shape {tuple(x.shape)}")
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        nan = int(torch.isnan(x).sum())
-        raise NonFiniteError(f"{name}: {x.numel() - int(finite.sum())} non-finite value(s) ({nan} NaN, the rest inf) "
-                             f"in a tensor of shape {tuple(x.shape)}; FP8 quantisation refuses them")
-    amax = tile_amax(x, tile)
+    amax = tile_amax(x, tile)   # inf and NaN reach the tile maxima (max-reductions propagate them)
+    if _DEFERRED is not None:   # on a GPU: a device-side flag, checked once per step (`check_deferred`)
+        _DEFERRED.append((name, ~torch.isfinite(amax).all()))
+    else:
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(x).sum())
+            raise NonFiniteError(f"{name}: {x.numel() - int(finite.sum())} non-finite value(s) ({nan} NaN, the rest "
+                                 f"inf) in a tensor of shape {tuple(x.shape)}; FP8 quantisation refuses them")
     scales = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
     return Quantized(to_e4m3(x.float() / expand(scales, tile, x.shape)), scales, tile)
+
+
+# Non-finite checks deferred to once a step (`defer_finite_checks`): (tensor name, device-side "has inf/NaN" flag).
+_DEFERRED: list[tuple[str, torch.Tensor]] | None = None
+
+
+def defer_finite_checks(enabled: bool) -> None:
+    """On a GPU, checking every quantised tensor for inf/NaN would stall the device on each one (a host sync per
+    tensor, ~5 per linear per step). Deferred, each check leaves a flag on the device and `check_deferred` reads
+    them all at once: the train module calls it before the optimizer step, so a bad step is still refused, and the
+    error still names the first tensor that held a non-finite value."""
+    global _DEFERRED
+    _DEFERRED = [] if enabled else None
+
+
+def check_deferred() -> None:
+    """Raise NonFiniteError naming the first tensor quantised since the last check that held inf or NaN."""
+    if not _DEFERRED:
+        return
+    names, flags = zip(*_DEFERRED)
+    _DEFERRED.clear()
+    bad = torch.stack([f.to(flags[0].device) for f in flags]).cpu()   # the one host sync
+    if bool(bad.any()):
+        first = names[int(bad.int().argmax())]
+        raise NonFiniteError(f"{first}: non-finite value(s) (inf or NaN) in the tensor; FP8 quantisation refuses "
+                             f"them ({int(bad.sum())} of the {len(names)} tensors quantised this step had some)")
 
 
 def to_e4m3(scaled: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,11 @@ class GPTTrainModule(TrainModule):
                              f"start_batch_size / micro_batch_size / data-parallel size)")
 
         self.grad_finalize_hooks: list[Callable[[], None]] = []   # run first thing in finalize_model_grads
+        if train.precision == "fp8" and device.type == "cuda":   # FP8's inf/NaN checks: once a step, before the
+            from training.model import fp8_quant                  # optimizer step (fp8_quant.defer_finite_checks)
+
+            fp8_quant.defer_finite_checks(True)
+            self.grad_finalize_hooks.append(fp8_quant.check_deferred)
 
         def finalize(*args, **kwargs):
             for hook in self.grad_finalize_hooks:

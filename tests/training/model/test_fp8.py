@@ -162,3 +162,26 @@ def test_the_gpu_backends_operands_pass_torchs_own_scaled_mm_checks(gemm_name, m
     a_padded = Quantized(operands["mat_a"], operands["scale_a"], a.tile)
     exact = gemm(a, b)   # (float32 sums in another order: equal up to rounding)
     assert torch.allclose(gemm(a_padded, b_padded)[:m, :n], exact, rtol=1e-5, atol=1e-5 * exact.abs().max())
+
+
+def test_deferred_finite_checks_flag_on_the_device_and_raise_once_a_step_naming_the_tensor():
+    """A GPU run defers the inf/NaN check to one host sync a step (fp8_quant.defer_finite_checks); run here on CPU
+    tensors, the same code path: nothing raises while quantising, the step's check names the first bad tensor."""
+    from training.model import fp8_quant
+
+    fp8_quant.defer_finite_checks(True)
+    try:
+        activation_tiles(_random(4, 300), "layer 1: fprop input")
+        bad = _random(4, 300)
+        bad[2, 200] = float("nan")
+        activation_tiles(bad, "layer 2: fprop input")   # no raise yet
+        worse = _random(256, 300, seed=3)
+        worse[0, 0] = float("inf")
+        weight_blocks(worse, "layer 3: weight")
+        with pytest.raises(NonFiniteError, match=r"layer 2: fprop input: non-finite .*\(2 of the 3 tensors"):
+            fp8_quant.check_deferred()
+        fp8_quant.check_deferred()   # cleared: the next step starts clean
+        activation_tiles(_random(4, 300), "layer 1: fprop input")
+        fp8_quant.check_deferred()
+    finally:
+        fp8_quant.defer_finite_checks(False)
