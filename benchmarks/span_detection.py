@@ -10,27 +10,12 @@ vocabulary; a token is gold K-B when a marked span covers one of its non-space c
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 LABELLED = REPO / "tests" / "training" / "data" / "kb_labelled.txt"
-
-
-def documents() -> list[tuple[str, list[tuple[int, int]]]]:
-    out = []
-    for line in LABELLED.read_text().splitlines():
-        if line and not line.startswith("#"):
-            text, spans = "", []
-            for piece in re.split(r"(\[\[.*?\]\])", line):
-                if piece.startswith("[["):
-                    spans.append((len(text), len(text) + len(piece) - 4))
-                    piece = piece[2:-2]
-                text += piece
-            out.append((text, spans))
-    return out
 
 
 def main() -> int:
@@ -42,8 +27,8 @@ def main() -> int:
     import torch
 
     from training.config import ParallelConfig
-    from training.data.salient_spans import (covered, model_salient, precision_recall, salient_token_mask,
-                                             token_offsets)
+    from training.data.salient_spans import (covered, model_salient, precision_recall, read_marked,
+                                             salient_token_mask, token_offsets)
     from training.eval.generate import Generator
     from training.model.release import load_release
     from training.parallel.setup import init_distributed, shutdown
@@ -51,8 +36,9 @@ def main() -> int:
     init_distributed(ParallelConfig(), seed=0)
     gpt, model = load_release(args.release)
     generator = Generator(gpt, model.max_position_embeddings, vocab_merges=model.vocab_merges)
+    documents = read_marked(LABELLED.read_text())
     gold, rules, losses, texts = [], [], [], []
-    for text, spans in documents():
+    for text, spans in documents:
         ids = generator.encode(text)
         pieces = [generator.decode([i]) for i in ids]
         if "".join(pieces) != text:
@@ -63,7 +49,7 @@ def main() -> int:
         nll = generator.token_nll(torch.tensor([ids]))[0].tolist()
         losses.append([0.0] + nll)
         texts.append(pieces)
-    print(f"{len(documents())} documents, {len(gold)} tokens, {sum(gold)} K-B; model {args.release}", flush=True)
+    print(f"{len(documents)} documents, {len(gold)} tokens, {sum(gold)} K-B; model {args.release}", flush=True)
     precision, recall = precision_recall(rules, gold)
     print(f"rules:                  precision {precision:.3f} recall {recall:.3f}", flush=True)
     for fraction in args.fractions:

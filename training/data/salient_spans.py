@@ -108,6 +108,23 @@ def _stripped(offsets: list[tuple[int, int]], text: str) -> list[tuple[int, int]
     return out
 
 
+def read_marked(text: str) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Hand-labelled documents, one a line, K-B spans marked `[[like this]]` (lines starting with # are comments):
+    (the text without the marks, the marked character spans) per document."""
+    documents = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        plain, spans = "", []
+        for piece in re.split(r"(\[\[.*?\]\])", line):
+            if piece.startswith("[["):
+                spans.append((len(plain), len(plain) + len(piece) - 4))
+                piece = piece[2:-2]
+            plain += piece
+        documents.append((plain, spans))
+    return documents
+
+
 def precision_recall(predicted: list[bool], gold: list[bool]) -> tuple[float, float]:
     true_positive = sum(p and g for p, g in zip(predicted, gold))
     return (true_positive / max(1, sum(predicted)), true_positive / max(1, sum(gold)))

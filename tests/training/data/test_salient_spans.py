@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.data.salient_spans import (covered, model_salient, precision_recall, rule_spans, salient_token_mask,
-                                         token_offsets)
+from training.data.salient_spans import (covered, model_salient, precision_recall, read_marked, rule_spans,
+                                         salient_token_mask, token_offsets)
 
 LABELLED = Path(__file__).with_name("kb_labelled.txt")
 
@@ -21,19 +21,8 @@ def words(text: str) -> list[str]:
 
 
 def labelled() -> list[tuple[str, list[tuple[int, int]]]]:
-    """(text, gold character spans) per hand-labelled document: the [[ ]] marks removed."""
-    documents = []
-    for line in LABELLED.read_text().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        text, spans = "", []
-        for piece in re.split(r"(\[\[.*?\]\])", line):
-            if piece.startswith("[["):
-                spans.append((len(text), len(text) + len(piece) - 4))
-                piece = piece[2:-2]
-            text += piece
-        documents.append((text, spans))
-    return documents
+    """(text, gold character spans) per hand-labelled document."""
+    return read_marked(LABELLED.read_text())
 
 
 def gold_mask(text: str, tokens: list[str], spans) -> list[bool]:
