@@ -43,8 +43,7 @@ def main() -> int:
         pieces = [generator.decode([i]) for i in ids]
         if "".join(pieces) != text:
             raise SystemExit(f"the tokens do not spell {text!r}")
-        stripped = [(s + len(p) - len(p.lstrip()), e) for (s, e), p in zip(token_offsets(pieces), pieces)]
-        gold += covered(stripped, spans)
+        gold += covered(token_offsets(pieces), spans)
         rules += salient_token_mask(text, pieces)
         nll = generator.token_nll(torch.tensor([ids]))[0].tolist()
         losses.append([0.0] + nll)

@@ -74,16 +74,17 @@ def model_salient(token_losses: list[float], token_texts: list[str], fraction: f
 
 
 def token_offsets(token_texts: list[str]) -> list[tuple[int, int]]:
-    """Character (start, end) of each token, for tokens whose texts concatenate to the document."""
+    """Character (start, end) of each token's text without its leading spaces (a BPE token " Kesmora" starts at its
+    letter), for tokens whose texts concatenate to the document."""
     offsets, position = [], 0
     for piece in token_texts:
-        offsets.append((position, position + len(piece)))
+        offsets.append((position + len(piece) - len(piece.lstrip()), position + len(piece)))
         position += len(piece)
     return offsets
 
 
 def covered(offsets: list[tuple[int, int]], spans) -> list[bool]:
-    """Per token: does any span cover a non-space character of it?"""
+    """Per token (`token_offsets`): does any span cover a character of it?"""
     return [start < end and any(s < end and start < e for s, e, *_ in spans) for start, end in offsets]
 
 
@@ -92,20 +93,10 @@ def salient_token_mask(text: str, token_texts: list[str], token_losses: list[flo
     """Per token: K-B (rules, or the model signal when losses are given), see the module docstring."""
     if "".join(token_texts) != text:
         raise ValueError("the token texts do not spell the document")
-    marks = covered(_stripped(token_offsets(token_texts), text), rule_spans(text))
+    marks = covered(token_offsets(token_texts), rule_spans(text))
     if token_losses is not None and model_fraction > 0:
         marks = [r or m for r, m in zip(marks, model_salient(token_losses, token_texts, model_fraction))]
     return marks
-
-
-def _stripped(offsets: list[tuple[int, int]], text: str) -> list[tuple[int, int]]:
-    """Token offsets without their leading spaces (a BPE token " Kesmora" starts at its letter)."""
-    out = []
-    for start, end in offsets:
-        while start < end and text[start].isspace():
-            start += 1
-        out.append((start, end))
-    return out
 
 
 def read_marked(text: str) -> list[tuple[str, list[tuple[int, int]]]]:
