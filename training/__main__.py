@@ -72,11 +72,24 @@ def _report_bad_input(stage: str, err: Exception, message: str) -> None:
 
 
 def _params(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training params", description="Count a preset's parameters.")
-    parser.add_argument("--preset", required=True, help=f"named preset ({', '.join(list_presets())})")
+    parser = argparse.ArgumentParser(prog="python -m training params",
+                                     description="Count a preset's parameters, or a release's non-zero ones.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help=f"named preset ({', '.join(list_presets())})")
+    source.add_argument("--release", help="a release directory: count its non-zero parameters (a pruned model's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.x=y",
                         help="override one pretrain field, e.g. model.mtp_num_layers=0 (repeatable)")
     args = parser.parse_args(argv)
+    if args.release:
+        from training.integrity import IntegrityError
+        from training.model.release import ReleaseError, format_nonzero, nonzero_parameters
+
+        try:
+            print(format_nonzero(args.release, nonzero_parameters(args.release)), end="")
+        except (ReleaseError, IntegrityError, OSError) as err:
+            print(f"params: --release {args.release}: {err}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        return 0
     from training.model.params import count_params, format_count
 
     try:

@@ -25,6 +25,8 @@ EXPECTED = {
                               for name in (step, f"evaluate_{step}", f"register_{step}")),
                             "promote_grpo_all"],                                     # recipe r1
     "seekflow_distill": ["validate_config", "distill", "evaluate_distill", "register_distill", "promote_distill"],
+    "seekflow_compress": ["validate_config", "compress", "evaluate_compress", "register_compress",
+                          "promote_compress"],
     "seekflow_grpo": ["validate_config", "grpo"],
     "seekflow_evaluate": ["validate_config", "evaluate"],
     "seekflow_promote": ["validate_config", "promote"],

@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from training.config.base import SHARED_KEYS, Section, StageConfig, TrackingConfig, deep_merge
 from training.config.code_cpt import CodeCptConfig
+from training.config.compress import CompressConfig
 from training.config.curate import CurateConfig
 from training.config.distill import DistillConfig
 from training.config.evaluate import EvaluateConfig
@@ -43,6 +44,7 @@ STAGES: dict[str, type[StageConfig]] = {cls.stage_spec.kind: cls for cls in (
     SftConfig,
     DistillConfig,
     GrpoConfig,
+    CompressConfig,
 )}
 
 
@@ -65,18 +67,20 @@ CHAIN_INSTANCES: dict[str, dict] = {"curate_code": {"stage": "curate"}, **_gated
                                     "long_context": {"reads": {"pretrain": "code_cpt"}}, **_gated("long_context"),
                                     # V3 §5 fine-tunes the context-extended model (§4.3 comes first)
                                     "sft": {"reads": {"pretrain": "long_context"}}, **_gated("sft"),
-                                    **_gated("distill")}
+                                    **_gated("distill"), **_gated("compress")}
 # The post-training gates (V3 §5.1 fine-tunes for the tasks it evaluates; R1 §2.4 scores its students on the same
 # benchmarks): the sft release and the distilled student are scored on the task suite's held-out split only, and
 # promoted when their accuracy is not worse than their champion's.
 _TASKS_ONLY = {suite: {"enabled": False} for suite in ("humaneval", "fim", "passkey", "arith", "perplexity")}
-for _trained in ("sft", "distill"):
+for _trained in ("sft", "distill", "compress"):
     CHAIN_INSTANCES[f"evaluate_{_trained}"].update(_TASKS_ONLY, tasks={"enabled": True})
     CHAIN_INSTANCES[f"promote_{_trained}"]["gates"] = [{"metric": "tasks.accuracy", "higher_is_better": True,
                                                         "max_regression": 0.02, "min": 0.0, "max": 1.0}]
 # A student is a model of its own (R1 §2.4's DeepSeek-R1-Distill-*), with its own versions and champion: a dense
 # student never replaces the MoE model it learnt from. Its parent tag names the teacher's model and version.
 CHAIN_INSTANCES["register_distill"]["model_name"] = "seekflow-{profile}-student"
+# A pruned model is a model of its own too: its champion is the best sparse version, never the dense one.
+CHAIN_INSTANCES["register_compress"]["model_name"] = "seekflow-{profile}-sparse"
 
 # DeepSeek-R1's recipe (§2.3), seekflow_post_train's `r1`: four training steps, each a stage instance whose release is
 # scored on the held-out tasks and registered as a version of seekflow-<profile> with the step before it as parent;
@@ -106,6 +110,7 @@ POST_TRAIN_CHAIN: tuple[str, ...] = ("sft", *_gated("sft"))
 R1_CHAIN: tuple[str, ...] = tuple(name for step, gates in _R1_GATES.items() for name in (step, *gates))
 RECIPES: dict[str, tuple[str, ...]] = {"sft": POST_TRAIN_CHAIN, "r1": R1_CHAIN}
 DISTILL_CHAIN: tuple[str, ...] = ("distill", *_gated("distill"))
+COMPRESS_CHAIN: tuple[str, ...] = ("compress", *_gated("compress"))
 
 # The end-to-end pipeline's stage instances, in the order seekflow_pipeline runs them (DeepSeek-Coder-V2's line:
 # pretrain, then code continued pretraining with FIM, then YaRN context extension; then supervised fine-tuning, V3 §5;

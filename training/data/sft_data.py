@@ -64,3 +64,42 @@ class PackedSamples:
     def fill(self) -> float:
         """Share of the packed positions that hold sample tokens (the rest is padding)."""
         return self.tokens / max(1, len(self.samples) * self.seq_length)
+
+
+class ConversationRows:
+    """One conversation per sequence, padded (the compress stage: CAP represents each input by itself), in a seeded
+    order. Besides the next-token keys, each row carries its input's id (`example`, the conversation's index), its
+    label (`label`, e.g. its task's index) and its real tokens (`valid`), the first two constant along the sequence.
+    `by_id(i)` is conversation i's row."""
+
+    extra_keys = ("example", "label", "valid")
+
+    def __init__(self, conversations: Sequence[tuple[Sequence[int], Sequence[int]]], labels: Sequence[int],
+                 seq_length: int, pad_id: int, seed: int = 0):
+        self.seq_length, self.pad_id = seq_length, pad_id
+        self.rows = [self._row(i, ids, mask, label)
+                     for i, ((ids, mask), label) in enumerate(zip(conversations, labels, strict=True))]
+        self.order = list(range(len(self.rows)))
+        random.Random(f"seekflow-rows/{seed}").shuffle(self.order)
+
+    def _row(self, index: int, ids: Sequence[int], loss_mask: Sequence[int], label: int) -> dict[str, np.ndarray]:
+        n = len(ids) - 1
+        if n < 1 or n > self.seq_length:
+            raise ValueError(f"conversation {index} has {n + 1} ids; a row needs 2 to {self.seq_length + 1}")
+        pad = self.seq_length - n
+        return {"tokens": np.asarray(list(ids[:-1]) + [self.pad_id] * pad, dtype=np.int64),
+                "labels": np.asarray(list(ids[1:]) + [self.pad_id] * pad, dtype=np.int64),
+                "loss_mask": np.asarray(list(loss_mask[1:]) + [0] * pad, dtype=np.float32),
+                "position_ids": np.arange(self.seq_length, dtype=np.int64),
+                "example": np.full(self.seq_length, index, dtype=np.int64),
+                "label": np.full(self.seq_length, label, dtype=np.int64),
+                "valid": np.asarray([1.0] * n + [0.0] * pad, dtype=np.float32)}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.rows[self.order[index]]
+
+    def by_id(self, example: int) -> dict[str, np.ndarray]:
+        return self.rows[example]

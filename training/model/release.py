@@ -76,3 +76,34 @@ def load_release(release_dir: str | Path, parallel: ParallelConfig | None = None
     gpt.load_state_dict(loaded["model"])
     gpt.eval()
     return gpt, model_cfg
+
+
+def nonzero_parameters(release_dir: str | Path) -> dict[str, tuple[int, int]]:
+    """{component: (non-zero, total)} parameters of a release, read straight from its files (no model is built, no
+    process group is needed; hash-verified first): embedding, decoder, output_layer, mtp. A pruned release (compress)
+    stores its pruned weights as zeros. Buffers (the router's expert bias) are not parameters."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = verify_release(release_dir)
+    reader = dcp.FileSystemReader(str(path))
+    tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in reader.read_metadata().state_dict_metadata.items()
+               if isinstance(meta, TensorStorageMetadata) and not key.endswith("expert_bias")}
+    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    counts: dict[str, tuple[int, int]] = {}
+    for key, tensor in tensors.items():
+        component = key.split(".")[0]
+        nonzero, total = counts.get(component, (0, 0))
+        counts[component] = (nonzero + int((tensor != 0).sum()), total + tensor.numel())
+    return counts
+
+
+def format_nonzero(release: str, counts: dict[str, tuple[int, int]]) -> str:
+    main = [c for c in counts if c != "mtp"]
+    nonzero, total = (sum(counts[c][i] for c in main) for i in (0, 1))
+    lines = [f"release {release}: {nonzero:,} of {total:,} parameters non-zero ({1 - nonzero / total:.2%} zero; "
+             f"MTP apart, as the papers' totals)"]
+    lines += [f"  {c:14s} {n:>14,} of {t:>14,} non-zero" for c, (n, t) in sorted(counts.items())]
+    return "\n".join(lines) + "\n"

@@ -46,20 +46,22 @@ def pin_parent(cfg, field: str = "init_checkpoint", upstream: str = "pretrain", 
     return parent
 
 
-def fetch_parent(cfg, parent: dict, stage: StageRun, allowed: frozenset[str] = frozenset()) -> Path:
-    """The parent release on this machine (every rank calls it; hash-verified), refused unless its architecture is
-    `model` apart from the `allowed` fields: continued pretraining changes no architecture field, not even the
-    context ones; fine-tuning takes the parent's context (see `with_parent_context`)."""
+def fetch_parent(cfg, parent: dict, stage: StageRun, allowed: frozenset[str] = frozenset(),
+                 field: str = "init_checkpoint", into: str = "init") -> Path:
+    """The parent release on this machine (every rank calls it; hash-verified, under the stage's `into` folder),
+    refused unless its architecture is `model` apart from the `allowed` fields: continued pretraining changes no
+    architecture field, not even the context ones; fine-tuning takes the parent's context (see
+    `with_parent_context`). Errors name `field`."""
     from training.model.release import read_model_config
 
     try:
         release = registry.resolve_release_on_every_rank(parent["uri"], tracking_uri=tracking_uri(cfg),
-                                                         into=stage.directory / "init")
+                                                         into=stage.directory / into)
     except registry.RegistryError as err:
-        raise registry.RegistryError(f"init_checkpoint {parent['ref']}: {err}", permanent=err.permanent) from None
+        raise registry.RegistryError(f"{field} {parent['ref']}: {err}", permanent=err.permanent) from None
     differences = cfg.model.architecture_differences(read_model_config(release).model_dump(mode="json"), allowed)
     if differences:
-        raise ParentError(f"init_checkpoint {parent['ref']}: the parent's architecture differs from `model` "
+        raise ParentError(f"{field} {parent['ref']}: the parent's architecture differs from `model` "
                           f"({'; '.join(differences)}); {cfg.stage_spec.kind} continues the parent's architecture "
                           f"unchanged")
     return release

@@ -75,6 +75,8 @@ def register(cfg: RegisterConfig, stage: StageRun, pretrain: dict, checkpoint: P
                 "seekflow.parent_ref": str((pretrain["outputs"].get("parent") or {}).get("uri") or "none"),
                 "seekflow.trained_by": cfg.upstream("pretrain"),
                 **_data_tags(pretrain["outputs"].get("data")),
+                **_parents_tags(client, name, pretrain["outputs"].get("parents")),
+                **_pruning_tags(pretrain["outputs"].get("pruning")),
                 "seekflow.git_commit": _git_commit(),
                 **hf_tags,
                 **{f"seekflow.{k}": v for k, v in cfg.tracking.tags.items()},
@@ -110,6 +112,25 @@ def _parent_version(client, name: str, trained: dict) -> str | None:
         if version.tags.get(registry.RELEASE_SHA256_TAG) == sha:
             return str(version.version)
     return None
+
+
+def _parents_tags(client, name: str, parents: dict | None) -> dict[str, str]:
+    """A stage with several inputs (compress: the fine-tuned model and its pre-trained parent): each one's reference
+    and registered version, as `seekflow.parent.<role>_ref` / `_version`."""
+    tags = {}
+    for role, lineage in (parents or {}).items():
+        tags[f"seekflow.parent.{role}_ref"] = str(lineage.get("uri") or "none")
+        tags[f"seekflow.parent.{role}_version"] = _parent_version(client, name, {"outputs": {"parent": lineage}}) or "none"
+    return tags
+
+
+def _pruning_tags(pruning: dict | None) -> dict[str, str]:
+    """A pruned release's sparsity and non-zero parameters (compress)."""
+    if not pruning:
+        return {}
+    return {"seekflow.sparsity": f"{pruning['sparsity']:.6f}", "seekflow.pruning": pruning["structure"],
+            "seekflow.nonzero_params": str(pruning["nonzero_params"]),
+            "seekflow.total_params": str(pruning["total_params"])}
 
 
 def _data_tags(data: dict | None) -> dict[str, str]:

@@ -13,7 +13,11 @@ A sequence's representation is the mean of its final hidden states over its toke
 "mean-pooling" option; a causal model has no [CLS] token). Scores are cosine similarities over a temperature τ:
 
     p(i, c) = exp(z_i · c / τ) / Σ_{c' ∈ C, c' ≠ z_i} exp(z_i · c' / τ)
-    L = -1/|A| Σ_{i ∈ A} 1/|P(i)| Σ_{c ∈ P(i)} log p(i, c)      (A: anchors with at least one positive)
+    L = -1/|A| Σ_{i ∈ A} 1/|P(i)| Σ_{c ∈ P(i)} log p(i, c)      (A: anchors with a positive and a negative)
+
+An anchor whose every candidate is a positive is left out: it has nothing to contrast, and its loss would only pull
+it toward every candidate alike (the supervised term when all inputs share one task; the authors' classification
+tasks always have two labels or more).
 
 The authors' code divides the summed, per-anchor-normalised log-probabilities by the number of positive pairs
 instead of by the number of anchors; the mean over anchors here weighs every anchor once.
@@ -54,7 +58,7 @@ def contrastive_losses(anchors: torch.Tensor, anchor_ids: torch.Tensor, anchor_l
     def loss(positive: torch.Tensor) -> torch.Tensor:
         positive = positive & ~itself
         count = positive.sum(-1)
-        has = count > 0
+        has = (count > 0) & (count < (~itself).sum(-1))   # a positive, and a negative to contrast it with
         if not bool(has.any()):
             return scores.sum() * 0.0
         per_anchor = log_p.masked_fill(~positive, 0.0).sum(-1)[has] / count[has]

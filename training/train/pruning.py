@@ -7,8 +7,13 @@
   - **Unstructured** (`unstructured_masks`): per weight matrix, the lowest-scoring elements are zeroed, scores being
     |w| (magnitude) or the accumulated movement -w·∂L/∂w (Sanh et al., movement pruning; CAP's unstructured runs).
     The count is exact: round(sparsity × elements) per matrix, ties broken by position.
-  - **Structured** (`neuron_masks`): whole FFN neurons of the routed experts (an fc1 gate row, its up row and the
-    fc2 column they feed), scored by the L2 norm of their weights, so a pruned expert computes a narrower SwiGLU.
+  - **Structured** (`neuron_masks`, `head_masks`): whole FFN neurons (an fc1 gate row, its up row and the fc2 column
+    they feed) of the dense FFNs and of the shared and routed experts, so a pruned expert computes a narrower SwiGLU;
+    and whole MLA attention heads (the head's query rows, its key and value rows in the kv up-projection, and the
+    output-projection columns its value feeds). Both are scored by the L2 norm of their weights (the authors score
+    heads and neurons by gradient importance, which needs an extra pass over the data).
+  - **Which weights** (`prunable`, `model_masks`): the decoder's weight matrices. Embeddings, the output head,
+    norms, routers and the MTP module are never pruned.
   - **Keeping them zero.** `apply_masks` zeroes the masked weights and their gradients. The stage calls it on the
     gradients before the optimizer step (so no update is computed for them) and on the weights after it (Adam's
     moments, weight decay and any rounding cannot bring a pruned weight back).
@@ -88,3 +93,51 @@ def sparsity_of(tensors) -> float:
         zeros += int((t == 0).sum())
         total += t.numel()
     return zeros / max(total, 1)
+
+
+def prunable(named_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decoder's weight matrices among `named_params` (an unwrapped GPT module's names)."""
+    return {name: p for name, p in named_params.items()
+            if name.startswith("decoder.layers.") and name.endswith(".weight") and p.dim() == 2
+            and ".router." not in name}
+
+
+def head_masks(q: torch.Tensor, kv_up: torch.Tensor, proj: torch.Tensor, heads: int, sparsity: float,
+               min_heads: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masks of one MLA block's query projection q [heads x (d_h + d_h^R), ·], kv up-projection kv_up
+    [heads x (d_h + d_v), d_c] and output projection proj [h, heads x d_v] that prune min(round(sparsity x heads),
+    heads - min_heads) whole heads: those whose weights have the smallest summed squares (megatron lays each of
+    them out head-major)."""
+    if q.shape[0] % heads or kv_up.shape[0] % heads or proj.shape[1] % heads:
+        raise ValueError(f"cannot split q {tuple(q.shape)}, kv_up {tuple(kv_up.shape)}, proj {tuple(proj.shape)} "
+                         f"into {heads} heads")
+    per_head = [t.float().reshape(heads, -1).pow(2).sum(1) for t in (q, kv_up)]
+    norms = per_head[0] + per_head[1] + proj.float().reshape(proj.shape[0], heads, -1).pow(2).sum((0, 2))
+    pruned = min(round(sparsity * heads), heads - min_heads)
+    kept = lowest(norms, pruned / heads) if pruned > 0 else torch.ones(heads, dtype=torch.bool, device=q.device)
+    rows = lambda t: kept.repeat_interleave(t.shape[0] // heads)[:, None].expand_as(t)   # noqa: E731
+    return rows(q), rows(kv_up), kept.repeat_interleave(proj.shape[1] // heads)[None, :].expand_as(proj)
+
+
+def model_masks(named_params: dict[str, torch.Tensor], structure: str, sparsity: float, heads: int,
+                min_heads: int = 1) -> dict[str, torch.Tensor]:
+    """{name: kept} for every weight the structure prunes, at `sparsity` (see the module docstring)."""
+    weights = prunable(named_params)
+    if structure == "unstructured":
+        return unstructured_masks(weights, sparsity)
+    masks: dict[str, torch.Tensor] = {}
+    for name, fc1 in weights.items():
+        if name.endswith(".linear_fc1.weight"):
+            fc2_name = name.replace(".linear_fc1.", ".linear_fc2.")
+            masks[name], masks[fc2_name] = neuron_masks(fc1, weights[fc2_name], sparsity)
+        elif name.endswith(".self_attention.linear_proj.weight"):
+            block = name.removesuffix("linear_proj.weight")
+            q_name = next((block + q for q in ("linear_q_up_proj.weight", "linear_q_proj.weight")
+                           if block + q in weights), None)
+            if q_name is None or block + "linear_kv_up_proj.weight" not in weights:
+                raise ValueError(f"{block}: structured pruning removes multi-latent attention heads; this block is "
+                                 f"not MLA (model.multi_latent_attention)")
+            masks[q_name], masks[block + "linear_kv_up_proj.weight"], masks[name] = head_masks(
+                weights[q_name], weights[block + "linear_kv_up_proj.weight"], weights[name], heads, sparsity,
+                min_heads)
+    return masks

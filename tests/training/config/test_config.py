@@ -188,7 +188,7 @@ def test_the_registry_lists_every_stage_kind_in_pipeline_order_with_a_sound_spec
     from training.config.pipeline import STAGES, registry_problems
 
     assert list(STAGES) == ["curate", "pretrain", "evaluate", "register", "promote", "code_cpt", "long_context", "sft",
-                            "distill", "grpo"]
+                            "distill", "grpo", "compress"]
     assert registry_problems() == []
     for kind in STAGES:   # `python -m training <kind>` imports training.stages.<kind>
         assert (REPO / "training" / "stages" / f"{kind}.py").is_file(), kind
@@ -262,10 +262,11 @@ def test_a_pipeline_holds_two_instances_of_one_stage_kind():
     assert first.init_checkpoint is None and more.init_checkpoint == "/tmp/two/pretrain/release"
     assert [name for name, _ in pipeline.instances()] == [
         "curate", "curate_code", "pretrain", "pretrain_more", "evaluate", "evaluate_code_cpt", "evaluate_long_context",
-        "evaluate_sft", "evaluate_distill", *R1_EVALUATE, "register", "register_code_cpt", "register_long_context",
-        "register_sft", "register_distill", *R1_REGISTER, "promote", "promote_code_cpt", "promote_long_context",
-        "promote_sft", "promote_distill", "promote_grpo_all", "code_cpt", "long_context", "sft", "sft_cold_start",
-        "distill", "sft_rejection", "grpo", "grpo_reasoning", "grpo_all"]
+        "evaluate_sft", "evaluate_distill", "evaluate_compress", *R1_EVALUATE, "register", "register_code_cpt",
+        "register_long_context", "register_sft", "register_distill", "register_compress", *R1_REGISTER, "promote",
+        "promote_code_cpt", "promote_long_context", "promote_sft", "promote_distill", "promote_compress",
+        "promote_grpo_all", "code_cpt", "long_context", "sft", "sft_cold_start", "distill", "sft_rejection", "grpo",
+        "grpo_reasoning", "grpo_all", "compress"]
     dumped = pipeline.model_dump(mode="json")
     assert dumped["pretrain_more"]["stage"] == "pretrain"
     assert validate(PipelineConfig, dumped) == pipeline   # a dump validates back to the same pipeline

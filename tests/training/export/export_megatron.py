@@ -4,6 +4,8 @@ process-global state):
     python export_megatron.py logits RELEASE TOKENS.pt OUT.pt    megatron-core forward of a release checkpoint
     torchrun --nproc-per-node 2 export_megatron.py reshard RELEASE OUT_RELEASE
                                                                  load under EP2, save it again as a release there
+    python export_megatron.py prune RELEASE OUT_RELEASE         the compress stage's masks applied: structured at
+                                                                 50% (heads, neurons), then unstructured at 90%
 """
 import sys
 
@@ -54,5 +56,26 @@ def reshard(release: str, out: str) -> None:
     shutdown()
 
 
+def prune(release: str, out: str) -> None:
+    """A pruned copy of a release, as the compress stage leaves one: its masked weights are zeros."""
+    from pathlib import Path
+
+    from training import checkpoint
+    from training.config import ParallelConfig
+    from training.model.release import load_release
+    from training.parallel.setup import init_distributed, shutdown
+    from training.train import pruning
+
+    init_distributed(ParallelConfig(), seed=0)
+    gpt, model = load_release(release)
+    params = dict(gpt.named_parameters())
+    for structure, sparsity in (("structured", 0.5), ("unstructured", 0.9)):
+        pruning.apply_masks(params, pruning.model_masks(params, structure, sparsity, model.num_attention_heads))
+    checkpoint.save_release(Path(out), gpt, model)
+    print(f"pruned: {pruning.sparsity_of(pruning.prunable(params).values()):.4f} of the decoder's matrices zero",
+          flush=True)
+    shutdown()
+
+
 if __name__ == "__main__":   # required: dist_checkpointing's async writer spawns processes
-    {"logits": logits, "reshard": reshard}[sys.argv[1]](*sys.argv[2:])
+    {"logits": logits, "reshard": reshard, "prune": prune}[sys.argv[1]](*sys.argv[2:])

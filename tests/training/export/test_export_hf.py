@@ -250,6 +250,28 @@ def test_export_writes_a_deepseek_v3_directory(trained):
     assert json.loads((hf / "generation_config.json").read_text()) == {"bos_token_id": 0, "eos_token_id": 1}
 
 
+def test_a_pruned_model_exports_with_the_same_logits(sharpened, trained, tmp_path):
+    """The compress stage's output (issue 20): a release whose pruned weights are zeros (whole MLA heads and FFN
+    neurons, then 90% of every decoder matrix by magnitude) exports, loads in transformers and gives the same
+    logits; the zeros arrive as zeros."""
+    from training.export.hf import read_safetensors
+
+    pruned = tmp_path / "release_pruned"
+    assert "pruned: 0.9" in ok(run(str(HERE / "export_megatron.py"), "prune", str(sharpened["release"]),
+                                   str(pruned))).stdout
+    ok(export(pruned, tmp_path / "hf"))
+    weights = read_safetensors(tmp_path / "hf")
+    attention = weights["model.layers.1.self_attn.o_proj.weight"]
+    assert int((attention == 0).sum()) == round(0.9 * attention.numel())
+    assert (weights["model.embed_tokens.weight"] != 0).all()
+    model, info = hf_model(tmp_path / "hf")
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    ref = megatron_logits(pruned, trained["root"] / "tokens.pt", tmp_path / "megatron.pt")["logits"]
+    diff = (hf_logits(model, trained["tokens"]) - ref).abs().max().item()
+    print(f"pruned: max |logit diff| = {diff:.2e} (logits up to {ref.abs().max():.3f})")
+    assert diff < TOL
+
+
 def test_round_trip_hf_megatron_hf_is_identical(sharpened):
     from training.export.hf import read_safetensors
 

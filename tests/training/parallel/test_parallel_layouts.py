@@ -107,7 +107,7 @@ def _kill_then_resume(layout: str, micro_corpus, tmp_path, layout_losses) -> lis
     return cmd
 
 
-@pytest.mark.slow
+@pytest.mark.extended   # the same resume path as the test below, in another layout: outside the 15-minute suite
 def test_kill_9_under_context_parallelism_then_resume_is_exact(micro_corpus, tmp_path, layout_losses):
     """The killed rank holds half of every sequence (CP2): the rerun must still pick up exactly where it stopped."""
     _kill_then_resume("CP2", micro_corpus, tmp_path, layout_losses)

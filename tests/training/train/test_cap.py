@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from training.train.contrastive import contrastive_losses, pooled
-from training.train.pruning import (apply_masks, cubic_sparsity, lowest, neuron_masks, sparsity_of, stepped_sparsity,
-                                    unstructured_masks)
+from training.config.compress import PruningConfig
+from training.train.pruner import scheduled_sparsity
+from training.train.pruning import (apply_masks, cubic_sparsity, lowest, model_masks, neuron_masks, sparsity_of,
+                                    stepped_sparsity, unstructured_masks)
 
 
 def transcription(anchors, anchor_ids, anchor_labels, refs, ref_ids, ref_labels, tau):
@@ -110,3 +112,75 @@ def test_pruned_weights_stay_zero_through_optimizer_steps():
         assert not torch.equal(weights[name][kept], before[name][kept])   # the rest kept training
     assert sparsity_of(weights.values()) == pytest.approx(0.9, abs=1e-3)
     assert lowest(torch.tensor([3.0, 1.0, 2.0]), 1 / 3).tolist() == [True, False, True]
+
+
+def test_an_anchor_with_nothing_to_contrast_is_left_out():
+    """One task: every candidate shares the anchors' label, so the supervised loss has no negative and contributes
+    nothing (and no gradient); the unsupervised one still contrasts inputs."""
+    g = torch.Generator().manual_seed(2)
+    anchors = F.normalize(torch.randn(3, 8, generator=g), dim=-1).requires_grad_()
+    refs = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    same = torch.zeros(3, dtype=torch.long)
+    unsup, sup = contrastive_losses(anchors, torch.arange(3), same, refs, torch.tensor([0, 1, 2, 7, 8]),
+                                    torch.zeros(5, dtype=torch.long), 0.1)
+    assert sup.item() == 0.0 and unsup.item() > 0
+    sup.backward()
+    assert anchors.grad is None or not anchors.grad.any()
+
+
+def _megatron_named(heads=4, qk=24, kv=32, v=16, hidden=64, ffn=48, experts=2):
+    """Random weights under megatron's names for one MLA + MoE layer (the shapes of the micro model's)."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"self_attention.linear_q_down_proj.weight": (32, hidden),
+              "self_attention.linear_q_up_proj.weight": (heads * qk, 32),
+              "self_attention.linear_kv_down_proj.weight": (40, hidden),
+              "self_attention.linear_kv_up_proj.weight": (heads * kv, 32),
+              "self_attention.linear_proj.weight": (hidden, heads * v),
+              "mlp.router.weight": (experts, hidden), "input_layernorm.weight": (hidden,),
+              "mlp.shared_experts.linear_fc1.weight": (2 * ffn, hidden),
+              "mlp.shared_experts.linear_fc2.weight": (hidden, ffn)}
+    for e in range(experts):
+        shapes[f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = (2 * ffn, hidden)
+        shapes[f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = (hidden, ffn)
+    named = {f"decoder.layers.1.{k}": torch.randn(s, generator=g) for k, s in shapes.items()}
+    named["embedding.word_embeddings.weight"] = torch.randn(100, hidden, generator=g)
+    named["mtp.layers.0.transformer_layer.mlp.linear_fc1.weight"] = torch.randn(2 * ffn, hidden, generator=g)
+    return named
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_model_masks_prune_the_decoders_matrices_exactly(sparsity):
+    named = _megatron_named()
+    unstructured = model_masks(named, "unstructured", sparsity, heads=4)
+    assert not any(n.startswith(("embedding", "mtp")) or ".router." in n or "layernorm" in n for n in unstructured)
+    assert len(unstructured) == 11   # 5 attention projections, the shared expert's 2, two routed experts' 4
+    assert all(int((~m).sum()) == round(sparsity * m.numel()) for m in unstructured.values())
+
+    structured = model_masks(named, "structured", sparsity, heads=4)
+    block = "decoder.layers.1.self_attention."
+    kept_heads = structured[block + "linear_proj.weight"][0].view(4, 16)[:, 0]
+    assert int((~kept_heads).sum()) == min(round(sparsity * 4), 3)   # at least one head per layer stays
+    for head in range(4):   # a head goes whole: its query rows, its key and value rows, its output columns
+        for name, rows in (("linear_q_up_proj.weight", 24), ("linear_kv_up_proj.weight", 32)):
+            assert structured[block + name][head * rows:(head + 1) * rows].eq(kept_heads[head]).all()
+        assert structured[block + "linear_proj.weight"][:, head * 16:(head + 1) * 16].eq(kept_heads[head]).all()
+    assert block + "linear_q_down_proj.weight" not in structured   # shared by every head
+    for expert in ("mlp.shared_experts.", "mlp.experts.local_experts.0.", "mlp.experts.local_experts.1."):
+        fc2 = structured[f"decoder.layers.1.{expert}linear_fc2.weight"]
+        assert int((~fc2[0]).sum()) == round(sparsity * 48)
+
+
+def test_structured_pruning_needs_multi_latent_attention():
+    named = {"decoder.layers.0.self_attention.linear_proj.weight": torch.randn(8, 8),
+             "decoder.layers.0.self_attention.linear_qkv.weight": torch.randn(24, 8)}
+    with pytest.raises(ValueError, match="not MLA"):
+        model_masks(named, "structured", 0.5, heads=2)
+
+
+def test_the_stage_schedule_steps_as_cap_does():
+    stepped = PruningConfig(sparsity=0.9, stages=9)
+    assert [scheduled_sparsity(stepped, s, 90) for s in (0, 9, 10, 89)] == pytest.approx([0.1, 0.1, 0.2, 0.9])
+    cubic = PruningConfig(sparsity=0.9, schedule="cubic", interval=10, cooldown_steps=20)
+    values = [scheduled_sparsity(cubic, s, 100) for s in range(100)]
+    assert len(set(values[:80])) == 8 and values[0] == 0.0 and values[80:] == [pytest.approx(0.9)] * 20
+    assert values[10:20] == [values[10]] * 10   # held between updates
