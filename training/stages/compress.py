@@ -152,7 +152,7 @@ def build_trainer(cfg: CompressConfig, rows, banks, stage: StageRun, info, init_
     """(Trainer, Pruner): the GPT train module on the rows with CAP's loss, pruned by the Pruner callback."""
     from training.train.callbacks import ExpertLoad
     from training.train.cap import ContrastivePruningLoss, represent
-    from training.train.child_tuning import _quiet_passes
+    from training.train.child_tuning import quiet_passes
     from training.train.gpt_module import GPTTrainModule
     from training.train.pruner import Pruner
     from training.train.trainer import Trainer
@@ -165,7 +165,7 @@ def build_trainer(cfg: CompressConfig, rows, banks, stage: StageRun, info, init_
     vocab = vocabulary(cfg.model.vocab_merges)
 
     def current_representations():
-        with _quiet_passes(module):
+        with quiet_passes(module):
             return represent(module.wrapped[0], rows, cfg.train.micro_batch_size * 8, info.device,
                              vocab.to_rows if vocab.is_subset else None)
 

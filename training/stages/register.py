@@ -120,7 +120,8 @@ def _parents_tags(client, name: str, parents: dict | None) -> dict[str, str]:
     tags = {}
     for role, lineage in (parents or {}).items():
         tags[f"seekflow.parent.{role}_ref"] = str(lineage.get("uri") or "none")
-        tags[f"seekflow.parent.{role}_version"] = _parent_version(client, name, {"outputs": {"parent": lineage}}) or "none"
+        version = _parent_version(client, name, {"outputs": {"parent": lineage}})
+        tags[f"seekflow.parent.{role}_version"] = version or "none"
     return tags
 
 

@@ -97,7 +97,7 @@ class ContrastivePruningLoss(NextTokenLoss):
         """Ids of the other inputs drawn for this micro-batch (a pure function of seed, step, micro-batch, term: a
         resumed run draws the same)."""
         count = min(self.cfg.extra_examples // bank.shape[1], bank.shape[0])
-        generator = torch.Generator().manual_seed(
+        generator = torch.Generator().manual_seed(   # a tuple of ints hashes the same in every process
             hash((self.seed, self.step, self.micro_batch, TERMS.index(term))) % 2 ** 63)
         return torch.randperm(bank.shape[0], generator=generator)[:count]
 

@@ -129,7 +129,7 @@ class Slot:
         return self.model_param.main_grad.view(-1)[self.start:self.end].view_as(self.inner)
 
 
-def _optimizer_slots(sub, names: dict[int, str], main: dict[int, bool]) -> list[Slot]:
+def optimizer_slots(sub, names: dict[int, str], main: dict[int, bool]) -> list[Slot]:
     """The slots of one megatron optimizer (not a ChainedOptimizer), covering every parameter its inner one steps.
     A shard (distributed optimizer) counts if its parameter's main copy is in its data-parallel group, a whole
     parameter if it is the main copy. (megatron's grad-norm rule, "not a TP duplicate", would count the experts
@@ -140,7 +140,7 @@ def _optimizer_slots(sub, names: dict[int, str], main: dict[int, bool]) -> list[
     if sub.optimizer is None:   # a stub: no parameters on this rank
         return []
     if getattr(sub.config, "use_precision_aware_optimizer", False):
-        raise ValueError("Child-Tuning does not support megatron's precision-aware optimizer")
+        raise ValueError("Child-Tuning and pruning do not support megatron's precision-aware optimizer")
     pairs = []   # (inner, model parameter, start, end)
     if isinstance(sub, DistributedOptimizer):
         for models, shards in ((sub.model_float16_groups, sub.shard_fp32_from_float16_groups),
@@ -166,12 +166,12 @@ def _optimizer_slots(sub, names: dict[int, str], main: dict[int, bool]) -> list[
         counts = main
     stepped = {id(p) for group in sub.optimizer.param_groups for p in group["params"]}
     if stepped != {id(inner) for inner, *_ in pairs}:
-        raise RuntimeError(f"Child-Tuning: cannot map the parameters of {type(sub).__name__} to the model's")
+        raise RuntimeError(f"cannot map the parameters of {type(sub).__name__} to the model's")
     return [Slot(names[id(p)], inner, p, start, end, counted=counts[id(p)]) for inner, p, start, end in pairs]
 
 
 @contextmanager
-def _quiet_passes(module):
+def quiet_passes(module):
     """Passes that see the model as it is and leave no trace: RNG streams, aux-loss trackers, grad-finalize hooks
     (expert-load metrics) and every buffer (expert bias and token counts, which finalize_model_grads moves: `reset()`
     puts them back after each batch) are as before."""
@@ -220,7 +220,7 @@ def fisher_information(module, slots: list[Slot], num_batches: int) -> list[torc
                             dp_rank=parallel_state.get_data_parallel_rank(), dp_size=module.dp_size)
                for _ in module.wrapped]
     fisher = [torch.zeros(slot.inner.shape, dtype=torch.float32, device=slot.inner.device) for slot in slots]
-    with _quiet_passes(module) as reset:
+    with quiet_passes(module) as reset:
         for _ in range(num_batches):
             for chunk in module.wrapped:
                 chunk.zero_grad_buffer()
@@ -248,7 +248,7 @@ class ChildTuning:
         names = {id(p): (f"chunk{i}." if len(chunks) > 1 else "") + n
                  for i, chunk in enumerate(chunks) for n, p in chunk.named_parameters()}
         identities, main = element_facts(chunks)
-        self.slots = [slot for sub in self.optimizers for slot in _optimizer_slots(sub, names, main)]
+        self.slots = [slot for sub in self.optimizers for slot in optimizer_slots(sub, names, main)]
         if config.mode == "task_free":
             for slot in self.slots:   # int32 bits of the 32-bit identities: 4 bytes per element stepped here
                 own = identities[id(slot.model_param)][slot.start:slot.end]

@@ -38,7 +38,7 @@ class Pruner(Callback):
 
     def __init__(self, module, cfg: PruningConfig, heads: int, snapshots: Path, represent=None, banks=None,
                  loss=None, is_main: bool = True, writes: bool = True):
-        from training.train.child_tuning import _optimizer_slots
+        from training.train.child_tuning import optimizer_slots
 
         self.module, self.cfg, self.heads, self.snapshots = module, cfg, heads, snapshots
         self.represent, self.banks, self.loss = represent, banks, loss
@@ -50,7 +50,7 @@ class Pruner(Callback):
         names = {id(p): n for n, p in self.params.items()}
         optimizers = list(getattr(module.optimizer, "chained_optimizers", [module.optimizer]))
         self.slots = [slot for sub in optimizers
-                      for slot in _optimizer_slots(sub, names, {id(p): True for p in self.params.values()})]
+                      for slot in optimizer_slots(sub, names, {id(p): True for p in self.params.values()})]
         for sub in optimizers:
             if sub.optimizer is not None:
                 sub.optimizer.register_step_post_hook(lambda *_: self.zero_stepped())

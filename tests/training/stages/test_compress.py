@@ -19,13 +19,15 @@ METRICS = ("cap_loss", "lm_loss", "prc_loss", "fic_loss", "snc_loss", "sparsity"
 
 
 @pytest.mark.extended
-def test_compress_killed_mid_run_resumes_bit_for_bit(micro_teacher, chat_parent, tmp_path):
-    whole = compress(tmp_path / "whole", micro_teacher, chat_parent, *SETS)
+@pytest.mark.parametrize("structure", ["unstructured", "structured"])
+def test_compress_killed_mid_run_resumes_bit_for_bit(structure, micro_teacher, chat_parent, tmp_path):
+    sets = (*SETS, f"pruning.structure={structure}")
+    whole = compress(tmp_path / "whole", micro_teacher, chat_parent, *sets)
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
-    cmd = command(tmp_path / "cut", micro_teacher, chat_parent, *SETS)
+    cmd = command(tmp_path / "cut", micro_teacher, chat_parent, *sets)
     rc = kill_after(cmd, "compress: saved iter_0000003", tmp_path / "killed.log")
     assert rc == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
-    resumed = compress(tmp_path / "cut", micro_teacher, chat_parent, *SETS)
+    resumed = compress(tmp_path / "cut", micro_teacher, chat_parent, *sets)
     assert "resumed from step 3" in resumed.stdout, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "pruning resumed at sparsity 0.600 with 1 snapshots" in resumed.stdout
     for metric in METRICS:
