@@ -14,7 +14,7 @@ The seeds' pretrain and sft releases come from benchmarks/sft_learning.py (`--ba
 and DIR/seed<N>/sft_e4/release, the four-epoch sft the tiny preset now runs), or are trained here.
 
     .venv/bin/python benchmarks/cap_learning.py --bases /tmp/sftb [--seeds 1 2 3] [--out DIR] [--variants ...]
-        [--set compress.key=value ...]
+        [--set compress.key=value ...] [--heldout 100]
 """
 from __future__ import annotations
 
@@ -42,10 +42,14 @@ def tracking(root: Path) -> str:
     return f"tracking.uri=sqlite:///{root}/mlflow.db"
 
 
+HELDOUT = 100   # held-out sort items scored per release (the tiny preset's evaluate_compress); --heldout changes it
+
+
 def accuracy(root: Path, name: str, release: Path, seed: int) -> float:
+    name = name if HELDOUT == 100 else f"{name}_h{HELDOUT}"
     if not (root / name / "results.json").exists():
         stage("evaluate", root, tracking(root), f"seed={seed}", f"name={name}", f"checkpoint={release}",
-              *OTHER_SUITES, "tasks.enabled=true", "tasks.tasks=[sort]", "tasks.heldout_items=100")
+              *OTHER_SUITES, "tasks.enabled=true", "tasks.tasks=[sort]", f"tasks.heldout_items={HELDOUT}")
     return json.loads((root / name / "results.json").read_text())["metrics"]["tasks.accuracy"]
 
 
@@ -70,7 +74,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="compress runs at once (each one process)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="key=value",
                         help="a compress override for every variant (e.g. epochs=18), repeatable")
+    parser.add_argument("--heldout", type=int, default=HELDOUT, help="held-out items scored per release")
     args = parser.parse_args()
+    globals()["HELDOUT"] = args.heldout
     jobs = [(seed, variant) for seed in args.seeds for variant in args.variants]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = dict(zip(jobs, pool.map(lambda job: run_variant(*job, args.bases, args.out, args.sets), jobs)))
