@@ -46,7 +46,7 @@ def compress(cfg: CompressConfig, refs: dict, stage: StageRun) -> Outcome:
         releases = {name: fetch_parent(cfg, refs[name], stage, allowed=type(cfg.model).CONTEXT_FIELDS, field=name,
                                        into=name) for name in REFERENCES}
         cfg = with_parent_context(cfg, releases["fine_tuned"])
-        rows, data = task_rows(cfg, stage)
+        rows, data = task_rows(cfg)
         cfg = with_epoch_steps(cfg, len(rows))
         banks = reference_banks(cfg, releases, rows, info)
         info = student_layout(cfg)
@@ -82,7 +82,7 @@ def reference_lineage(ref: dict, release) -> dict:
     return {**ref, "release_sha256": integrity.marker_digest(release)}
 
 
-def task_rows(cfg: CompressConfig, stage: StageRun):
+def task_rows(cfg: CompressConfig):
     """The task suite's train split, one conversation per sequence (training/data/sft_data.py ConversationRows), and
     its data record. An item longer than a sequence is set aside (counted); too many fail the stage."""
     import hashlib

@@ -96,7 +96,8 @@ def test_grpo_trains_on_its_own_rollouts_and_records_its_lineage(uninterrupted, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [pytest.param(layout, marks=[pytest.mark.extended] if layout == "PP2" else [])
+                                    for layout in LAYOUTS])   # PP2: outside the 15-minute suite
 def test_two_ranks_in_each_layout_draw_and_train_what_one_process_does(layout, uninterrupted, micro_teacher,
                                                                        tmp_path):
     """Under torchrun with 2 ranks: expert-parallel (and so data-parallel), each rank samples one of the 2 prompts of

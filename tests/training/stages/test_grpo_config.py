@@ -22,7 +22,7 @@ def test_defaults_are_r1_zeros_and_the_input_is_the_base_model():
     assert cfg.rewards.model_dump() == {"format": 1.0, "accuracy": 1.0, "language": 0.0}
     assert "<think> reasoning process here </think> <answer> answer here </answer>" in cfg.system_prompt
     assert cfg.stage_spec.upstream == ("pretrain",) and cfg.stage_spec.gpus_per_node == 0   # every GPU: data parallel
-    assert list(STAGES)[-2:] == ["distill", "grpo"]
+    assert list(STAGES)[-3:] == ["distill", "grpo", "compress"]
     tiny = resolve_stage_config("grpo", "tiny")
     assert tiny.train.global_batch_size == tiny.prompts_per_step * tiny.group_size
 
