@@ -25,18 +25,6 @@ def compressed(dagbag, micro_teacher, chat_parent, mlflow_server, tmp_path_facto
             "manifest": json.loads((run / "compress" / "manifest.json").read_text())}
 
 
-def _release_tensors(release) -> dict:
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(str(release))
-    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype)
-               for k, m in reader.read_metadata().state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
-    dcp.load(tensors, storage_reader=reader, no_dist=True)
-    return tensors
-
-
 @pytest.mark.slow
 def test_compress_dag_prunes_scores_registers_and_gates(compressed, micro_teacher, chat_parent, mlflow_server):
     from mlflow import MlflowClient
@@ -72,10 +60,11 @@ def test_the_release_is_pruned_exactly_and_params_counts_its_nonzeros(compressed
     masks last changed: Adam's moments of the newly pruned weights did not bring them back. `params --release` counts
     the release's non-zero parameters as the manifest recorded them."""
     from training.__main__ import _params
+    from training.model.release import release_tensors
 
     release = compressed["run"] / "compress" / "release"
     matrices = 0
-    for key, tensor in _release_tensors(release).items():
+    for key, tensor in release_tensors(release).items():
         prunable = key.startswith("decoder.layers.") and key.endswith(".weight") and ".router." not in key
         if not prunable or tensor.dim() < 2:
             continue
@@ -89,26 +78,17 @@ def test_the_release_is_pruned_exactly_and_params_counts_its_nonzeros(compressed
 
 
 def test_compress_form_is_the_schema_and_rejects_what_the_config_rejects(dagbag):
-    from airflow.exceptions import ParamValidationError
-    from airflow.serialization.serialized_objects import DagSerialization
-
     from operators.params import stage_form_fields
-    from training.config import ConfigError, resolve_pipeline_config
+    from tests.support.forms import assert_form_and_config_refuse, served_params
 
-    served = DagSerialization.from_dict(json.loads(json.dumps(DagSerialization.to_dict(dagbag["seekflow_compress"]))))
-    params = served.params
+    params = served_params(dagbag["seekflow_compress"])
     assert set(stage_form_fields("compress")) <= set(params)
     assert {"compress.fine_tuned", "compress.pretrained"} <= set(params)
     assert params.validate()["compress.pruning.sparsity"] == 0.9
     for key, value, bound in (("compress.pruning.sparsity", 1.0, "1"), ("compress.pruning.structure", "random",
                                                                         "structured"),
                               ("compress.contrastive.prc_weight", -1, "0")):
-        with pytest.raises(ParamValidationError) as form:
-            params.deep_merge({key: value}).validate()
-        with pytest.raises(ConfigError) as config:
-            resolve_pipeline_config("tiny", {key: value})
-        assert f"Invalid input for param {key}: " in str(form.value) and bound in str(form.value).splitlines()[0]
-        assert key in str(config.value) and bound in str(config.value)
+        assert_form_and_config_refuse(params, key, value, bound)
 
 
 def test_compress_refuses_layouts_that_split_a_matrix_or_a_sequence():

@@ -58,22 +58,12 @@ def test_distill_dag_without_a_teacher_fails_in_validate_config(dagbag, tmp_path
 
 
 def test_distill_form_is_the_schema_and_rejects_what_the_config_rejects(dagbag):
-    from airflow.exceptions import ParamValidationError
-    from airflow.serialization.serialized_objects import DagSerialization
-
     from operators.params import stage_form_fields
-    from training.config import ConfigError, resolve_pipeline_config
+    from tests.support.forms import assert_form_and_config_refuse, served_params
 
-    # the DAG as the API server holds it (serialized and back): what validates a trigger from the UI or REST
-    served = DagSerialization.from_dict(json.loads(json.dumps(DagSerialization.to_dict(dagbag["seekflow_distill"]))))
-    params = served.params
+    params = served_params(dagbag["seekflow_distill"])
     assert set(stage_form_fields("distill")) <= set(params) and "distill.teacher" in params
     assert params.validate()["distill.temperature"] == 0.6   # the tiny preset's value (R1 §3)
     for key, value, bound in (("distill.samples_per_prompt", 0, "1"), ("distill.temperature", 0, "0"),
                               ("distill.top_p", 1.5, "1"), ("distill.tasks.tasks", ["chess"], "countdown")):
-        with pytest.raises(ParamValidationError) as form:
-            params.deep_merge({key: value}).validate()
-        with pytest.raises(ConfigError) as config:
-            resolve_pipeline_config("tiny", {key: value})
-        assert f"Invalid input for param {key}: " in str(form.value) and bound in str(form.value).splitlines()[0]
-        assert key in str(config.value) and bound in str(config.value)
+        assert_form_and_config_refuse(params, key, value, bound)

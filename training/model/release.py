@@ -78,10 +78,9 @@ def load_release(release_dir: str | Path, parallel: ParallelConfig | None = None
     return gpt, model_cfg
 
 
-def nonzero_parameters(release_dir: str | Path) -> dict[str, tuple[int, int]]:
-    """{component: (non-zero, total)} parameters of a release, read straight from its files (no model is built, no
-    process group is needed; hash-verified first): embedding, decoder, output_layer, mtp. A pruned release (compress)
-    stores its pruned weights as zeros. Buffers (the router's expert bias) are not parameters."""
+def release_tensors(release_dir: str | Path) -> dict:
+    """{checkpoint key: tensor} of a release, read straight from its files after the hash check: no model is built and
+    no process group is needed. Routed experts come stacked, [E, out, in]; `_extra_state` bytes are left out."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -90,10 +89,19 @@ def nonzero_parameters(release_dir: str | Path) -> dict[str, tuple[int, int]]:
     reader = dcp.FileSystemReader(str(path))
     tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
                for key, meta in reader.read_metadata().state_dict_metadata.items()
-               if isinstance(meta, TensorStorageMetadata) and not key.endswith("expert_bias")}
+               if isinstance(meta, TensorStorageMetadata)}
     dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return tensors
+
+
+def nonzero_parameters(release_dir: str | Path) -> dict[str, tuple[int, int]]:
+    """{component: (non-zero, total)} parameters of a release (`release_tensors`): embedding, decoder, output_layer,
+    mtp. A pruned release (compress) stores its pruned weights as zeros. Buffers (the router's expert bias) are not
+    parameters."""
     counts: dict[str, tuple[int, int]] = {}
-    for key, tensor in tensors.items():
+    for key, tensor in release_tensors(release_dir).items():
+        if key.endswith("expert_bias"):
+            continue
         component = key.split(".")[0]
         nonzero, total = counts.get(component, (0, 0))
         counts[component] = (nonzero + int((tensor != 0).sum()), total + tensor.numel())

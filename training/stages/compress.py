@@ -120,54 +120,49 @@ def reference_banks(cfg: CompressConfig, releases: dict, rows, info):
     import torch
 
     from training.model.release import load_release
-    from training.train.cap import RepresentationBanks, represent
-    from training.vocabulary import vocabulary
+    from training.train.cap import RepresentationBanks
+    from training.train.losses import clear_loss_trackers
 
-    vocab = vocabulary(cfg.model.vocab_merges)
-    to_rows = vocab.to_rows if vocab.is_subset else None
     weights = {"pretrained": cfg.contrastive.prc_weight, "fine_tuned": cfg.contrastive.fic_weight}
     reps = {}
     for name, weight in weights.items():
         if weight > 0:
             gpt, _ = load_release(releases[name])
             gpt.to(info.device)
-            reps[name] = represent(gpt, rows, cfg.train.micro_batch_size * 8, info.device, to_rows)
+            reps[name] = representations(cfg, gpt, rows, info.device)
             del gpt
-            clear_trackers()
+            clear_loss_trackers()   # the reference pass's balance and MTP losses are not the trained model's
     labels = torch.as_tensor([int(rows.by_id(i)["label"][0]) for i in range(len(rows))])
     return RepresentationBanks(reps.get("pretrained"), reps.get("fine_tuned"), labels, cfg.contrastive.max_snapshots)
 
 
-def clear_trackers() -> None:
-    """Forget the balance and MTP losses a reference pass logged (they are not the trained model's)."""
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+def representations(cfg: CompressConfig, model, rows, device):
+    """Every input's representation under `model` (a reference release, or the model being pruned), in batches of
+    8 micro-batches, its tokens mapped to the vocabulary's rows."""
+    from training.train.cap import represent
+    from training.vocabulary import vocabulary
 
-    clear_aux_losses_tracker()
-    if MTPLossLoggingHelper.tracker.get("values") is not None:
-        MTPLossLoggingHelper.clean_loss_in_tracker()
+    vocab = vocabulary(cfg.model.vocab_merges)
+    return represent(model, rows, cfg.train.micro_batch_size * 8, device, vocab.to_rows if vocab.is_subset else None)
 
 
 def build_trainer(cfg: CompressConfig, rows, banks, stage: StageRun, info, init_weights):
     """(Trainer, Pruner): the GPT train module on the rows with CAP's loss, pruned by the Pruner callback."""
     from training.train.callbacks import ExpertLoad
-    from training.train.cap import ContrastivePruningLoss, represent
+    from training.train.cap import ContrastivePruningLoss
     from training.train.child_tuning import quiet_passes
     from training.train.gpt_module import GPTTrainModule
     from training.train.pruner import Pruner
     from training.train.trainer import Trainer
-    from training.vocabulary import vocabulary
 
     loss = ContrastivePruningLoss(banks, cfg.contrastive, cfg.ce_weight, seed=cfg.seed)
     module = GPTTrainModule(cfg, info.device, loss=loss, dataset=lambda num_samples: rows)
     module.progress_fields = (("lm_loss", "lm"), ("prc_loss", "prc"), ("fic_loss", "fic"), ("snc_loss", "snc"),
                               ("sparsity", "sparsity"), *module.progress_fields)
-    vocab = vocabulary(cfg.model.vocab_merges)
 
     def current_representations():
         with quiet_passes(module):
-            return represent(module.wrapped[0], rows, cfg.train.micro_batch_size * 8, info.device,
-                             vocab.to_rows if vocab.is_subset else None)
+            return representations(cfg, module.wrapped[0], rows, info.device)
 
     pruner = Pruner(module, cfg.pruning, cfg.model.num_attention_heads, stage.directory / "snapshots",
                     represent=current_representations if cfg.contrastive.snc_weight > 0 else None,

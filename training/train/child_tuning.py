@@ -175,10 +175,8 @@ def quiet_passes(module):
     """Passes that see the model as it is and leave no trace: RNG streams, aux-loss trackers, grad-finalize hooks
     (expert-load metrics) and every buffer (expert bias and token counts, which finalize_model_grads moves: `reset()`
     puts them back after each batch) are as before."""
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-
     from training import checkpoint
+    from training.train.losses import clear_loss_trackers
 
     rng = checkpoint.rng_states()
     buffers = [(b, b.detach().clone()) for chunk in module.chunks for b in chunk.buffers()]
@@ -197,9 +195,7 @@ def quiet_passes(module):
         reset()
         for chunk in module.wrapped:
             chunk.zero_grad_buffer()
-        clear_aux_losses_tracker()
-        if MTPLossLoggingHelper.tracker.get("values") is not None:
-            MTPLossLoggingHelper.clean_loss_in_tracker()
+        clear_loss_trackers()
         checkpoint.restore_rng_states(rng)
 
 

@@ -76,7 +76,7 @@ def auxiliary_losses(model, num_microbatches: int) -> dict:
     track_moe_metrics: a balance loss is its sum over the MoE layers (MTP's included) / their count, and every value
     is divided by the micro-batches of the step."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     names, tracker = balance_loss_names(model), get_moe_layer_wise_logging_tracker()
@@ -101,10 +101,19 @@ def auxiliary_losses(model, num_microbatches: int) -> dict:
     if model.mtp_num_layers:   # the mean over the D depths, as L_MTP = λ/D Σ_k L_MTP^k (DeepSeek-V3 §2.2, eq. 25)
         out["mtp_loss"] = (flat[len(names) * slots:].sum()
                            / (model.mtp_num_layers * (world // pp) * num_microbatches)).item()
-    if mtp is not None:
+    clear_loss_trackers()
+    return out
+
+
+def clear_loss_trackers() -> None:
+    """Empty megatron-core's balance-loss and MTP-loss trackers (read once per step, or after passes that must leave
+    no trace)."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    if MTPLossLoggingHelper.tracker.get("values") is not None:
         MTPLossLoggingHelper.clean_loss_in_tracker()
     clear_aux_losses_tracker()
-    return out
 
 
 def fim_middle_span(prefix_len: int, middle_len: int, suffix_len: int) -> tuple[int, int]:
